@@ -1,0 +1,719 @@
+/**
+ * @file duplex.h
+ * @brief libduplex: duplex connections owned by an event loop, written from
+ *        any thread.
+ *
+ * The whole public C API. Contract vocabulary used on every declaration:
+ *
+ * - `@thread any`  may be called from any thread at any time. Off the loop
+ *                  thread the request is queued in the loop's inbox and the
+ *                  loop is woken (one wake-up covers many requests); on the
+ *                  loop thread it acts directly, without a round trip.
+ * - `@thread loop` only from the loop thread (inside a callback); elsewhere
+ *                  it returns ::DUPLEX_EWRONGTHREAD.
+ * - `@owner`       who owns each pointer: *borrowed for the call*, *borrowed
+ *                  for the callback* or *ownership taken*.
+ * - `@callback`    when and how often a callback runs. Callbacks always run
+ *                  on the loop thread, one at a time, never inside the call
+ *                  that requested them, and must not block.
+ *
+ * Every function returns 0 or a negative `DUPLEX_E*` code; see
+ * duplex_strerror(). No function aborts or raises SIGPIPE on bad input.
+ */
+#ifndef DUPLEX_H
+#define DUPLEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <duplex/version.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------- */
+/* Export and attribute macros                                             */
+/* ---------------------------------------------------------------------- */
+
+#if defined(_WIN32) && defined(DUPLEX_BUILDING_DLL)
+#define DUPLEX_API __declspec(dllexport)
+#elif defined(_WIN32) && !defined(DUPLEX_STATIC)
+#define DUPLEX_API __declspec(dllimport)
+#elif defined(__GNUC__) || defined(__clang__)
+#define DUPLEX_API __attribute__((visibility("default")))
+#else
+#define DUPLEX_API
+#endif
+
+/* ---------------------------------------------------------------------- */
+/* Errors                                                                  */
+/* ---------------------------------------------------------------------- */
+
+/*
+ * System codes carry libuv's values: -errno on Unix, libuv's fixed values on
+ * Windows. Name-resolution codes are libuv's EAI values on every platform.
+ * Library codes live in their own range, -30000 and below.
+ */
+#if defined(_WIN32)
+#define DUPLEX_SYSERR_(posix, win) (win)
+#else
+#include <errno.h>
+#define DUPLEX_SYSERR_(posix, win) (-(posix))
+#endif
+
+/**
+ * The error table: XX(name, value, message). It generates ::duplex_error,
+ * duplex_strerror() and duplex_err_name(). Every value is distinct.
+ */
+#define DUPLEX_ERRNO_MAP(XX)                                                 \
+  XX(EINVAL, DUPLEX_SYSERR_(EINVAL, -4071), "invalid argument")              \
+  XX(ENOMEM, DUPLEX_SYSERR_(ENOMEM, -4057), "out of memory")                 \
+  XX(EWOULDBLOCK, DUPLEX_SYSERR_(EAGAIN, -4088),                             \
+     "would block: the queue is full, the caller keeps the data")            \
+  XX(ECANCELED, DUPLEX_SYSERR_(ECANCELED, -4081), "operation canceled")      \
+  XX(EBUSY, DUPLEX_SYSERR_(EBUSY, -4082), "resource busy or already running")\
+  XX(EBADF, DUPLEX_SYSERR_(EBADF, -4083), "bad file descriptor")             \
+  XX(EMSGSIZE, DUPLEX_SYSERR_(EMSGSIZE, -4065), "message too long")          \
+  XX(ENOTSUP, DUPLEX_SYSERR_(ENOTSUP, -4049), "operation not supported")     \
+  XX(ENOTSOCK, DUPLEX_SYSERR_(ENOTSOCK, -4050),                              \
+     "not a socket or a supported stream")                                   \
+  XX(ETIMEDOUT, DUPLEX_SYSERR_(ETIMEDOUT, -4039), "timed out")               \
+  XX(ESHUTDOWN, DUPLEX_SYSERR_(ESHUTDOWN, -4042),                            \
+     "write side already shut down")                                         \
+  XX(EPIPE, DUPLEX_SYSERR_(EPIPE, -4047), "broken pipe")                     \
+  XX(ECONNRESET, DUPLEX_SYSERR_(ECONNRESET, -4077), "connection reset by peer")\
+  XX(ECONNREFUSED, DUPLEX_SYSERR_(ECONNREFUSED, -4078), "connection refused") \
+  XX(ECONNABORTED, DUPLEX_SYSERR_(ECONNABORTED, -4079),                      \
+     "connection aborted")                                                   \
+  XX(ENOTCONN, DUPLEX_SYSERR_(ENOTCONN, -4053), "socket is not connected")   \
+  XX(EADDRINUSE, DUPLEX_SYSERR_(EADDRINUSE, -4091), "address already in use")\
+  XX(EADDRNOTAVAIL, DUPLEX_SYSERR_(EADDRNOTAVAIL, -4090),                    \
+     "address not available")                                                \
+  XX(EAFNOSUPPORT, DUPLEX_SYSERR_(EAFNOSUPPORT, -4089),                      \
+     "address family not supported")                                         \
+  XX(ENETUNREACH, DUPLEX_SYSERR_(ENETUNREACH, -4062), "network is unreachable")\
+  XX(EHOSTUNREACH, DUPLEX_SYSERR_(EHOSTUNREACH, -4073), "host is unreachable")\
+  XX(EACCES, DUPLEX_SYSERR_(EACCES, -4092), "permission denied")             \
+  XX(EPERM, DUPLEX_SYSERR_(EPERM, -4048), "operation not permitted")         \
+  XX(ENOENT, DUPLEX_SYSERR_(ENOENT, -4058), "no such file or directory")     \
+  XX(ENAMETOOLONG, DUPLEX_SYSERR_(ENAMETOOLONG, -4064), "name too long")     \
+  XX(EMFILE, DUPLEX_SYSERR_(EMFILE, -4066), "too many open files")           \
+  XX(ENFILE, DUPLEX_SYSERR_(ENFILE, -4061), "file table overflow")           \
+  XX(ENOBUFS, DUPLEX_SYSERR_(ENOBUFS, -4060), "no buffer space available")   \
+  XX(EINTR, DUPLEX_SYSERR_(EINTR, -4072), "interrupted system call")         \
+  XX(EIO, DUPLEX_SYSERR_(EIO, -4070), "i/o error")                           \
+  XX(EPROTO, DUPLEX_SYSERR_(EPROTO, -4046), "protocol error")                \
+  XX(ENOSPC, DUPLEX_SYSERR_(ENOSPC, -4055), "no space left on device")       \
+  XX(EAI_NONAME, -3008, "unknown host or service name")                      \
+  XX(EAI_AGAIN, -3001, "temporary failure in name resolution")               \
+  XX(EAI_FAIL, -3004, "permanent failure in name resolution")                \
+  XX(EAI_NODATA, -3007, "no address for host name")                          \
+  XX(EAI_FAMILY, -3005, "address family not supported for host name")        \
+  XX(EAI_OTHER, -3099, "name resolution failed")                             \
+  XX(ECLOSED, -30001, "object is closed")                                    \
+  XX(EVERSION, -30002, "struct size or version not supported")               \
+  XX(EWRONGTHREAD, -30003, "must be called on the loop thread")              \
+  XX(EDEADLK, -30004, "would deadlock: called on the loop thread")           \
+  XX(EUNKNOWN, -30005, "unrecognised system error")
+
+/** Every error code the library returns. */
+typedef enum duplex_error {
+#define DUPLEX_ENUM_(name, value, msg) DUPLEX_##name = (value),
+  DUPLEX_ERRNO_MAP(DUPLEX_ENUM_)
+#undef DUPLEX_ENUM_
+  DUPLEX_OK = 0
+} duplex_error;
+
+/** Alias: the same code as ::DUPLEX_EWOULDBLOCK. */
+#define DUPLEX_EAGAIN DUPLEX_EWOULDBLOCK
+
+/**
+ * A static, human-readable description of @p err.
+ * @thread   any.
+ * @owner    the result is static; never free it.
+ * @returns  a string for every value, "success" for 0 and
+ *           "unknown error" for codes the library never returns.
+ * @since    0.1
+ */
+DUPLEX_API const char *duplex_strerror(int err);
+
+/**
+ * The symbolic name of @p err, e.g. "DUPLEX_ECLOSED".
+ * @thread   any.
+ * @owner    the result is static; never free it.
+ * @returns  a string for every value, "DUPLEX_OK" for 0 and
+ *           "DUPLEX_UNKNOWN" for codes the library never returns.
+ * @since    0.1
+ */
+DUPLEX_API const char *duplex_err_name(int err);
+
+/**
+ * The library version as (major << 16) | (minor << 8) | patch.
+ * @thread   any.
+ * @returns  the version of the library actually loaded (compare with
+ *           ::DUPLEX_VERSION_HEX for the headers compiled against).
+ * @since    0.1
+ */
+DUPLEX_API unsigned duplex_version(void);
+
+/**
+ * The library version as a static string, e.g. "0.1.0".
+ * @thread   any.
+ * @returns  a static string; never free it.
+ * @since    0.1
+ */
+DUPLEX_API const char *duplex_version_string(void);
+
+/* ---------------------------------------------------------------------- */
+/* Opaque objects                                                          */
+/* ---------------------------------------------------------------------- */
+
+/** One event loop: a libuv loop plus an inbox for other threads' work. */
+typedef struct duplex_loop duplex_loop;
+/** One duplex byte stream (TCP, UNIX socket, pipe pair, adopted fd). */
+typedef struct duplex_conn duplex_conn;
+/** Accepts connections on a TCP address or a UNIX socket path. */
+typedef struct duplex_listener duplex_listener;
+
+/** A borrowed buffer, for vectored writes. */
+typedef struct duplex_buf {
+  const void *base; /**< first byte; may be NULL only when len is 0 */
+  size_t len;       /**< number of bytes */
+} duplex_buf;
+
+/* ---------------------------------------------------------------------- */
+/* Loop                                                                    */
+/* ---------------------------------------------------------------------- */
+
+/** Options for duplex_loop_new(). Initialise with ::DUPLEX_LOOP_OPTS_INIT
+ *  or duplex_loop_opts_init(); unknown flags are rejected. */
+typedef struct duplex_loop_opts {
+  size_t size;     /**< sizeof(duplex_loop_opts) as compiled by the caller */
+  unsigned flags;  /**< reserved, must be 0 */
+  uint32_t read_buffer_size; /**< bytes of the loop-owned read buffer shared
+                                  by all conns; 0 = 64 KiB; max 16 MiB */
+} duplex_loop_opts;
+
+#define DUPLEX_LOOP_OPTS_INIT { sizeof(duplex_loop_opts), 0u, 0u }
+
+/**
+ * Fill @p opts with defaults (same as ::DUPLEX_LOOP_OPTS_INIT).
+ * @thread   any.  @owner @p opts borrowed for the call.
+ * @returns  0, DUPLEX_EINVAL (NULL).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_opts_init(duplex_loop_opts *opts);
+
+/**
+ * Create a loop. It runs nothing until duplex_loop_run() or
+ * duplex_loop_start(); work posted before then waits in the inbox.
+ * @thread   any.
+ * @owner    @p opts borrowed for the call (NULL = defaults); on success the
+ *           caller owns @p *out and must duplex_loop_free() it. On failure
+ *           @p *out is set to NULL.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EVERSION (bad opts->size), DUPLEX_ENOMEM,
+ *           or a system code from libuv.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts);
+
+/** Run until duplex_loop_stop(). */
+#define DUPLEX_RUN_DEFAULT 0u
+/** Run one iteration, waiting for events if there are none. */
+#define DUPLEX_RUN_ONCE 1u
+/** Run one iteration without waiting. */
+#define DUPLEX_RUN_NOWAIT 2u
+
+/**
+ * Run the loop on the calling thread, which becomes the loop thread until
+ * this returns. While it runs, SIGPIPE is blocked for this thread only (the
+ * process's signal disposition is never changed); a SIGPIPE raised by the
+ * library's own writes is consumed before the old mask is restored.
+ * @thread   any thread that is not already running a loop.
+ * @returns  0 when stopped (or after one iteration in ONCE/NOWAIT mode),
+ *           DUPLEX_EINVAL (NULL, unknown mode), DUPLEX_EBUSY (already running
+ *           on another thread or started), DUPLEX_EDEADLK (this thread runs
+ *           a loop already), DUPLEX_ECLOSED (being freed).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_run(duplex_loop *loop, unsigned mode);
+
+/**
+ * Start a thread owned by the loop that runs it until duplex_loop_free().
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EBUSY (running or started already),
+ *           DUPLEX_ECLOSED, or a system code (thread creation).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_start(duplex_loop *loop);
+
+/**
+ * Ask duplex_loop_run() to return after the current iteration. Has no
+ * effect on a loop started with duplex_loop_start() (free it instead). A
+ * stop requested while the loop is not running makes the next
+ * duplex_loop_run(DUPLEX_RUN_DEFAULT) return after one iteration.
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ECLOSED.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_stop(duplex_loop *loop);
+
+/**
+ * A function posted to the loop. @p status is 0 when run normally, or
+ * DUPLEX_ECANCELED when the loop is freed before it ran: it runs exactly
+ * once either way, so @p arg can own memory.
+ * @callback runs on the loop thread (or on the thread freeing the loop, for
+ *           DUPLEX_ECANCELED), must not block.
+ */
+typedef void (*duplex_post_cb)(duplex_loop *loop, int status, void *arg);
+
+/**
+ * Run @p fn(loop, 0, arg) on the loop thread, in the order posts were made
+ * by the calling thread. On the loop thread it runs at the next iteration,
+ * never inside this call.
+ * @thread   any.
+ * @owner    @p arg passes to @p fn, which runs exactly once if this returns
+ *           0 and never if it fails.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOMEM, DUPLEX_ECLOSED (being freed).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_post(duplex_loop *loop, duplex_post_cb fn,
+                                void *arg);
+
+/**
+ * Whether the calling thread is the loop's thread right now.
+ * @thread   any.
+ * @returns  1 (yes), 0 (no, or the loop is not running), DUPLEX_EINVAL (NULL).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_on_thread(const duplex_loop *loop);
+
+/**
+ * Stop the loop (joining its thread if it was started, or waiting for
+ * duplex_loop_run() on another thread to return), then close everything on
+ * it: every conn closes with reason DUPLEX_ECANCELED, every pending write
+ * completes with DUPLEX_ECANCELED, every zero-copy buffer is released, every
+ * listener closes, every post runs with DUPLEX_ECANCELED. Those callbacks run
+ * on the calling thread before this returns. Afterwards references to conns
+ * that other threads still hold stay valid: calls through them return
+ * DUPLEX_ECLOSED until the last duplex_conn_unref() frees them.
+ * @thread   any thread except the loop thread itself.
+ * @owner    @p loop is invalid once this returns 0.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EDEADLK (called on the loop thread),
+ *           DUPLEX_ECLOSED (already being freed by another thread).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_loop_free(duplex_loop *loop);
+
+/* ---------------------------------------------------------------------- */
+/* Connections                                                             */
+/* ---------------------------------------------------------------------- */
+
+/** Connected (outgoing), accepted or adopted: the conn is open. */
+typedef void (*duplex_open_cb)(duplex_conn *conn, void *user);
+/** Bytes arrived. @p data is borrowed for the callback only. */
+typedef void (*duplex_read_cb)(duplex_conn *conn, const void *data,
+                               size_t len, void *user);
+/** The peer finished sending (EOF). Not an error; writing may go on. */
+typedef void (*duplex_eof_cb)(duplex_conn *conn, void *user);
+/** Queued bytes crossed the high watermark. */
+typedef void (*duplex_backpressure_cb)(duplex_conn *conn, size_t queued,
+                                       void *user);
+/** Queued bytes fell to the low watermark or below after backpressure. */
+typedef void (*duplex_writable_cb)(duplex_conn *conn, void *user);
+/**
+ * The conn closed. @p reason is 0 for a requested close (duplex_conn_close)
+ * or when both directions finished (EOF received and shutdown done),
+ * DUPLEX_ECANCELED when its loop was freed, or the error that closed it
+ * (connect/resolve failure, read or write error).
+ */
+typedef void (*duplex_close_cb)(duplex_conn *conn, int reason, void *user);
+
+/**
+ * Callback table for a conn. Every member may be NULL. The table is copied.
+ * @callback each runs on the loop thread and must not block. For every conn
+ *           whose creation returned 0, `on_close` runs exactly once and is
+ *           the last callback; `on_open` runs at most once, before any read.
+ */
+typedef struct duplex_conn_cbs {
+  size_t size; /**< sizeof(duplex_conn_cbs) as compiled by the caller */
+  duplex_open_cb on_open;
+  duplex_read_cb on_read;
+  duplex_eof_cb on_eof;
+  duplex_backpressure_cb on_backpressure;
+  duplex_writable_cb on_writable;
+  duplex_close_cb on_close;
+} duplex_conn_cbs;
+
+#define DUPLEX_CONN_CBS_INIT { sizeof(duplex_conn_cbs), 0, 0, 0, 0, 0, 0 }
+
+/** Enable Nagle's algorithm on TCP conns (TCP_NODELAY is set otherwise). */
+#define DUPLEX_CONN_NAGLE 0x1u
+/** Do not start reading when the conn opens; call duplex_conn_resume(). */
+#define DUPLEX_CONN_START_PAUSED 0x2u
+/** Enable TCP keep-alive (60 s idle). */
+#define DUPLEX_CONN_KEEPALIVE 0x4u
+/** Every flag duplex_conn_opts accepts. */
+#define DUPLEX_CONN_FLAGS_ALL 0x7u
+
+/**
+ * Options for a conn. Zero sizes mean "default".
+ * Watermarks: crossing @ref high_watermark queued bytes calls
+ * `on_backpressure`; falling to @ref low_watermark or below afterwards calls
+ * `on_writable` and wakes duplex_conn_wait_writable(). A write is refused with
+ * DUPLEX_EWOULDBLOCK when bytes are already queued and it would take the total
+ * past @ref hard_limit (a write into an empty queue is always taken whole).
+ */
+typedef struct duplex_conn_opts {
+  size_t size;                /**< sizeof(duplex_conn_opts) */
+  const duplex_conn_cbs *cbs; /**< copied; NULL = no callbacks */
+  void *user;                 /**< passed to every callback */
+  size_t high_watermark;      /**< default 1 MiB */
+  size_t low_watermark;       /**< default high/4; must be < high */
+  size_t hard_limit;          /**< default 16 MiB; must be >= high */
+  unsigned flags;             /**< DUPLEX_CONN_* flags */
+} duplex_conn_opts;
+
+#define DUPLEX_CONN_OPTS_INIT { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u }
+
+/**
+ * Fill @p opts with defaults (same as ::DUPLEX_CONN_OPTS_INIT).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_opts_init(duplex_conn_opts *opts);
+
+/**
+ * Fill @p cbs with an empty table (same as ::DUPLEX_CONN_CBS_INIT).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_cbs_init(duplex_conn_cbs *cbs);
+
+/**
+ * Connect over TCP to @p host (a name, an IPv4 or an IPv6 address) and
+ * @p port. Names resolve on libuv's thread pool, never blocking the loop;
+ * every resolved address is tried in order. Writes made before the conn
+ * opens are queued and flushed once it does.
+ * @thread   any.
+ * @owner    @p host and @p opts borrowed for the call. If @p out is not NULL
+ *           it receives a new reference the caller must duplex_conn_unref();
+ *           on failure it is set to NULL.
+ * @returns  0, DUPLEX_EINVAL (NULL loop/host, empty host, port 0, bad opts),
+ *           DUPLEX_EVERSION, DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop being freed).
+ * @callback on success `on_open`; on any failure `on_close` with the error
+ *           (e.g. DUPLEX_ECONNREFUSED, DUPLEX_EAI_NONAME).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
+                                       const char *host, uint16_t port,
+                                       const duplex_conn_opts *opts);
+
+/**
+ * Connect to the UNIX-domain socket at @p path (on Windows, a named pipe).
+ * @thread any. @owner as duplex_conn_connect_tcp().
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ENAMETOOLONG, DUPLEX_EVERSION,
+ *          DUPLEX_ENOMEM, DUPLEX_ECLOSED.
+ * @callback as duplex_conn_connect_tcp().
+ * @since 0.1
+ */
+DUPLEX_API int duplex_conn_connect_unix(duplex_conn **out, duplex_loop *loop,
+                                        const char *path,
+                                        const duplex_conn_opts *opts);
+
+/**
+ * Adopt an already-connected stream @p fd: a TCP or UNIX socket (e.g. one
+ * end of a socketpair), a pipe or a terminal. The conn owns @p fd from now
+ * on and closes it; the fd is switched to non-blocking mode (which affects
+ * every process sharing the open file description, e.g. an inherited
+ * terminal). Regular files are not streams and are refused.
+ * @thread   any.
+ * @owner    @p fd: ownership taken on success, left with the caller on
+ *           failure. @p out as duplex_conn_connect_tcp().
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EBADF (not an open fd), DUPLEX_ENOTSOCK
+ *           (regular file or other unsupported kind), DUPLEX_EVERSION,
+ *           DUPLEX_ENOMEM, DUPLEX_ECLOSED.
+ * @callback `on_open` at the next loop iteration (never inside this call).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_adopt(duplex_conn **out, duplex_loop *loop, int fd,
+                                 const duplex_conn_opts *opts);
+
+/**
+ * Adopt two one-way fds as one conn: bytes are read from @p read_fd and
+ * written to @p write_fd (stdin/stdout, or two pipes). Shutdown closes
+ * @p write_fd, which is how the peer sees EOF.
+ * @thread any. @owner both fds taken on success, left with the caller on
+ *         failure. @returns as duplex_conn_adopt(); DUPLEX_EINVAL if the
+ *         two fds are equal. @since 0.1
+ */
+DUPLEX_API int duplex_conn_adopt_pair(duplex_conn **out, duplex_loop *loop,
+                                      int read_fd, int write_fd,
+                                      const duplex_conn_opts *opts);
+
+/**
+ * Take a reference: the pointer stays valid (calls return DUPLEX_ECLOSED once
+ * the conn has closed) until the matching duplex_conn_unref().
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_ref(duplex_conn *conn);
+
+/**
+ * Drop a reference. The memory goes when the last reference is gone, which
+ * is never before `on_close` has returned (the loop holds one meanwhile).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_unref(duplex_conn *conn);
+
+/** Completion of one write: @p status is 0 once the bytes were handed to the
+ *  kernel, a system error, or DUPLEX_ECANCELED when the conn closed first. */
+typedef void (*duplex_write_cb)(duplex_conn *conn, int status, void *user);
+
+/**
+ * Release of a zero-copy buffer given to duplex_conn_write_zc(). @p status
+ * is as for ::duplex_write_cb. Called exactly once per accepted write.
+ * @callback runs on the loop thread (or the thread freeing the loop).
+ */
+typedef void (*duplex_release_cb)(void *data, size_t len, int status,
+                                  void *user);
+
+/** Largest single write accepted (1 GiB). */
+#define DUPLEX_WRITE_MAX ((size_t)1 << 30)
+
+/**
+ * Queue @p len bytes from @p data for writing (copied).
+ * A zero-length write queues nothing and its @p done runs once every byte
+ * queued before it has been written: a flush marker.
+ * @thread   any. On the loop thread with nothing queued the bytes are
+ *           written at once; elsewhere they join the inbox and the loop
+ *           writes whole batches with vectored writes.
+ * @owner    @p data borrowed for the call; on error nothing is queued.
+ * @order    writes by one thread reach the wire in call order; a write is
+ *           never split or interleaved by another write.
+ * @returns  0, DUPLEX_EINVAL (NULL conn, NULL data with len > 0),
+ *           DUPLEX_EMSGSIZE (len > DUPLEX_WRITE_MAX), DUPLEX_EWOULDBLOCK (past
+ *           the hard limit), DUPLEX_ESHUTDOWN (after duplex_conn_shutdown),
+ *           DUPLEX_ECLOSED (closed or closing), DUPLEX_ENOMEM.
+ * @callback @p done (optional) runs exactly once, on the loop thread, after
+ *           this call returned 0; never when it failed.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_write(duplex_conn *conn, const void *data,
+                                 size_t len, duplex_write_cb done, void *user);
+
+/**
+ * Queue @p nbufs buffers, copied, as one unsplittable write (e.g. a header
+ * and its payload). Limits and codes as duplex_conn_write(), applied to the
+ * total; DUPLEX_EINVAL also for NULL @p bufs with @p nbufs > 0 or more than
+ * 1024 buffers.
+ * @thread any. @owner @p bufs and their bytes borrowed for the call.
+ * @callback @p done as for duplex_conn_write(). @since 0.1
+ */
+DUPLEX_API int duplex_conn_writev(duplex_conn *conn, const duplex_buf *bufs,
+                                  size_t nbufs, duplex_write_cb done,
+                                  void *user);
+
+/**
+ * Queue @p data for writing without copying it.
+ * @thread   any.
+ * @owner    ownership of @p data passes to the library if this returns 0;
+ *           @p release(data, len, status, user) returns it exactly once,
+ *           after the bytes were written (status 0) or failed / were
+ *           canceled. @p release may be NULL only for data that outlives the
+ *           conn (static storage). If this fails, the caller still owns
+ *           @p data and @p release is never called.
+ * @order    as duplex_conn_write().
+ * @returns  as duplex_conn_write().
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_write_zc(duplex_conn *conn, void *data, size_t len,
+                                    duplex_release_cb release, void *user);
+
+/**
+ * Half-close: once every write queued before this call (by this thread) is
+ * flushed, close the write side. Reading continues until the peer's EOF.
+ * Later writes return DUPLEX_ESHUTDOWN. When the peer's EOF has also arrived
+ * the conn closes by itself with reason 0.
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ESHUTDOWN (already requested),
+ *           DUPLEX_ECLOSED, DUPLEX_ENOMEM.
+ * @callback @p done (optional) runs exactly once: 0 when the write side is
+ *           closed, an error, or DUPLEX_ECANCELED if the conn closed first.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done,
+                                    void *user);
+
+/** Close after flushing every write queued before the close. */
+#define DUPLEX_CLOSE_GRACEFUL 0u
+/** Close now: pending writes complete with DUPLEX_ECANCELED. */
+#define DUPLEX_CLOSE_ABORT 1u
+
+/**
+ * Close the conn. Graceful: writes queued before this call are flushed
+ * first. Abort: every pending write completes with DUPLEX_ECANCELED at once.
+ * An abort may follow a graceful close and overrides it. Writes made after
+ * this call return DUPLEX_ECLOSED.
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL (NULL, unknown @p how), DUPLEX_ECLOSED (a close
+ *           of the same kind was already requested, or closed).
+ * @callback `on_close` runs exactly once, with reason 0 (or the error that
+ *           interrupted a graceful flush).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_close(duplex_conn *conn, unsigned how);
+
+/**
+ * Stop reading (flow control). On the loop thread no read callback runs
+ * after this returns; from another thread, reads the loop is already
+ * delivering may still arrive before it takes effect.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.1
+ */
+DUPLEX_API int duplex_conn_pause(duplex_conn *conn);
+
+/**
+ * Resume reading after duplex_conn_pause() or ::DUPLEX_CONN_START_PAUSED.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.1
+ */
+DUPLEX_API int duplex_conn_resume(duplex_conn *conn);
+
+/**
+ * Block until the conn is writable: not past its high watermark, or back at
+ * the low watermark after crossing it. For producers on other threads.
+ * @thread   any thread except the loop thread.
+ * @param    timeout_ms  -1 waits for ever, 0 only polls.
+ * @returns  0 (writable), DUPLEX_ETIMEDOUT, DUPLEX_ECLOSED (closed, or closed
+ *           while waiting), DUPLEX_EDEADLK (on the loop thread),
+ *           DUPLEX_EINVAL.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms);
+
+/**
+ * Bytes accepted for writing and not yet completed.
+ * @thread any. @owner @p out borrowed for the call.
+ * @returns 0, DUPLEX_EINVAL. Works on closed conns (then 0). @since 0.1
+ */
+DUPLEX_API int duplex_conn_get_queued(const duplex_conn *conn, size_t *out);
+
+/**
+ * The user pointer passed to callbacks.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_get_user(const duplex_conn *conn, void **out);
+
+/**
+ * Replace the user pointer passed to callbacks that start after this call.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_conn_set_user(duplex_conn *conn, void *user);
+
+/**
+ * The peer's address as text: "1.2.3.4:80", "[::1]:80", a socket path, or
+ * "" for unnamed peers (socketpair, pipes). Fixed when the conn opens.
+ * @thread   any.
+ * @owner    @p buf borrowed for the call; always NUL-terminated on success.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOTCONN (not open yet),
+ *           DUPLEX_ENOBUFS (@p len too small; @p buf holds "").
+ * @since    0.1
+ */
+DUPLEX_API int duplex_conn_get_peer(const duplex_conn *conn, char *buf,
+                                    size_t len);
+
+/* ---------------------------------------------------------------------- */
+/* Listeners                                                               */
+/* ---------------------------------------------------------------------- */
+
+/** An accept failed (e.g. DUPLEX_EMFILE); the listener keeps listening. */
+typedef void (*duplex_listen_error_cb)(duplex_listener *listener, int status,
+                                       void *user);
+
+/** Set IPV6_V6ONLY on an IPv6 TCP listener. */
+#define DUPLEX_LISTEN_IPV6ONLY 0x1u
+/** Every flag duplex_listener_opts accepts. */
+#define DUPLEX_LISTEN_FLAGS_ALL 0x1u
+
+/**
+ * Options for a listener. Each accepted conn is created with @ref conn_opts
+ * (callbacks, user pointer, limits) and gets `on_open` when accepted.
+ */
+typedef struct duplex_listener_opts {
+  size_t size;                       /**< sizeof(duplex_listener_opts) */
+  const duplex_conn_opts *conn_opts; /**< copied; NULL = defaults */
+  duplex_listen_error_cb on_error;   /**< optional */
+  void *user;                        /**< passed to on_error */
+  int backlog;                       /**< 0 = 511 */
+  unsigned flags;                    /**< DUPLEX_LISTEN_* */
+  unsigned mode; /**< UNIX socket permission bits (e.g. 0660); 0 = umask */
+} duplex_listener_opts;
+
+#define DUPLEX_LISTENER_OPTS_INIT                                            \
+  { sizeof(duplex_listener_opts), 0, 0, 0, 0, 0u, 0u }
+
+/**
+ * Fill @p opts with defaults (same as ::DUPLEX_LISTENER_OPTS_INIT).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_listener_opts_init(duplex_listener_opts *opts);
+
+/**
+ * Listen on TCP. @p host must be a numeric IPv4/IPv6 address, "localhost"
+ * (127.0.0.1), or NULL / "" for every IPv4 address ("::" for every IPv6
+ * one). Port 0 picks a free port: read it with duplex_listener_get_port().
+ * The socket is bound and listening when this returns.
+ * @thread   any. Off the loop thread while the loop runs, this waits for the
+ *           loop to do the work (so it must not be called while the loop
+ *           thread waits for the caller).
+ * @owner    @p host, @p opts borrowed for the call. @p *out is owned by the
+ *           loop; it stays valid until duplex_listener_close() or the loop is
+ *           freed. On failure @p *out is NULL.
+ * @returns  0, DUPLEX_EINVAL (bad host, NULL out/loop, bad opts),
+ *           DUPLEX_EVERSION, DUPLEX_EADDRINUSE, DUPLEX_EACCES, DUPLEX_ENOMEM,
+ *           DUPLEX_ECLOSED, or a system code.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_listener_tcp(duplex_listener **out, duplex_loop *loop,
+                                   const char *host, uint16_t port,
+                                   const duplex_listener_opts *opts);
+
+/**
+ * Listen on the UNIX-domain socket @p path. A stale socket file (one nobody
+ * listens on) is replaced; a live one gives DUPLEX_EADDRINUSE; a path that is
+ * not a socket is never removed. The file is removed on close.
+ * @thread any (as duplex_listener_tcp()). @owner as duplex_listener_tcp().
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ENAMETOOLONG, DUPLEX_EADDRINUSE,
+ *          DUPLEX_EACCES, DUPLEX_ENOMEM, DUPLEX_ECLOSED, or a system code.
+ * @since 0.1
+ */
+DUPLEX_API int duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
+                                    const char *path,
+                                    const duplex_listener_opts *opts);
+
+/**
+ * The bound TCP port (useful after listening on port 0).
+ * @thread any while the listener is valid. @returns 0, DUPLEX_EINVAL,
+ *         DUPLEX_ENOTSUP (UNIX listener). @since 0.1
+ */
+DUPLEX_API int duplex_listener_get_port(const duplex_listener *listener,
+                                        uint16_t *port);
+
+/**
+ * The bound address as text ("127.0.0.1:4000", "[::1]:4000" or the path).
+ * @thread any while the listener is valid. @owner @p buf borrowed.
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ENOBUFS. @since 0.1
+ */
+DUPLEX_API int duplex_listener_get_address(const duplex_listener *listener,
+                                           char *buf, size_t len);
+
+/**
+ * Stop accepting and close the listening socket. Conns already accepted
+ * are not affected. @p listener is invalid once this returns.
+ * @thread any while the listener is valid.
+ * @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_listener_close(duplex_listener *listener);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DUPLEX_H */

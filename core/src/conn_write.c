@@ -1,0 +1,673 @@
+/* The write path: intake, batches, completions, shutdown, backpressure.
+ *
+ * Producers (any thread) append entries to conn->intake under conn->mu.
+ * Copied bytes go into 64 KiB chunks from the loop's pool; consecutive
+ * small writes extend one entry, so a burst of writes becomes a handful of
+ * iovecs. The loop swaps the whole intake into conn->batch and writes it
+ * with uv_try_write (writev), handing any remainder to uv_write. While a
+ * batch is in flight producers never wake the loop: its completion pumps
+ * the conn and takes whatever arrived meanwhile. Completion callbacks,
+ * zero-copy releases, shutdown and close are entries in the same FIFO, so
+ * they happen exactly in the order they were asked for. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define DPX_MAX_BUFS 1024
+#define DPX_DIRECT_BUFS 16
+
+/* ---- entry vectors ------------------------------------------------------- */
+
+int
+dpx_entvec_reserve(dpx_entvec *v, size_t extra)
+{
+  if (v->cap - v->n >= extra)
+    return 0;
+  size_t cap = v->cap ? v->cap : 8;
+  while (cap - v->n < extra)
+    cap *= 2;
+  dpx_ent *nv = realloc(v->v, cap * sizeof(dpx_ent));
+  if (nv == NULL)
+    return DUPLEX_ENOMEM;
+  v->v = nv;
+  v->cap = cap;
+  return 0;
+}
+
+void
+dpx_entvec_free(dpx_entvec *v)
+{
+  free(v->v);
+  v->v = NULL;
+  v->n = v->cap = 0;
+}
+
+/* ---- chunks -------------------------------------------------------------- */
+
+/* Under conn->mu: @p n chunk bytes were written; recycle emptied chunks. */
+static void
+chunks_consume_locked(duplex_conn *c, size_t n)
+{
+  while (n > 0 && c->chunk_head != NULL) {
+    dpx_chunk *h = c->chunk_head;
+    size_t take = h->used - h->done;
+    if (take > n)
+      take = n;
+    h->done += take;
+    n -= take;
+    if (h->done < h->used)
+      break;
+    if (h == c->chunk_tail) {
+      /* Every appended byte is written: start the chunk over. */
+      h->used = h->done = 0;
+      break;
+    }
+    c->chunk_head = h->next;
+    dpx_chunk_put(c->loop, h);
+  }
+}
+
+void
+dpx_conn_release_chunks_locked(duplex_conn *c)
+{
+  dpx_chunk *h = c->chunk_head;
+  while (h != NULL) {
+    dpx_chunk *next = h->next;
+    dpx_chunk_put(c->loop, h);
+    h = next;
+  }
+  c->chunk_head = c->chunk_tail = NULL;
+}
+
+/* ---- completing entries --------------------------------------------------- */
+
+void
+dpx_conn_complete(duplex_conn *c, dpx_entvec *v, int status)
+{
+  /* Callbacks may queue more work on the same vector's conn; walk a copy
+   * of the count and leave the vector empty (capacity kept) afterwards. */
+  size_t n = v->n;
+  for (size_t i = 0; i < n; i++) {
+    dpx_ent *e = &v->v[i];
+    int st = e->kind == DPX_ENT_DONE && v == &c->completed ? e->status
+                                                            : status;
+    switch (e->kind) {
+    case DPX_ENT_OWNED:
+      free(e->orig);
+      break;
+    case DPX_ENT_ZC:
+      if (e->release != NULL)
+        e->release(e->orig, e->orig_len,
+                   v == &c->completed ? e->status : status, e->user);
+      break;
+    case DPX_ENT_DONE:
+      if (e->done != NULL)
+        e->done(c, st, e->user);
+      break;
+    case DPX_ENT_SHUTDOWN:
+      if (e->done != NULL)
+        e->done(c, status == 0 ? DUPLEX_ECANCELED : status, e->user);
+      break;
+    default:
+      break;
+    }
+  }
+  /* Entries added to @p v by those callbacks (only `completed` can grow
+   * that way) stay for the next round. */
+  if (v->n > n)
+    memmove(v->v, v->v + n, (v->n - n) * sizeof(dpx_ent));
+  v->n -= n;
+}
+
+/* The batch is over with @p status: account, complete, act on markers. */
+static void
+batch_done(duplex_conn *c, int status)
+{
+  size_t total = 0, chunk_bytes = 0;
+  bool shutdown = false, close = false;
+  dpx_ent shut = { 0 };
+  for (size_t i = 0; i < c->batch.n; i++) {
+    dpx_ent *e = &c->batch.v[i];
+    switch (e->kind) {
+    case DPX_ENT_CHUNK:
+      chunk_bytes += e->len;
+      total += e->len;
+      break;
+    case DPX_ENT_OWNED:
+    case DPX_ENT_ZC:
+      total += e->len;
+      break;
+    case DPX_ENT_SHUTDOWN:
+      shutdown = true;
+      shut = *e;
+      e->kind = DPX_ENT_CLOSE; /* handled below, not by dpx_conn_complete */
+      break;
+    case DPX_ENT_CLOSE:
+      close = true;
+      break;
+    default:
+      break;
+    }
+  }
+  bool writable = false;
+  uv_mutex_lock(&c->mu);
+  c->queued -= total;
+  chunks_consume_locked(c, chunk_bytes);
+  if (c->congested && c->queued <= c->low) {
+    c->congested = false;
+    dpx_conn_wake_waiters_locked(c);
+    if (c->events & DPX_EV_BACKPRESSURE)
+      c->events &= ~DPX_EV_BACKPRESSURE; /* never told: tell nothing */
+    else
+      writable = true;
+  }
+  uv_mutex_unlock(&c->mu);
+  c->writing = false;
+
+  /* Writes completed directly before this batch come first. */
+  if (c->completed.n > 0)
+    dpx_conn_complete(c, &c->completed, 0);
+  dpx_conn_complete(c, &c->batch, status);
+
+  if (status < 0) {
+    if (shutdown && shut.done != NULL)
+      shut.done(c, status, shut.user);
+    dpx_conn_begin_close(c, status == DUPLEX_ECANCELED ? c->close_reason
+                                                       : status);
+  } else {
+    if (shutdown && !c->closing) {
+      c->shut_ent = shut;
+      c->shut_pending = true;
+      dpx_conn_start_shutdown(c);
+    } else if (shutdown && shut.done != NULL) {
+      shut.done(c, DUPLEX_ECANCELED, shut.user);
+    }
+    if (close && shutdown && c->shut_pending)
+      c->close_after_shut = true; /* close once the write side is shut */
+    else if (close && !c->closing)
+      dpx_conn_begin_close(c, 0);
+  }
+  if (writable && !c->closing && c->cbs.on_writable != NULL)
+    c->cbs.on_writable(c, atomic_load(&c->user));
+}
+
+static void
+on_write(uv_write_t *req, int status)
+{
+  duplex_conn *c = req->data;
+  batch_done(c, dpx_err(status));
+  dpx_conn_pump(c);
+}
+
+void
+dpx_conn_batch_start(duplex_conn *c)
+{
+  size_t nbufs = 0, total = 0;
+  for (size_t i = 0; i < c->batch.n; i++) {
+    int k = c->batch.v[i].kind;
+    if (k == DPX_ENT_CHUNK || k == DPX_ENT_OWNED || k == DPX_ENT_ZC)
+      nbufs++;
+  }
+  if (nbufs > c->bufs_cap) {
+    uv_buf_t *nb = realloc(c->bufs, nbufs * sizeof(uv_buf_t));
+    if (nb == NULL) {
+      batch_done(c, DUPLEX_ENOMEM);
+      return;
+    }
+    c->bufs = nb;
+    c->bufs_cap = nbufs;
+  }
+  size_t j = 0;
+  for (size_t i = 0; i < c->batch.n; i++) {
+    dpx_ent *e = &c->batch.v[i];
+    if (e->kind == DPX_ENT_CHUNK || e->kind == DPX_ENT_OWNED ||
+        e->kind == DPX_ENT_ZC) {
+      c->bufs[j++] = uv_buf_init(e->base, (unsigned)e->len);
+      total += e->len;
+    }
+  }
+  if (nbufs == 0) {
+    batch_done(c, 0);
+    c->pump_again = true;
+    return;
+  }
+  int r = uv_try_write(&c->wr->stream, c->bufs, (unsigned)nbufs);
+  if (r == UV_EAGAIN || r == UV_ENOSYS)
+    r = 0;
+  if (r < 0) {
+    batch_done(c, dpx_err(r));
+    c->pump_again = true;
+    return;
+  }
+  if ((size_t)r == total) {
+    batch_done(c, 0);
+    c->pump_again = true;
+    return;
+  }
+  /* Skip what went out; libuv writes the rest when the fd is writable. */
+  size_t done = (size_t)r, first = 0;
+  while (done >= c->bufs[first].len) {
+    done -= c->bufs[first].len;
+    first++;
+  }
+  c->bufs[first].base += done;
+  c->bufs[first].len -= done;
+  c->wreq.data = c;
+  r = uv_write(&c->wreq, &c->wr->stream, c->bufs + first,
+               (unsigned)(nbufs - first), on_write);
+  if (r < 0) {
+    batch_done(c, dpx_err(r));
+    c->pump_again = true;
+  }
+}
+
+/* ---- shutdown -------------------------------------------------------------- */
+
+static void
+shutdown_finished(duplex_conn *c, int status)
+{
+  c->shut_pending = false;
+  if (status == 0)
+    c->shut_done = true;
+  if (c->shut_ent.done != NULL)
+    c->shut_ent.done(c, status, c->shut_ent.user);
+  if (c->closing)
+    return;
+  if (status < 0)
+    dpx_conn_begin_close(c, status);
+  else if (c->eof_seen || c->close_after_shut)
+    dpx_conn_begin_close(c, 0);
+  else
+    dpx_conn_pump(c); /* a graceful close may wait in the intake */
+}
+
+static void
+on_shutdown(uv_shutdown_t *req, int status)
+{
+  duplex_conn *c = req->data;
+  if (status == UV_ECANCELED && c->closing)
+    status = DUPLEX_ECANCELED;
+  shutdown_finished(c, dpx_err(status));
+}
+
+static void
+on_write_side_closed(uv_handle_t *h)
+{
+  duplex_conn *c = h->data;
+  c->wr = NULL;
+  if (c->closing) {
+    /* A close began meanwhile: this was one of the handles it waits for. */
+    dpx_conn_handle_closed(c);
+    return;
+  }
+  c->handles_open--;
+  shutdown_finished(c, 0);
+}
+
+void
+dpx_conn_start_shutdown(duplex_conn *c)
+{
+  if (c->wr != c->rd) {
+    /* Adopted pair: closing the write fd is the peer's EOF. */
+    c->handles_open++;
+    uv_close(&c->wr->handle, on_write_side_closed);
+    return;
+  }
+  if (c->sreq == NULL)
+    c->sreq = malloc(sizeof *c->sreq);
+  int r = c->sreq ? 0 : UV_ENOMEM;
+  if (r == 0) {
+    c->sreq->data = c;
+    r = uv_shutdown(c->sreq, &c->wr->stream, on_shutdown);
+  }
+  if (r != 0)
+    shutdown_finished(c, dpx_err(r));
+}
+
+int
+duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done, void *user)
+{
+  if (conn == NULL)
+    return DUPLEX_EINVAL;
+  uv_mutex_lock(&conn->mu);
+  int r = 0;
+  if (conn->state != DPX_CS_OPEN)
+    r = DUPLEX_ECLOSED;
+  else if (conn->shut_requested)
+    r = DUPLEX_ESHUTDOWN;
+  else
+    r = dpx_entvec_reserve(&conn->intake, 1);
+  if (r == 0) {
+    dpx_ent *e = &conn->intake.v[conn->intake.n++];
+    memset(e, 0, sizeof *e);
+    e->kind = DPX_ENT_SHUTDOWN;
+    e->done = done;
+    e->user = user;
+    conn->shut_requested = true;
+    dpx_conn_schedule_locked(conn, false);
+  }
+  uv_mutex_unlock(&conn->mu);
+  return r;
+}
+
+/* ---- writes ------------------------------------------------------------ */
+
+typedef struct write_req {
+  const duplex_buf *bufs;
+  size_t nbufs;
+  size_t total;
+  void *zc; /* non-NULL for zero-copy */
+  duplex_write_cb done;
+  duplex_release_cb release;
+  void *user;
+} write_req;
+
+/* Under conn->mu: make the tail chunk hold @p len more bytes. */
+static int
+chunk_room_locked(duplex_conn *c, size_t len)
+{
+  dpx_chunk *t = c->chunk_tail;
+  if (t != NULL && DPX_CHUNK_SIZE - t->used >= len)
+    return 0;
+  dpx_chunk *n = dpx_chunk_get(c->loop);
+  if (n == NULL)
+    return DUPLEX_ENOMEM;
+  if (t != NULL)
+    t->next = n;
+  else
+    c->chunk_head = n;
+  c->chunk_tail = n;
+  return 0;
+}
+
+/* Under conn->mu: append @p w, skipping its first @p skip bytes (already
+ * written directly). Either everything is appended or nothing is. */
+static int
+append_locked(duplex_conn *c, const write_req *w, size_t skip)
+{
+  size_t remain = w->total - skip;
+  int r = dpx_entvec_reserve(&c->intake, 2);
+  if (r != 0)
+    return r;
+  dpx_ent *last = c->intake.n > 0 ? &c->intake.v[c->intake.n - 1] : NULL;
+  if (w->zc != NULL) {
+    dpx_ent *e = &c->intake.v[c->intake.n++];
+    memset(e, 0, sizeof *e);
+    e->kind = DPX_ENT_ZC;
+    e->base = (char *)w->zc + skip;
+    e->len = remain;
+    e->orig = w->zc;
+    e->orig_len = w->total;
+    e->release = w->release;
+    e->user = w->user;
+    return 0;
+  }
+  if (remain > 0) {
+    char *dst;
+    if (remain >= DPX_LARGE_WRITE) {
+      dst = malloc(remain);
+      if (dst == NULL)
+        return DUPLEX_ENOMEM;
+      dpx_ent *e = &c->intake.v[c->intake.n++];
+      memset(e, 0, sizeof *e);
+      e->kind = DPX_ENT_OWNED;
+      e->base = dst;
+      e->len = remain;
+      e->orig = dst;
+    } else {
+      r = chunk_room_locked(c, remain);
+      if (r != 0)
+        return r;
+      dpx_chunk *t = c->chunk_tail;
+      dst = t->data + t->used;
+      if (last != NULL && last->kind == DPX_ENT_CHUNK &&
+          last->base + last->len == dst) {
+        last->len += remain;
+      } else {
+        dpx_ent *e = &c->intake.v[c->intake.n++];
+        memset(e, 0, sizeof *e);
+        e->kind = DPX_ENT_CHUNK;
+        e->base = dst;
+        e->len = remain;
+      }
+      t->used += remain;
+    }
+    /* Copy the bytes not yet written, buffer by buffer. */
+    size_t off = 0;
+    for (size_t i = 0; i < w->nbufs; i++) {
+      const char *src = w->bufs[i].base;
+      size_t len = w->bufs[i].len;
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      src += skip;
+      len -= skip;
+      skip = 0;
+      memcpy(dst + off, src, len);
+      off += len;
+    }
+  }
+  if (w->done != NULL) {
+    dpx_ent *e = &c->intake.v[c->intake.n++];
+    memset(e, 0, sizeof *e);
+    e->kind = DPX_ENT_DONE;
+    e->done = w->done;
+    e->user = w->user;
+  }
+  return 0;
+}
+
+/* Loop thread, nothing queued: write straight to the fd. Returns bytes
+ * written (0 if the kernel took nothing or the fd failed: the batch path
+ * then reports the error through the completion). */
+static size_t
+write_direct(duplex_conn *c, const write_req *w)
+{
+  uv_buf_t bufs[DPX_DIRECT_BUFS];
+  unsigned n = 0;
+  if (w->zc != NULL) {
+    bufs[n++] = uv_buf_init(w->zc, (unsigned)w->total);
+  } else {
+    for (size_t i = 0; i < w->nbufs; i++)
+      if (w->bufs[i].len > 0)
+        bufs[n++] = uv_buf_init((char *)w->bufs[i].base,
+                                (unsigned)w->bufs[i].len);
+  }
+  int r = uv_try_write(&c->wr->stream, bufs, n);
+  return r > 0 ? (size_t)r : 0;
+}
+
+static int
+conn_submit(duplex_conn *c, const write_req *w)
+{
+  int r = 0;
+  uv_mutex_lock(&c->mu);
+  if (c->state != DPX_CS_OPEN) {
+    r = DUPLEX_ECLOSED;
+  } else if (c->shut_requested) {
+    r = DUPLEX_ESHUTDOWN;
+  } else if (w->total > 0 && c->queued > 0 && c->queued + w->total > c->hard) {
+    r = DUPLEX_EWOULDBLOCK;
+  }
+  if (r != 0) {
+    uv_mutex_unlock(&c->mu);
+    return r;
+  }
+  size_t skip = 0;
+  /* Loop-thread fields are read only on the loop thread. */
+  if (w->total > 0 && dpx_on_loop(c->loop) && c->opened && !c->writing &&
+      c->intake.n == 0 && !c->closing && w->nbufs <= DPX_DIRECT_BUFS) {
+    /* Reserve everything a partial write could need first, so that once
+     * bytes are on the wire the rest can always be queued. */
+    r = dpx_entvec_reserve(&c->intake, 2);
+    if (r == 0)
+      r = dpx_entvec_reserve(&c->completed, 1);
+    if (r == 0 && w->zc == NULL && w->total < DPX_LARGE_WRITE)
+      r = chunk_room_locked(c, w->total);
+    if (r != 0) {
+      uv_mutex_unlock(&c->mu);
+      return r;
+    }
+    skip = write_direct(c, w);
+    if (skip == w->total) {
+      if (w->done != NULL || (w->zc != NULL && w->release != NULL)) {
+        dpx_ent *e = &c->completed.v[c->completed.n++];
+        memset(e, 0, sizeof *e);
+        e->kind = w->zc != NULL ? DPX_ENT_ZC : DPX_ENT_DONE;
+        e->orig = w->zc;
+        e->orig_len = w->total;
+        e->done = w->done;
+        e->release = w->release;
+        e->user = w->user;
+        dpx_conn_schedule_locked(c, true);
+      }
+      uv_mutex_unlock(&c->mu);
+      return 0;
+    }
+  }
+  r = append_locked(c, w, skip);
+  if (r != 0 && skip > 0) {
+    /* Part of the write is on the wire and the rest cannot be kept (only
+     * a large copy's allocation can fail here): the stream is broken. */
+    c->abort_requested = true;
+    c->abort_reason = r;
+    dpx_conn_mark_closed_locked(c);
+    dpx_conn_schedule_locked(c, true);
+    uv_mutex_unlock(&c->mu);
+    return r;
+  }
+  if (r != 0) {
+    uv_mutex_unlock(&c->mu);
+    return r;
+  }
+  c->queued += w->total - skip;
+  if (!c->congested && c->queued >= c->high) {
+    c->congested = true;
+    c->events |= DPX_EV_BACKPRESSURE;
+    dpx_conn_schedule_locked(c, true);
+  } else {
+    dpx_conn_schedule_locked(c, false);
+  }
+  uv_mutex_unlock(&c->mu);
+  return 0;
+}
+
+static int
+check_bufs(const duplex_buf *bufs, size_t nbufs, size_t *total)
+{
+  size_t t = 0;
+  if (nbufs > DPX_MAX_BUFS || (bufs == NULL && nbufs > 0))
+    return DUPLEX_EINVAL;
+  for (size_t i = 0; i < nbufs; i++) {
+    if (bufs[i].base == NULL && bufs[i].len > 0)
+      return DUPLEX_EINVAL;
+    if (bufs[i].len > DUPLEX_WRITE_MAX - t)
+      return DUPLEX_EMSGSIZE;
+    t += bufs[i].len;
+  }
+  *total = t;
+  return 0;
+}
+
+int
+duplex_conn_write(duplex_conn *conn, const void *data, size_t len,
+                  duplex_write_cb done, void *user)
+{
+  if (conn == NULL || (data == NULL && len > 0))
+    return DUPLEX_EINVAL;
+  if (len > DUPLEX_WRITE_MAX)
+    return DUPLEX_EMSGSIZE;
+  duplex_buf b = { data, len };
+  write_req w = { &b, 1, len, NULL, done, NULL, user };
+  return conn_submit(conn, &w);
+}
+
+int
+duplex_conn_writev(duplex_conn *conn, const duplex_buf *bufs, size_t nbufs,
+                   duplex_write_cb done, void *user)
+{
+  size_t total = 0;
+  if (conn == NULL)
+    return DUPLEX_EINVAL;
+  int r = check_bufs(bufs, nbufs, &total);
+  if (r != 0)
+    return r;
+  write_req w = { bufs, nbufs, total, NULL, done, NULL, user };
+  return conn_submit(conn, &w);
+}
+
+int
+duplex_conn_write_zc(duplex_conn *conn, void *data, size_t len,
+                     duplex_release_cb release, void *user)
+{
+  if (conn == NULL || data == NULL)
+    return DUPLEX_EINVAL;
+  if (len > DUPLEX_WRITE_MAX)
+    return DUPLEX_EMSGSIZE;
+  duplex_buf b = { data, len };
+  write_req w = { &b, 1, len, data, NULL, release, user };
+  return conn_submit(conn, &w);
+}
+
+/* ---- waiting for room ------------------------------------------------------ */
+
+int
+duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
+{
+  if (conn == NULL || timeout_ms < -1)
+    return DUPLEX_EINVAL;
+  uv_mutex_lock(&conn->mu);
+  if (dpx_on_loop(conn->loop)) {
+    uv_mutex_unlock(&conn->mu);
+    return DUPLEX_EDEADLK;
+  }
+  uint64_t deadline =
+      timeout_ms > 0 ? uv_hrtime() + (uint64_t)timeout_ms * 1000000u : 0;
+  dpx_waiter w;
+  bool linked = false;
+  int r;
+  for (;;) {
+    if (conn->state == DPX_CS_CLOSED) {
+      r = DUPLEX_ECLOSED;
+      break;
+    }
+    if (!conn->congested) {
+      r = 0;
+      break;
+    }
+    if (timeout_ms == 0) {
+      r = DUPLEX_ETIMEDOUT;
+      break;
+    }
+    if (!linked) {
+      if (uv_cond_init(&w.cv) != 0) {
+        r = DUPLEX_ENOMEM;
+        break;
+      }
+      w.next = conn->waiters;
+      conn->waiters = &w;
+      linked = true;
+    }
+    if (timeout_ms < 0) {
+      uv_cond_wait(&w.cv, &conn->mu);
+    } else {
+      uint64_t now = uv_hrtime();
+      if (now >= deadline) {
+        r = DUPLEX_ETIMEDOUT;
+        break;
+      }
+      uv_cond_timedwait(&w.cv, &conn->mu, deadline - now);
+    }
+  }
+  if (linked) {
+    dpx_waiter **pp = &conn->waiters;
+    while (*pp != &w)
+      pp = &(*pp)->next;
+    *pp = w.next;
+    uv_cond_destroy(&w.cv);
+  }
+  uv_mutex_unlock(&conn->mu);
+  return r;
+}

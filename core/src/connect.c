@@ -1,0 +1,510 @@
+/* Creating conns: TCP and UNIX connect, adopting fds. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct dpx_connect_state {
+  uv_getaddrinfo_t gai;
+  bool resolving;
+  uv_connect_t creq;
+  struct addrinfo *res;
+  struct addrinfo *cur;
+  struct sockaddr_storage numeric;
+  bool have_numeric;
+  char *host;
+  uint16_t port;
+  char *path;
+  int last_err;
+};
+
+void
+dpx_connect_state_free(dpx_connect_state *cs)
+{
+  if (cs == NULL)
+    return;
+  if (cs->res != NULL)
+    uv_freeaddrinfo(cs->res);
+  free(cs->host);
+  free(cs->path);
+  free(cs);
+}
+
+/* ---- peer names ------------------------------------------------------------ */
+
+int
+dpx_format_addr(const struct sockaddr *sa, char *buf, size_t len)
+{
+  char ip[64];
+  int n;
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    uv_ip4_name(in, ip, sizeof ip);
+    n = snprintf(buf, len, "%s:%u", ip, (unsigned)ntohs(in->sin_port));
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(in6, ip, sizeof ip);
+    n = snprintf(buf, len, "[%s]:%u", ip, (unsigned)ntohs(in6->sin6_port));
+  } else {
+    return DUPLEX_EAFNOSUPPORT;
+  }
+  return n < 0 || (size_t)n >= len ? DUPLEX_ENOBUFS : 0;
+}
+
+void
+dpx_conn_set_peer(duplex_conn *c)
+{
+  char buf[1024];
+  buf[0] = '\0';
+  if (c->rd->handle.type == UV_TCP) {
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    if (uv_tcp_getpeername(&c->rd->tcp, (struct sockaddr *)&ss, &len) == 0)
+      dpx_format_addr((struct sockaddr *)&ss, buf, sizeof buf);
+  } else if (c->rd->handle.type == UV_NAMED_PIPE) {
+    size_t len = sizeof buf;
+    if (uv_pipe_getpeername(&c->rd->pipe, buf, &len) != 0)
+      buf[0] = '\0';
+    else if (len < sizeof buf)
+      buf[len] = '\0';
+    else
+      buf[sizeof buf - 1] = '\0';
+  }
+  char *p = malloc(strlen(buf) + 1);
+  if (p != NULL)
+    memcpy(p, buf, strlen(buf) + 1);
+  uv_mutex_lock(&c->mu);
+  free(c->peer);
+  c->peer = p;
+  uv_mutex_unlock(&c->mu);
+}
+
+/* ---- TCP / UNIX connect ----------------------------------------------------- */
+
+static void connect_next(duplex_conn *c);
+
+static void
+connect_failed(duplex_conn *c, int err)
+{
+  dpx_connect_state_free(c->connecting);
+  c->connecting = NULL;
+  if (c->rd != NULL)
+    dpx_conn_begin_close(c, err);
+  else
+    dpx_conn_fail_unopened(c, err);
+}
+
+static void
+connect_advance(dpx_connect_state *cs)
+{
+  if (cs->have_numeric)
+    cs->have_numeric = false;
+  else if (cs->cur != NULL)
+    cs->cur = cs->cur->ai_next;
+}
+
+/* The failed attempt's socket is closed; its slot is free again. */
+static void
+on_attempt_closed(uv_handle_t *h)
+{
+  duplex_conn *c = h->data;
+  if (c->closing) {
+    dpx_conn_handle_closed(c);
+    return;
+  }
+  c->handles_open--;
+  connect_next(c);
+}
+
+/* A socket cannot be reused after a failed connect: close it and try the
+ * next address from its close callback. */
+static void
+attempt_failed(duplex_conn *c, int err)
+{
+  dpx_connect_state *cs = c->connecting;
+  cs->last_err = err;
+  connect_advance(cs);
+  c->rd = c->wr = NULL;
+  c->handles_open++;
+  uv_close(&c->h[0].handle, on_attempt_closed);
+}
+
+static void
+on_connect(uv_connect_t *req, int status)
+{
+  duplex_conn *c = req->data;
+  if (c->closing)
+    return; /* uv_close canceled it; the close callback finishes */
+  if (status == 0) {
+    dpx_connect_state_free(c->connecting);
+    c->connecting = NULL;
+    dpx_conn_opened(c);
+    return;
+  }
+  attempt_failed(c, dpx_err(status));
+}
+
+static void
+connect_next(duplex_conn *c)
+{
+  dpx_connect_state *cs = c->connecting;
+  for (;;) {
+    const struct sockaddr *sa = NULL;
+    if (cs->have_numeric)
+      sa = (const struct sockaddr *)&cs->numeric;
+    else if (cs->cur != NULL)
+      sa = cs->cur->ai_addr;
+    if (sa == NULL) {
+      connect_failed(c, cs->last_err ? cs->last_err : DUPLEX_EAI_NODATA);
+      return;
+    }
+    dpx_stream *h = &c->h[0];
+    int r = uv_tcp_init(&c->loop->uv, &h->tcp);
+    if (r != 0) {
+      cs->last_err = dpx_err(r);
+      connect_advance(cs);
+      continue;
+    }
+    h->handle.data = c;
+    c->rd = c->wr = h;
+    cs->creq.data = c;
+    r = uv_tcp_connect(&cs->creq, &h->tcp, sa, on_connect);
+    if (r != 0)
+      attempt_failed(c, dpx_err(r));
+    return;
+  }
+}
+
+static void
+on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+  duplex_conn *c = req->data;
+  dpx_connect_state *cs = c->connecting;
+  cs->resolving = false;
+  cs->res = res;
+  if (c->closing) {
+    /* Closed while resolving: finish now. */
+    dpx_conn_fail_unopened(c, c->close_reason);
+    return;
+  }
+  if (status != 0) {
+    connect_failed(c, dpx_err(status));
+    return;
+  }
+  cs->cur = res;
+  connect_next(c);
+}
+
+/* Loop thread: a close began before the handle existed. */
+void
+dpx_connect_cancel(duplex_conn *c)
+{
+  if (c->connecting != NULL && c->connecting->resolving)
+    uv_cancel((uv_req_t *)&c->connecting->gai);
+}
+
+static void
+unix_connect_start(duplex_conn *c)
+{
+  dpx_connect_state *cs = c->connecting;
+  dpx_stream *h = &c->h[0];
+  int r = uv_pipe_init(&c->loop->uv, &h->pipe, 0);
+  if (r != 0) {
+    connect_failed(c, dpx_err(r));
+    return;
+  }
+  h->handle.data = c;
+  c->rd = c->wr = h;
+  cs->creq.data = c;
+  uv_pipe_connect(&cs->creq, &h->pipe, cs->path, on_connect);
+}
+
+/* ---- adopt ------------------------------------------------------------------ */
+
+static void
+close_fd(duplex_loop *loop, int fd)
+{
+  uv_fs_t req;
+  if (fd >= 0) {
+    uv_fs_close(&loop->uv, &req, fd, NULL);
+    uv_fs_req_cleanup(&req);
+  }
+}
+
+static int
+adopt_handle(duplex_conn *c, dpx_stream *h, int fd, bool readable,
+             bool *inited)
+{
+  duplex_loop *loop = c->loop;
+  int r;
+  *inited = false;
+  switch (uv_guess_handle(fd)) {
+  case UV_TCP:
+    r = uv_tcp_init(&loop->uv, &h->tcp);
+    *inited = r == 0;
+    if (r == 0)
+      r = uv_tcp_open(&h->tcp, (uv_os_sock_t)fd);
+    break;
+  case UV_NAMED_PIPE:
+    r = uv_pipe_init(&loop->uv, &h->pipe, 0);
+    *inited = r == 0;
+    if (r == 0)
+      r = uv_pipe_open(&h->pipe, fd);
+    break;
+  case UV_TTY:
+    r = uv_tty_init(&loop->uv, &h->tty, fd, readable);
+    *inited = r == 0;
+    break;
+  default:
+    return DUPLEX_ENOTSOCK;
+  }
+  h->handle.data = c;
+  return dpx_err(r);
+}
+
+static void
+on_adopt_failed_closed(uv_handle_t *h)
+{
+  dpx_conn_handle_closed(h->data);
+}
+
+static void
+adopt_start(duplex_conn *c)
+{
+  int n = c->kind == DPX_CONN_ADOPT ? 1 : 2;
+  int fds[2] = { c->fd_in, c->fd_out };
+  bool inited[2] = { false, false }, owned[2] = { false, false };
+  int err = 0;
+  for (int i = 0; i < n && err == 0; i++) {
+    err = adopt_handle(c, &c->h[i], fds[i], i == 0, &inited[i]);
+    owned[i] = err == 0; /* the handle closes the fd from now on */
+  }
+  for (int i = 0; i < n; i++)
+    if (!owned[i])
+      close_fd(c->loop, fds[i]);
+  c->fd_in = c->fd_out = -1;
+  if (err != 0) {
+    for (int i = 0; i < n; i++) {
+      if (inited[i]) {
+        c->handles_open++;
+        uv_close(&c->h[i].handle, on_adopt_failed_closed);
+      }
+    }
+    dpx_conn_fail_unopened(c, err);
+    return;
+  }
+  c->rd = &c->h[0];
+  c->wr = &c->h[n - 1];
+  dpx_conn_opened(c);
+}
+
+/* ---- the open op -------------------------------------------------------------- */
+
+void
+dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
+{
+  duplex_conn *c = DPX_CONTAINER_OF(op, duplex_conn, open_op);
+  dpx_link_insert(&loop->conns, &c->link);
+  c->in_list = true;
+  uv_mutex_lock(&c->mu);
+  bool aborted = c->abort_requested;
+  uv_mutex_unlock(&c->mu);
+  if (status != 0 || aborted) {
+    if (c->kind == DPX_CONN_ADOPT || c->kind == DPX_CONN_ADOPT_PAIR) {
+      close_fd(loop, c->fd_in);
+      close_fd(loop, c->fd_out);
+      c->fd_in = c->fd_out = -1;
+    }
+    dpx_conn_fail_unopened(c, status != 0 ? status : c->abort_reason);
+    return;
+  }
+  dpx_connect_state *cs = c->connecting;
+  switch (c->kind) {
+  case DPX_CONN_TCP_CONNECT:
+    if (cs->have_numeric) {
+      connect_next(c);
+    } else {
+      struct addrinfo hints;
+      char port[8];
+      memset(&hints, 0, sizeof hints);
+      hints.ai_family = AF_UNSPEC;
+      hints.ai_socktype = SOCK_STREAM;
+      hints.ai_protocol = IPPROTO_TCP;
+      snprintf(port, sizeof port, "%u", (unsigned)cs->port);
+      cs->gai.data = c;
+      int r = uv_getaddrinfo(&loop->uv, &cs->gai, on_resolved, cs->host, port,
+                             &hints);
+      if (r != 0)
+        connect_failed(c, dpx_err(r));
+      else
+        cs->resolving = true;
+    }
+    break;
+  case DPX_CONN_UNIX_CONNECT:
+    unix_connect_start(c);
+    break;
+  default:
+    adopt_start(c);
+    break;
+  }
+}
+
+/* ---- public creation -------------------------------------------------------- */
+
+static int
+conn_launch(duplex_conn **out, duplex_conn *c)
+{
+  if (out != NULL)
+    duplex_conn_ref(c);
+  int r = dpx_loop_submit(c->loop, &c->open_op, true);
+  if (r != 0) {
+    dpx_connect_state_free(c->connecting);
+    c->connecting = NULL;
+    if (out != NULL)
+      duplex_conn_unref(c);
+    duplex_conn_unref(c);
+    return r;
+  }
+  if (out != NULL)
+    *out = c;
+  return 0;
+}
+
+static char *
+dup_str(const char *s)
+{
+  size_t n = strlen(s) + 1;
+  char *p = malloc(n);
+  if (p != NULL)
+    memcpy(p, s, n);
+  return p;
+}
+
+int
+duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
+                        const char *host, uint16_t port,
+                        const duplex_conn_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (loop == NULL || host == NULL || host[0] == '\0' || port == 0)
+    return DUPLEX_EINVAL;
+  if (strlen(host) > 1024)
+    return DUPLEX_ENAMETOOLONG;
+  int r = dpx_conn_opts_check(opts);
+  if (r != 0)
+    return r;
+  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_TCP_CONNECT, opts, 1);
+  dpx_connect_state *cs = calloc(1, sizeof *cs);
+  char *h = dup_str(host);
+  if (c == NULL || cs == NULL || h == NULL) {
+    free(cs);
+    free(h);
+    if (c != NULL)
+      dpx_conn_free(c);
+    return DUPLEX_ENOMEM;
+  }
+  cs->host = h;
+  cs->port = port;
+  struct sockaddr_in *in = (struct sockaddr_in *)&cs->numeric;
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&cs->numeric;
+  if (uv_ip4_addr(host, port, in) == 0 || uv_ip6_addr(host, port, in6) == 0)
+    cs->have_numeric = true;
+  c->connecting = cs;
+  return conn_launch(out, c);
+}
+
+int
+duplex_conn_connect_unix(duplex_conn **out, duplex_loop *loop,
+                         const char *path, const duplex_conn_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (loop == NULL || path == NULL || path[0] == '\0')
+    return DUPLEX_EINVAL;
+  if (strlen(path) >= 108) /* sun_path on Linux; the smallest common size */
+    return DUPLEX_ENAMETOOLONG;
+  int r = dpx_conn_opts_check(opts);
+  if (r != 0)
+    return r;
+  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_UNIX_CONNECT, opts, 1);
+  dpx_connect_state *cs = calloc(1, sizeof *cs);
+  char *p = dup_str(path);
+  if (c == NULL || cs == NULL || p == NULL) {
+    free(cs);
+    free(p);
+    if (c != NULL)
+      dpx_conn_free(c);
+    return DUPLEX_ENOMEM;
+  }
+  cs->path = p;
+  c->connecting = cs;
+  return conn_launch(out, c);
+}
+
+static int
+check_stream_fd(int fd)
+{
+  if (fd < 0)
+    return DUPLEX_EBADF;
+  switch (uv_guess_handle(fd)) {
+  case UV_TCP:
+  case UV_NAMED_PIPE:
+  case UV_TTY:
+    return 0;
+  case UV_UNKNOWN_HANDLE: {
+    uv_fs_t req;
+    int r = uv_fs_fstat(NULL, &req, fd, NULL);
+    uv_fs_req_cleanup(&req);
+    return r < 0 ? DUPLEX_EBADF : DUPLEX_ENOTSOCK;
+  }
+  default:
+    return DUPLEX_ENOTSOCK;
+  }
+}
+
+int
+duplex_conn_adopt(duplex_conn **out, duplex_loop *loop, int fd,
+                  const duplex_conn_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  int r = check_stream_fd(fd);
+  if (r == 0)
+    r = dpx_conn_opts_check(opts);
+  if (r != 0)
+    return r;
+  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_ADOPT, opts, 1);
+  if (c == NULL)
+    return DUPLEX_ENOMEM;
+  c->fd_in = fd;
+  return conn_launch(out, c);
+}
+
+int
+duplex_conn_adopt_pair(duplex_conn **out, duplex_loop *loop, int read_fd,
+                       int write_fd, const duplex_conn_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  int r = check_stream_fd(read_fd);
+  if (r == 0)
+    r = check_stream_fd(write_fd);
+  if (r == 0 && read_fd == write_fd)
+    r = DUPLEX_EINVAL;
+  if (r == 0)
+    r = dpx_conn_opts_check(opts);
+  if (r != 0)
+    return r;
+  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_ADOPT_PAIR, opts, 2);
+  if (c == NULL)
+    return DUPLEX_ENOMEM;
+  c->fd_in = read_fd;
+  c->fd_out = write_fd;
+  return conn_launch(out, c);
+}

@@ -1,0 +1,300 @@
+/* Internal declarations shared by the core sources. Prefix: dpx_. */
+#ifndef DPX_INTERNAL_H
+#define DPX_INTERNAL_H
+
+#include "duplex.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define DPX_CONTAINER_OF(ptr, type, member)                                  \
+  ((type *)((char *)(ptr)-offsetof(type, member)))
+
+/* ---- errors ---------------------------------------------------------- */
+
+/* Translate a libuv status into a duplex code (identity for known codes). */
+int dpx_err(int uv_status);
+/* Check a versioned struct: size must cover @p min_size; bytes beyond
+ * @p our_size (a newer caller) must be zero. */
+int dpx_check_size(const void *p, size_t given, size_t min_size,
+                   size_t our_size);
+
+/* ---- ops: the unit of work queued to a loop ---------------------------- */
+
+typedef struct dpx_op dpx_op;
+/* status is 0 when run by a live loop, DUPLEX_ECANCELED when the loop is
+ * being freed. */
+typedef void (*dpx_op_fn)(duplex_loop *loop, dpx_op *op, int status);
+struct dpx_op {
+  dpx_op *next;
+  dpx_op_fn fn;
+};
+
+typedef struct dpx_oplist {
+  dpx_op *head;
+  dpx_op *tail;
+} dpx_oplist;
+
+/* Intrusive doubly linked list (loop-thread-only membership lists). */
+typedef struct dpx_link {
+  struct dpx_link *prev;
+  struct dpx_link *next;
+} dpx_link;
+
+void dpx_link_init(dpx_link *head);
+void dpx_link_insert(dpx_link *head, dpx_link *node);
+void dpx_link_remove(dpx_link *node);
+
+/* ---- loop -------------------------------------------------------------- */
+
+enum dpx_loop_state {
+  DPX_LOOP_IDLE,    /* nobody runs it */
+  DPX_LOOP_RUNNING, /* a thread is inside duplex_loop_run / the own thread */
+  DPX_LOOP_EXEC,    /* a caller borrows the idle loop (dpx_loop_exec) */
+  DPX_LOOP_FREEING
+};
+
+typedef struct dpx_chunk dpx_chunk;
+
+struct duplex_loop {
+  uv_loop_t uv;
+  uv_async_t wake;
+  uv_idle_t idle; /* drives the deferred list */
+
+  uv_mutex_t mu; /* guards everything down to `cv` */
+  uv_cond_t cv;  /* state changes and dpx_loop_exec completions */
+  dpx_oplist inbox;
+  int state;
+  bool stop_requested;
+  bool quit; /* own thread or running thread must return: being freed */
+  bool started;
+  bool in_run; /* a thread is inside duplex_loop_run */
+  uv_thread_t thread;
+
+  /* loop thread only */
+  dpx_oplist deferred;
+  bool idle_active;
+  char *rbuf;
+  size_t rbuf_size;
+  dpx_link conns;
+  dpx_link listeners;
+
+  /* write chunk pool */
+  uv_mutex_t pool_mu;
+  dpx_chunk *pool;
+  unsigned pool_len;
+};
+
+/* The loop the calling thread runs right now, or NULL. */
+duplex_loop *dpx_current_loop(void);
+static inline bool
+dpx_on_loop(const duplex_loop *loop)
+{
+  return loop != NULL && dpx_current_loop() == loop;
+}
+
+/* Queue @p op to run on the loop thread. On the loop thread it goes to the
+ * deferred list (next iteration); elsewhere to the inbox plus one wake-up.
+ * With @p new_work, refuses with DUPLEX_ECLOSED once the loop is being
+ * freed; otherwise always succeeds (teardown drains the inbox). */
+int dpx_loop_submit(duplex_loop *loop, dpx_op *op, bool new_work);
+/* Run @p fn(loop, arg) with the loop's uv state to itself: directly on the
+ * loop thread or on an idle loop, else on the loop thread while the caller
+ * waits. Returns fn's result or DUPLEX_ECLOSED. */
+int dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *),
+                  void *arg);
+
+/* Write chunk pool. */
+#define DPX_CHUNK_SIZE ((size_t)64 * 1024)
+#define DPX_LARGE_WRITE ((size_t)16 * 1024)
+struct dpx_chunk {
+  dpx_chunk *next;
+  size_t used; /* bytes appended */
+  size_t done; /* bytes written */
+  char data[];
+};
+dpx_chunk *dpx_chunk_get(duplex_loop *loop);
+void dpx_chunk_put(duplex_loop *loop, dpx_chunk *c);
+
+/* ---- conn ------------------------------------------------------------ */
+
+enum dpx_ent_kind {
+  DPX_ENT_CHUNK,    /* bytes in a pooled chunk */
+  DPX_ENT_OWNED,    /* library-allocated copy, freed when done */
+  DPX_ENT_ZC,       /* caller's buffer, released when done */
+  DPX_ENT_DONE,     /* completion callback for the write before it */
+  DPX_ENT_SHUTDOWN, /* half-close once everything before is written */
+  DPX_ENT_CLOSE     /* graceful close once everything before is written */
+};
+
+typedef struct dpx_ent {
+  int kind;
+  int status;   /* used by the completed list */
+  char *base;   /* bytes still to write (data kinds) */
+  size_t len;
+  void *orig;   /* ZC / OWNED: what to release or free */
+  size_t orig_len;
+  duplex_write_cb done;
+  duplex_release_cb release;
+  void *user;
+} dpx_ent;
+
+typedef struct dpx_entvec {
+  dpx_ent *v;
+  size_t n;
+  size_t cap;
+} dpx_entvec;
+
+enum dpx_conn_kind {
+  DPX_CONN_TCP_CONNECT,
+  DPX_CONN_UNIX_CONNECT,
+  DPX_CONN_ADOPT,
+  DPX_CONN_ADOPT_PAIR,
+  DPX_CONN_ACCEPTED
+};
+
+/* Producer-visible state (under conn->mu). */
+enum dpx_conn_state {
+  DPX_CS_OPEN,    /* accepting writes (also while connecting) */
+  DPX_CS_CLOSING, /* graceful close requested */
+  DPX_CS_CLOSED   /* closed or aborting: everything refused */
+};
+
+#define DPX_EV_BACKPRESSURE 0x1u
+
+typedef struct dpx_waiter {
+  struct dpx_waiter *next;
+  uv_cond_t cv;
+} dpx_waiter;
+
+typedef struct dpx_connect_state dpx_connect_state;
+
+typedef union dpx_stream {
+  uv_handle_t handle;
+  uv_stream_t stream;
+  uv_tcp_t tcp;
+  uv_pipe_t pipe;
+  uv_tty_t tty;
+} dpx_stream;
+
+struct duplex_conn {
+  atomic_uint refs;
+  _Atomic(void *) user;
+
+  uv_mutex_t mu;
+  /* ---- guarded by mu ---- */
+  duplex_loop *loop;   /* NULL once closed for good */
+  int state;           /* enum dpx_conn_state */
+  bool shut_requested; /* a SHUTDOWN entry was queued */
+  bool abort_requested;
+  int abort_reason;
+  bool scheduled; /* a pump is guaranteed without another wake-up */
+  bool op_queued; /* conn->op sits in the inbox or deferred list */
+  bool want_read;
+  bool congested;
+  unsigned events;    /* DPX_EV_* waiting for the loop */
+  size_t queued;      /* accepted, not yet completed */
+  dpx_entvec intake;  /* entries waiting for the next batch */
+  dpx_chunk *chunk_head; /* FIFO of chunks holding copied bytes */
+  dpx_chunk *chunk_tail;
+  dpx_waiter *waiters;
+  char *peer;
+
+  /* ---- immutable after creation ---- */
+  int kind;
+  duplex_conn_cbs cbs;
+  size_t high, low, hard;
+  unsigned flags;
+
+  /* ---- loop thread only ---- */
+  dpx_op op;      /* pump request (inbox or deferred) */
+  dpx_op open_op; /* creation request */
+  dpx_link link;  /* in loop->conns once opening */
+  dpx_stream *rd; /* read side */
+  dpx_stream *wr; /* write side: == rd except for adopted pairs */
+  dpx_connect_state *connecting;
+  int fd_in, fd_out; /* adopted fds until opened */
+  unsigned handles_open;
+  bool opened;
+  bool reading;
+  bool writing; /* a batch is in flight */
+  bool eof_seen;
+  bool shut_done;
+  bool closing; /* uv_close issued or teardown begun */
+  bool pumping;
+  bool pump_again;
+  bool in_list;
+  int close_reason;
+  dpx_entvec batch;     /* entries being written */
+  dpx_entvec completed; /* direct writes already on the wire */
+  dpx_entvec cancelled; /* intake taken at close, completed after */
+  uv_buf_t *bufs;
+  size_t bufs_cap;
+  uv_write_t wreq;
+  uv_shutdown_t *sreq;
+  dpx_ent shut_ent; /* the SHUTDOWN entry being carried out */
+  bool shut_pending;
+  bool close_after_shut;
+  dpx_stream h[]; /* one handle, two for adopted pairs */
+};
+
+duplex_conn *dpx_conn_new(duplex_loop *loop, int kind,
+                          const duplex_conn_opts *opts, unsigned nhandles);
+int dpx_conn_opts_check(const duplex_conn_opts *opts);
+void dpx_conn_free(duplex_conn *conn);
+/* A handle of the conn finished closing (loop thread). */
+void dpx_conn_handle_closed(duplex_conn *conn);
+/* Called on the loop thread once the handle(s) are connected. */
+void dpx_conn_opened(duplex_conn *conn);
+/* Start closing on the loop thread with @p reason (first reason wins). */
+void dpx_conn_begin_close(duplex_conn *conn, int reason);
+/* Close a conn whose handles never existed. */
+void dpx_conn_fail_unopened(duplex_conn *conn, int reason);
+/* Run the conn's state machine on the loop thread. */
+void dpx_conn_pump(duplex_conn *conn);
+void dpx_conn_pump_op(duplex_loop *loop, dpx_op *op, int status);
+/* Under conn->mu: make sure a pump will run. */
+void dpx_conn_schedule_locked(duplex_conn *conn, bool force);
+/* Under conn->mu: mark closed, wake waiters, move intake to `cancelled`. */
+void dpx_conn_mark_closed_locked(duplex_conn *conn);
+/* Loop thread: complete entries of @p v with @p status, in order. */
+void dpx_conn_complete(duplex_conn *conn, dpx_entvec *v, int status);
+void dpx_conn_release_chunks_locked(duplex_conn *conn);
+void dpx_conn_wake_waiters_locked(duplex_conn *conn);
+void dpx_conn_batch_start(duplex_conn *conn);
+/* Start a uv_shutdown / close of the write side for the SHUTDOWN entry. */
+void dpx_conn_start_shutdown(duplex_conn *conn);
+int dpx_entvec_reserve(dpx_entvec *v, size_t extra);
+void dpx_entvec_free(dpx_entvec *v);
+
+/* connect.c: the creation op for every conn kind. */
+void dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status);
+void dpx_connect_state_free(dpx_connect_state *cs);
+/* Cancel a name lookup in flight (loop thread). */
+void dpx_connect_cancel(duplex_conn *conn);
+/* Fill conn->peer from the connected handle. */
+void dpx_conn_set_peer(duplex_conn *conn);
+
+/* listener.c */
+void dpx_listener_close_all(duplex_loop *loop);
+
+/* Format a socket address as "1.2.3.4:80" / "[::1]:80". */
+int dpx_format_addr(const struct sockaddr *sa, char *buf, size_t len);
+
+/* ---- signals (sigpipe.c) --------------------------------------------- */
+
+typedef struct dpx_sigstate {
+  unsigned char opaque[272];
+  bool active;
+} dpx_sigstate;
+/* Block SIGPIPE for the calling thread only, remembering the old mask. */
+void dpx_sigpipe_block(dpx_sigstate *st);
+/* Consume a SIGPIPE our writes left pending, then restore the mask. */
+void dpx_sigpipe_restore(dpx_sigstate *st);
+/* For threads the library owns: block every asynchronous signal. */
+void dpx_thread_block_signals(void);
+
+#endif /* DPX_INTERNAL_H */

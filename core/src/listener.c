@@ -1,0 +1,421 @@
+/* Listeners: TCP and UNIX-domain sockets that accept conns. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(_WIN32)
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#endif
+
+struct duplex_listener {
+  duplex_loop *loop;
+  dpx_link link; /* in loop->listeners while listening */
+  dpx_stream h;
+  bool is_unix;
+  bool in_list;
+  bool closing;
+  atomic_bool close_requested;
+  uint16_t port;
+  char *addr;
+  char *path; /* UNIX socket file we created, removed on close */
+  duplex_conn_opts conn_opts;
+  duplex_conn_cbs cbs;
+  duplex_listen_error_cb on_error;
+  void *user;
+  int backlog;
+  unsigned flags;
+  unsigned mode;
+  dpx_op close_op;
+};
+
+int
+duplex_listener_opts_init(duplex_listener_opts *opts)
+{
+  if (opts == NULL)
+    return DUPLEX_EINVAL;
+  const duplex_listener_opts def = DUPLEX_LISTENER_OPTS_INIT;
+  *opts = def;
+  return 0;
+}
+
+static void
+listener_free(duplex_listener *l)
+{
+  free(l->addr);
+  free(l->path);
+  free(l);
+}
+
+static void
+on_listener_closed(uv_handle_t *h)
+{
+  duplex_listener *l = h->data;
+#if !defined(_WIN32)
+  if (l->path != NULL)
+    unlink(l->path);
+#endif
+  listener_free(l);
+}
+
+static void
+listener_close_now(duplex_listener *l)
+{
+  if (l->closing)
+    return;
+  l->closing = true;
+  if (l->in_list) {
+    dpx_link_remove(&l->link);
+    l->in_list = false;
+  }
+  uv_close(&l->h.handle, on_listener_closed);
+}
+
+void
+dpx_listener_close_all(duplex_loop *loop)
+{
+  while (loop->listeners.next != &loop->listeners) {
+    duplex_listener *l =
+        DPX_CONTAINER_OF(loop->listeners.next, duplex_listener, link);
+    listener_close_now(l);
+  }
+}
+
+/* ---- accepting --------------------------------------------------------- */
+
+static void
+on_accept_failed_closed(uv_handle_t *h)
+{
+  dpx_conn_free(h->data);
+}
+
+static void
+on_connection(uv_stream_t *server, int status)
+{
+  duplex_listener *l = server->data;
+  if (l->closing)
+    return;
+  if (status < 0) {
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(status), l->user);
+    return;
+  }
+  duplex_conn *c =
+      dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, &l->conn_opts, 1);
+  if (c == NULL) {
+    if (l->on_error != NULL)
+      l->on_error(l, DUPLEX_ENOMEM, l->user);
+    return;
+  }
+  dpx_stream *h = &c->h[0];
+  int r = l->is_unix ? uv_pipe_init(&l->loop->uv, &h->pipe, 0)
+                     : uv_tcp_init(&l->loop->uv, &h->tcp);
+  if (r != 0) {
+    dpx_conn_free(c);
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(r), l->user);
+    return;
+  }
+  h->handle.data = c;
+  r = uv_accept(server, &h->stream);
+  if (r != 0) {
+    uv_close(&h->handle, on_accept_failed_closed);
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(r), l->user);
+    return;
+  }
+  c->rd = c->wr = h;
+  dpx_link_insert(&l->loop->conns, &c->link);
+  c->in_list = true;
+  dpx_conn_opened(c);
+}
+
+/* ---- creating ------------------------------------------------------------- */
+
+static int
+listener_prepare(duplex_listener **out, duplex_loop *loop,
+                 const duplex_listener_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (out == NULL || loop == NULL)
+    return DUPLEX_EINVAL;
+  duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+  if (opts != NULL) {
+    int r = dpx_check_size(opts, opts->size, sizeof(duplex_listener_opts),
+                           sizeof(duplex_listener_opts));
+    if (r != 0)
+      return r;
+    o = *opts;
+    if ((o.flags & ~DUPLEX_LISTEN_FLAGS_ALL) != 0 || o.backlog < 0 ||
+        o.mode > 0777)
+      return DUPLEX_EINVAL;
+    r = dpx_conn_opts_check(o.conn_opts);
+    if (r != 0)
+      return r;
+  }
+  duplex_listener *l = calloc(1, sizeof *l);
+  if (l == NULL)
+    return DUPLEX_ENOMEM;
+  l->loop = loop;
+  duplex_conn_opts_init(&l->conn_opts);
+  duplex_conn_cbs_init(&l->cbs);
+  if (o.conn_opts != NULL) {
+    l->conn_opts = *o.conn_opts;
+    l->conn_opts.size = sizeof l->conn_opts;
+    if (o.conn_opts->cbs != NULL)
+      memcpy(&l->cbs, o.conn_opts->cbs, sizeof l->cbs);
+  }
+  l->cbs.size = sizeof l->cbs;
+  l->conn_opts.cbs = &l->cbs;
+  l->on_error = o.on_error;
+  l->user = o.user;
+  l->backlog = o.backlog > 0 ? o.backlog : 511;
+  l->flags = o.flags;
+  l->mode = o.mode;
+  atomic_init(&l->close_requested, false);
+  dpx_link_init(&l->link);
+  *out = l;
+  return 0;
+}
+
+typedef struct tcp_args {
+  duplex_listener *l;
+  struct sockaddr_storage addr;
+} tcp_args;
+
+static void
+listen_failed(duplex_listener *l)
+{
+  /* The handle exists: it must close through the loop before freeing. */
+  l->path = NULL;
+  l->closing = true;
+  uv_close(&l->h.handle, on_listener_closed);
+}
+
+static int
+listen_tcp_on_loop(duplex_loop *loop, void *arg)
+{
+  tcp_args *a = arg;
+  duplex_listener *l = a->l;
+  int r = uv_tcp_init(&loop->uv, &l->h.tcp);
+  if (r != 0) {
+    listener_free(l);
+    return dpx_err(r);
+  }
+  l->h.handle.data = l;
+  unsigned flags = (l->flags & DUPLEX_LISTEN_IPV6ONLY) ? UV_TCP_IPV6ONLY : 0;
+  r = uv_tcp_bind(&l->h.tcp, (struct sockaddr *)&a->addr, flags);
+  if (r == 0)
+    r = uv_listen(&l->h.stream, l->backlog, on_connection);
+  if (r == 0) {
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char buf[128];
+    r = uv_tcp_getsockname(&l->h.tcp, (struct sockaddr *)&ss, &len);
+    if (r == 0) {
+      l->port = ntohs(ss.ss_family == AF_INET6
+                          ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                          : ((struct sockaddr_in *)&ss)->sin_port);
+      dpx_format_addr((struct sockaddr *)&ss, buf, sizeof buf);
+      l->addr = malloc(strlen(buf) + 1);
+      if (l->addr == NULL)
+        r = UV_ENOMEM;
+      else
+        memcpy(l->addr, buf, strlen(buf) + 1);
+    }
+  }
+  if (r != 0) {
+    listen_failed(l);
+    return dpx_err(r);
+  }
+  dpx_link_insert(&loop->listeners, &l->link);
+  l->in_list = true;
+  return 0;
+}
+
+int
+duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
+                    uint16_t port, const duplex_listener_opts *opts)
+{
+  tcp_args a;
+  memset(&a, 0, sizeof a);
+  if (out != NULL)
+    *out = NULL;
+  if (host == NULL || host[0] == '\0')
+    host = "0.0.0.0";
+  else if (strcmp(host, "localhost") == 0)
+    host = "127.0.0.1";
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&a.addr) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&a.addr) != 0)
+    return DUPLEX_EINVAL;
+  int r = listener_prepare(out, loop, opts);
+  if (r != 0)
+    return r;
+  a.l = *out;
+  *out = NULL;
+  r = dpx_loop_exec(loop, listen_tcp_on_loop, &a);
+  if (r == DUPLEX_ECLOSED && a.l->h.handle.loop == NULL)
+    listener_free(a.l); /* never reached the loop */
+  if (r == 0)
+    *out = a.l;
+  return r;
+}
+
+#if !defined(_WIN32)
+/* Is something listening on the UNIX socket at @p path? A refused connect
+ * means the file is stale. Local sockets answer at once, so this does not
+ * stall the loop. */
+static bool
+unix_path_is_stale(const char *path)
+{
+  struct stat st;
+  if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode))
+    return false; /* missing, or not a socket: never remove it */
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  if (fd < 0)
+    return false;
+  struct sockaddr_un sun;
+  memset(&sun, 0, sizeof sun);
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, strlen(path) + 1);
+  int r = connect(fd, (struct sockaddr *)&sun, sizeof sun);
+  int e = errno;
+  close(fd);
+  return r != 0 && e == ECONNREFUSED;
+}
+#endif
+
+typedef struct unix_args {
+  duplex_listener *l;
+  const char *path;
+} unix_args;
+
+static int
+listen_unix_on_loop(duplex_loop *loop, void *arg)
+{
+  unix_args *a = arg;
+  duplex_listener *l = a->l;
+  int r = uv_pipe_init(&loop->uv, &l->h.pipe, 0);
+  if (r != 0) {
+    listener_free(l);
+    return dpx_err(r);
+  }
+  l->h.handle.data = l;
+  r = uv_pipe_bind(&l->h.pipe, a->path);
+#if !defined(_WIN32)
+  if (r == UV_EADDRINUSE && unix_path_is_stale(a->path)) {
+    unlink(a->path);
+    r = uv_pipe_bind(&l->h.pipe, a->path);
+  }
+#endif
+  if (r != 0) {
+    listen_failed(l);
+    return dpx_err(r);
+  }
+  l->path = malloc(strlen(a->path) + 1);
+  l->addr = malloc(strlen(a->path) + 1);
+  if (l->path == NULL || l->addr == NULL)
+    r = UV_ENOMEM;
+  else {
+    memcpy(l->path, a->path, strlen(a->path) + 1);
+    memcpy(l->addr, a->path, strlen(a->path) + 1);
+  }
+#if !defined(_WIN32)
+  /* Clients cannot connect before listen(), so setting the mode between
+   * bind and listen leaves no window with the wrong permissions. */
+  if (r == 0 && l->mode != 0 && chmod(a->path, (mode_t)l->mode) != 0)
+    r = uv_translate_sys_error(errno);
+#endif
+  if (r == 0)
+    r = uv_listen(&l->h.stream, l->backlog, on_connection);
+  if (r != 0) {
+#if !defined(_WIN32)
+    unlink(a->path);
+#endif
+    free(l->path);
+    listen_failed(l);
+    return dpx_err(r);
+  }
+  dpx_link_insert(&loop->listeners, &l->link);
+  l->in_list = true;
+  l->is_unix = true;
+  return 0;
+}
+
+int
+duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
+                     const char *path, const duplex_listener_opts *opts)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (path == NULL || path[0] == '\0')
+    return DUPLEX_EINVAL;
+  if (strlen(path) >= 108)
+    return DUPLEX_ENAMETOOLONG;
+  if (opts != NULL && opts->size >= sizeof(duplex_listener_opts) &&
+      (opts->flags & DUPLEX_LISTEN_IPV6ONLY))
+    return DUPLEX_EINVAL;
+  int r = listener_prepare(out, loop, opts);
+  if (r != 0)
+    return r;
+  unix_args a = { *out, path };
+  *out = NULL;
+  r = dpx_loop_exec(loop, listen_unix_on_loop, &a);
+  if (r == DUPLEX_ECLOSED && a.l->h.handle.loop == NULL)
+    listener_free(a.l);
+  if (r == 0)
+    *out = a.l;
+  return r;
+}
+
+/* ---- queries and close ---------------------------------------------------- */
+
+int
+duplex_listener_get_port(const duplex_listener *l, uint16_t *port)
+{
+  if (l == NULL || port == NULL)
+    return DUPLEX_EINVAL;
+  if (l->is_unix)
+    return DUPLEX_ENOTSUP;
+  *port = l->port;
+  return 0;
+}
+
+int
+duplex_listener_get_address(const duplex_listener *l, char *buf, size_t len)
+{
+  if (l == NULL || buf == NULL || len == 0)
+    return DUPLEX_EINVAL;
+  const char *a = l->addr != NULL ? l->addr : "";
+  if (strlen(a) + 1 > len) {
+    buf[0] = '\0';
+    return DUPLEX_ENOBUFS;
+  }
+  memcpy(buf, a, strlen(a) + 1);
+  return 0;
+}
+
+static void
+close_op_run(duplex_loop *loop, dpx_op *op, int status)
+{
+  duplex_listener *l = DPX_CONTAINER_OF(op, duplex_listener, close_op);
+  (void)loop;
+  (void)status;
+  listener_close_now(l);
+}
+
+int
+duplex_listener_close(duplex_listener *l)
+{
+  if (l == NULL)
+    return DUPLEX_EINVAL;
+  if (atomic_exchange(&l->close_requested, true))
+    return DUPLEX_ECLOSED;
+  l->close_op.fn = close_op_run;
+  return dpx_loop_submit(l->loop, &l->close_op, false);
+}

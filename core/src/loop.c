@@ -1,0 +1,597 @@
+/* Loop, inbox, deferred list, run/start/stop/free. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_MSC_VER)
+#define DPX_THREAD_LOCAL __declspec(thread)
+#else
+#define DPX_THREAD_LOCAL _Thread_local
+#endif
+
+static DPX_THREAD_LOCAL duplex_loop *tls_loop;
+
+duplex_loop *
+dpx_current_loop(void)
+{
+  return tls_loop;
+}
+
+/* ---- lists ----------------------------------------------------------- */
+
+void
+dpx_link_init(dpx_link *head)
+{
+  head->prev = head;
+  head->next = head;
+}
+
+void
+dpx_link_insert(dpx_link *head, dpx_link *node)
+{
+  node->prev = head->prev;
+  node->next = head;
+  head->prev->next = node;
+  head->prev = node;
+}
+
+void
+dpx_link_remove(dpx_link *node)
+{
+  node->prev->next = node->next;
+  node->next->prev = node->prev;
+  node->prev = node->next = node;
+}
+
+static void
+oplist_push(dpx_oplist *l, dpx_op *op)
+{
+  op->next = NULL;
+  if (l->tail != NULL)
+    l->tail->next = op;
+  else
+    l->head = op;
+  l->tail = op;
+}
+
+static dpx_op *
+oplist_take(dpx_oplist *l)
+{
+  dpx_op *head = l->head;
+  l->head = l->tail = NULL;
+  return head;
+}
+
+static void
+oplist_run(duplex_loop *loop, dpx_op *op, int status)
+{
+  while (op != NULL) {
+    dpx_op *next = op->next;
+    op->next = NULL;
+    op->fn(loop, op, status);
+    op = next;
+  }
+}
+
+/* ---- inbox and deferred list ----------------------------------------- */
+
+static void
+drain_inbox(duplex_loop *loop, int status)
+{
+  uv_mutex_lock(&loop->mu);
+  dpx_op *ops = oplist_take(&loop->inbox);
+  uv_mutex_unlock(&loop->mu);
+  oplist_run(loop, ops, status);
+}
+
+static void
+on_wake(uv_async_t *h)
+{
+  duplex_loop *loop = DPX_CONTAINER_OF(h, duplex_loop, wake);
+  bool stop;
+  uv_mutex_lock(&loop->mu);
+  stop = loop->quit || (loop->stop_requested && !loop->started);
+  uv_mutex_unlock(&loop->mu);
+  drain_inbox(loop, 0);
+  if (stop)
+    uv_stop(&loop->uv);
+}
+
+static void
+on_idle(uv_idle_t *h)
+{
+  duplex_loop *loop = DPX_CONTAINER_OF(h, duplex_loop, idle);
+  dpx_op *ops = oplist_take(&loop->deferred);
+  oplist_run(loop, ops, 0);
+  if (loop->deferred.head == NULL && loop->idle_active) {
+    uv_idle_stop(&loop->idle);
+    loop->idle_active = false;
+  }
+}
+
+int
+dpx_loop_submit(duplex_loop *loop, dpx_op *op, bool new_work)
+{
+  if (dpx_on_loop(loop)) {
+    if (new_work) {
+      uv_mutex_lock(&loop->mu);
+      bool freeing = loop->state == DPX_LOOP_FREEING;
+      uv_mutex_unlock(&loop->mu);
+      if (freeing)
+        return DUPLEX_ECLOSED;
+    }
+    oplist_push(&loop->deferred, op);
+    if (!loop->idle_active) {
+      uv_idle_start(&loop->idle, on_idle);
+      loop->idle_active = true;
+    }
+    return 0;
+  }
+  uv_mutex_lock(&loop->mu);
+  if (new_work && loop->state == DPX_LOOP_FREEING) {
+    uv_mutex_unlock(&loop->mu);
+    return DUPLEX_ECLOSED;
+  }
+  bool was_empty = loop->inbox.head == NULL;
+  oplist_push(&loop->inbox, op);
+  uv_mutex_unlock(&loop->mu);
+  /* The inbox, not the wake-up, carries the work: libuv coalesces sends,
+   * and the loop takes the whole list at once, so only the push that found
+   * the list empty needs to wake it. */
+  if (was_empty)
+    uv_async_send(&loop->wake);
+  return 0;
+}
+
+/* ---- exec: run a function with the uv loop to ourselves ---------------- */
+
+typedef struct exec_op {
+  dpx_op op;
+  int (*fn)(duplex_loop *, void *);
+  void *arg;
+  int result;
+  bool done;
+} exec_op;
+
+static void
+exec_op_run(duplex_loop *loop, dpx_op *op, int status)
+{
+  exec_op *e = DPX_CONTAINER_OF(op, exec_op, op);
+  int r = status == 0 ? e->fn(loop, e->arg) : DUPLEX_ECLOSED;
+  uv_mutex_lock(&loop->mu);
+  e->result = r;
+  e->done = true;
+  uv_cond_broadcast(&loop->cv);
+  uv_mutex_unlock(&loop->mu);
+}
+
+int
+dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
+{
+  if (dpx_on_loop(loop))
+    return fn(loop, arg);
+  uv_mutex_lock(&loop->mu);
+  while (loop->state == DPX_LOOP_EXEC)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  if (loop->state == DPX_LOOP_FREEING) {
+    uv_mutex_unlock(&loop->mu);
+    return DUPLEX_ECLOSED;
+  }
+  if (loop->state == DPX_LOOP_IDLE) {
+    /* Nobody runs the loop: borrow it, as its thread, for this call. */
+    loop->state = DPX_LOOP_EXEC;
+    uv_mutex_unlock(&loop->mu);
+    duplex_loop *saved = tls_loop;
+    tls_loop = loop;
+    int r = fn(loop, arg);
+    tls_loop = saved;
+    uv_mutex_lock(&loop->mu);
+    loop->state = DPX_LOOP_IDLE;
+    uv_cond_broadcast(&loop->cv);
+    uv_mutex_unlock(&loop->mu);
+    /* Deferred work queued by fn runs when the loop next runs. */
+    return r;
+  }
+  exec_op e;
+  memset(&e, 0, sizeof e);
+  e.op.fn = exec_op_run;
+  e.fn = fn;
+  e.arg = arg;
+  bool was_empty = loop->inbox.head == NULL;
+  oplist_push(&loop->inbox, &e.op);
+  if (was_empty)
+    uv_async_send(&loop->wake);
+  while (!e.done)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  uv_mutex_unlock(&loop->mu);
+  return e.result;
+}
+
+/* ---- chunk pool --------------------------------------------------------- */
+
+#define DPX_POOL_MAX 64u
+
+dpx_chunk *
+dpx_chunk_get(duplex_loop *loop)
+{
+  dpx_chunk *c = NULL;
+  uv_mutex_lock(&loop->pool_mu);
+  if (loop->pool != NULL) {
+    c = loop->pool;
+    loop->pool = c->next;
+    loop->pool_len--;
+  }
+  uv_mutex_unlock(&loop->pool_mu);
+  if (c == NULL)
+    c = malloc(sizeof(dpx_chunk) + DPX_CHUNK_SIZE);
+  if (c != NULL) {
+    c->next = NULL;
+    c->used = 0;
+    c->done = 0;
+  }
+  return c;
+}
+
+void
+dpx_chunk_put(duplex_loop *loop, dpx_chunk *c)
+{
+  if (loop != NULL) {
+    uv_mutex_lock(&loop->pool_mu);
+    if (loop->pool_len < DPX_POOL_MAX) {
+      c->next = loop->pool;
+      loop->pool = c;
+      loop->pool_len++;
+      c = NULL;
+    }
+    uv_mutex_unlock(&loop->pool_mu);
+  }
+  free(c);
+}
+
+/* ---- public: create ------------------------------------------------------ */
+
+int
+duplex_loop_opts_init(duplex_loop_opts *opts)
+{
+  if (opts == NULL)
+    return DUPLEX_EINVAL;
+  const duplex_loop_opts def = DUPLEX_LOOP_OPTS_INIT;
+  *opts = def;
+  return 0;
+}
+
+int
+duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
+{
+  duplex_loop_opts o = DUPLEX_LOOP_OPTS_INIT;
+  int r;
+  if (out == NULL)
+    return DUPLEX_EINVAL;
+  *out = NULL;
+  if (opts != NULL) {
+    r = dpx_check_size(opts, opts->size,
+                       offsetof(duplex_loop_opts, read_buffer_size) +
+                           sizeof(uint32_t),
+                       sizeof(duplex_loop_opts));
+    if (r != 0)
+      return r;
+    memcpy(&o, opts, opts->size < sizeof o ? opts->size : sizeof o);
+    if (o.flags != 0)
+      return DUPLEX_EINVAL;
+    if (o.read_buffer_size > 16u * 1024 * 1024)
+      return DUPLEX_EINVAL;
+  }
+  duplex_loop *loop = calloc(1, sizeof *loop);
+  if (loop == NULL)
+    return DUPLEX_ENOMEM;
+  loop->rbuf_size = o.read_buffer_size != 0 ? o.read_buffer_size : 65536;
+  r = uv_loop_init(&loop->uv);
+  if (r != 0) {
+    free(loop);
+    return dpx_err(r);
+  }
+  r = uv_async_init(&loop->uv, &loop->wake, on_wake);
+  if (r != 0)
+    goto fail_loop;
+  uv_idle_init(&loop->uv, &loop->idle);
+  if (uv_mutex_init(&loop->mu) != 0) {
+    r = UV_ENOMEM;
+    goto fail_handles;
+  }
+  if (uv_cond_init(&loop->cv) != 0) {
+    r = UV_ENOMEM;
+    goto fail_mu;
+  }
+  if (uv_mutex_init(&loop->pool_mu) != 0) {
+    r = UV_ENOMEM;
+    goto fail_cv;
+  }
+  dpx_link_init(&loop->conns);
+  dpx_link_init(&loop->listeners);
+  loop->state = DPX_LOOP_IDLE;
+  *out = loop;
+  return 0;
+
+fail_cv:
+  uv_cond_destroy(&loop->cv);
+fail_mu:
+  uv_mutex_destroy(&loop->mu);
+fail_handles:
+  uv_close((uv_handle_t *)&loop->idle, NULL);
+fail_loop:
+  if (r != 0 && uv_is_active((uv_handle_t *)&loop->wake))
+    uv_close((uv_handle_t *)&loop->wake, NULL);
+  uv_run(&loop->uv, UV_RUN_NOWAIT);
+  uv_loop_close(&loop->uv);
+  free(loop);
+  return dpx_err(r);
+}
+
+/* ---- run / start / stop ------------------------------------------------ */
+
+/* Enter the running state; the caller becomes the loop thread. */
+static int
+run_enter(duplex_loop *loop)
+{
+  if (tls_loop != NULL)
+    return DUPLEX_EDEADLK;
+  uv_mutex_lock(&loop->mu);
+  while (loop->state == DPX_LOOP_EXEC)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  int r = 0;
+  if (loop->state == DPX_LOOP_FREEING)
+    r = DUPLEX_ECLOSED;
+  else if (loop->state != DPX_LOOP_IDLE || loop->started)
+    r = DUPLEX_EBUSY;
+  else {
+    loop->state = DPX_LOOP_RUNNING;
+    loop->in_run = true;
+  }
+  uv_mutex_unlock(&loop->mu);
+  if (r == 0)
+    tls_loop = loop;
+  return r;
+}
+
+static void
+run_leave(duplex_loop *loop)
+{
+  tls_loop = NULL;
+  uv_mutex_lock(&loop->mu);
+  if (loop->state == DPX_LOOP_RUNNING)
+    loop->state = DPX_LOOP_IDLE;
+  loop->in_run = false;
+  uv_cond_broadcast(&loop->cv);
+  uv_mutex_unlock(&loop->mu);
+}
+
+int
+duplex_loop_run(duplex_loop *loop, unsigned mode)
+{
+  if (loop == NULL || mode > DUPLEX_RUN_NOWAIT)
+    return DUPLEX_EINVAL;
+  if (tls_loop == loop)
+    return DUPLEX_EDEADLK;
+  int r = run_enter(loop);
+  if (r != 0)
+    return r;
+  dpx_sigstate sig;
+  dpx_sigpipe_block(&sig);
+  if (mode == DUPLEX_RUN_DEFAULT) {
+    for (;;) {
+      uv_run(&loop->uv, UV_RUN_DEFAULT);
+      uv_mutex_lock(&loop->mu);
+      bool done = loop->stop_requested || loop->quit;
+      loop->stop_requested = false;
+      uv_mutex_unlock(&loop->mu);
+      if (done)
+        break;
+    }
+  } else {
+    /* Work queued while nobody ran the loop must not wait for a wake-up
+     * that was already consumed. */
+    drain_inbox(loop, 0);
+    uv_run(&loop->uv, mode == DUPLEX_RUN_ONCE ? UV_RUN_ONCE : UV_RUN_NOWAIT);
+  }
+  dpx_sigpipe_restore(&sig);
+  run_leave(loop);
+  return 0;
+}
+
+static void
+loop_thread_main(void *arg)
+{
+  duplex_loop *loop = arg;
+  dpx_thread_block_signals();
+  tls_loop = loop;
+  for (;;) {
+    uv_run(&loop->uv, UV_RUN_DEFAULT);
+    uv_mutex_lock(&loop->mu);
+    bool quit = loop->quit;
+    loop->stop_requested = false;
+    uv_mutex_unlock(&loop->mu);
+    if (quit)
+      break;
+  }
+  tls_loop = NULL;
+}
+
+int
+duplex_loop_start(duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  uv_mutex_lock(&loop->mu);
+  while (loop->state == DPX_LOOP_EXEC)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  int r = 0;
+  if (loop->state == DPX_LOOP_FREEING)
+    r = DUPLEX_ECLOSED;
+  else if (loop->state != DPX_LOOP_IDLE || loop->started)
+    r = DUPLEX_EBUSY;
+  if (r == 0) {
+    loop->state = DPX_LOOP_RUNNING;
+    loop->started = true;
+    loop->stop_requested = false;
+    r = uv_thread_create(&loop->thread, loop_thread_main, loop);
+    if (r != 0) {
+      loop->state = DPX_LOOP_IDLE;
+      loop->started = false;
+      r = dpx_err(r);
+    }
+  }
+  uv_mutex_unlock(&loop->mu);
+  return r;
+}
+
+int
+duplex_loop_stop(duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  uv_mutex_lock(&loop->mu);
+  if (loop->state == DPX_LOOP_FREEING) {
+    uv_mutex_unlock(&loop->mu);
+    return DUPLEX_ECLOSED;
+  }
+  loop->stop_requested = true;
+  uv_mutex_unlock(&loop->mu);
+  uv_async_send(&loop->wake);
+  return 0;
+}
+
+int
+duplex_loop_on_thread(const duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  return tls_loop == loop ? 1 : 0;
+}
+
+/* ---- post ---------------------------------------------------------------- */
+
+typedef struct post_op {
+  dpx_op op;
+  duplex_post_cb fn;
+  void *arg;
+} post_op;
+
+static void
+post_op_run(duplex_loop *loop, dpx_op *op, int status)
+{
+  post_op *p = DPX_CONTAINER_OF(op, post_op, op);
+  duplex_post_cb fn = p->fn;
+  void *arg = p->arg;
+  free(p);
+  fn(loop, status, arg);
+}
+
+int
+duplex_loop_post(duplex_loop *loop, duplex_post_cb fn, void *arg)
+{
+  if (loop == NULL || fn == NULL)
+    return DUPLEX_EINVAL;
+  post_op *p = malloc(sizeof *p);
+  if (p == NULL)
+    return DUPLEX_ENOMEM;
+  p->op.fn = post_op_run;
+  p->fn = fn;
+  p->arg = arg;
+  int r = dpx_loop_submit(loop, &p->op, true);
+  if (r != 0)
+    free(p);
+  return r;
+}
+
+/* ---- free --------------------------------------------------------------- */
+
+static bool
+teardown_pending(duplex_loop *loop)
+{
+  bool inbox;
+  uv_mutex_lock(&loop->mu);
+  inbox = loop->inbox.head != NULL;
+  uv_mutex_unlock(&loop->mu);
+  return inbox || loop->deferred.head != NULL ||
+         loop->conns.next != &loop->conns ||
+         loop->listeners.next != &loop->listeners;
+}
+
+static void
+teardown(duplex_loop *loop)
+{
+  /* The freeing thread acts as the loop thread from here on. */
+  tls_loop = loop;
+  dpx_sigstate sig;
+  dpx_sigpipe_block(&sig);
+  while (teardown_pending(loop)) {
+    drain_inbox(loop, DUPLEX_ECANCELED);
+    dpx_op *ops = oplist_take(&loop->deferred);
+    oplist_run(loop, ops, DUPLEX_ECANCELED);
+    for (dpx_link *l = loop->conns.next; l != &loop->conns;) {
+      duplex_conn *c = DPX_CONTAINER_OF(l, duplex_conn, link);
+      l = l->next;
+      dpx_conn_begin_close(c, DUPLEX_ECANCELED);
+    }
+    dpx_listener_close_all(loop);
+    /* Close callbacks, canceled writes and thread-pool completions
+     * (a name lookup in flight) arrive through the loop. */
+    uv_run(&loop->uv, UV_RUN_ONCE);
+  }
+  if (loop->idle_active)
+    uv_idle_stop(&loop->idle);
+  uv_close((uv_handle_t *)&loop->idle, NULL);
+  uv_close((uv_handle_t *)&loop->wake, NULL);
+  uv_run(&loop->uv, UV_RUN_DEFAULT);
+  dpx_sigpipe_restore(&sig);
+  tls_loop = NULL;
+}
+
+int
+duplex_loop_free(duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  if (tls_loop != NULL)
+    return DUPLEX_EDEADLK; /* on this or another loop's thread */
+  uv_mutex_lock(&loop->mu);
+  while (loop->state == DPX_LOOP_EXEC)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  if (loop->state == DPX_LOOP_FREEING) {
+    uv_mutex_unlock(&loop->mu);
+    return DUPLEX_ECLOSED;
+  }
+  bool was_running = loop->state == DPX_LOOP_RUNNING;
+  bool started = loop->started;
+  loop->state = DPX_LOOP_FREEING;
+  loop->quit = true;
+  uv_mutex_unlock(&loop->mu);
+  if (was_running) {
+    uv_async_send(&loop->wake);
+    if (started) {
+      uv_thread_join(&loop->thread);
+    } else {
+      /* duplex_loop_run() on another thread: wait until it returns. */
+      uv_mutex_lock(&loop->mu);
+      while (loop->in_run)
+        uv_cond_wait(&loop->cv, &loop->mu);
+      uv_mutex_unlock(&loop->mu);
+    }
+  }
+  teardown(loop);
+  int r = uv_loop_close(&loop->uv);
+  (void)r; /* every handle is closed by teardown */
+  dpx_chunk *c = loop->pool;
+  while (c != NULL) {
+    dpx_chunk *next = c->next;
+    free(c);
+    c = next;
+  }
+  free(loop->rbuf);
+  uv_mutex_destroy(&loop->pool_mu);
+  uv_cond_destroy(&loop->cv);
+  uv_mutex_destroy(&loop->mu);
+  free(loop);
+  return 0;
+}
