@@ -12,7 +12,7 @@
  * they then block in duplex_conn_wait_writable() and retry, which is how a
  * producer thread takes backpressure.
  *
- * Usage: demo [messages-per-producer]   (default 25000)
+ * Usage: demo [messages-per-producer]   (default 50000)
  * Exit status 0 when every line came back in order.
  */
 #include <duplex.h>
@@ -28,7 +28,7 @@
 #include <time.h>
 
 #define PRODUCERS 4
-#define DEFAULT_PER_PRODUCER 25000L
+#define DEFAULT_PER_PRODUCER 50000L
 #define TIMEOUT_S 60
 
 static long per_producer = DEFAULT_PER_PRODUCER;
@@ -363,8 +363,10 @@ main(int argc, char **argv)
   printf("  backpressure: %ld writes refused past the hard limit, waited "
          "and retried; %ld high-watermark events\n",
          (long)atomic_load(&would_block), rd.backpressure_events);
-  printf("  closed     %s (%s)\n", rd.close_reason == 0 ? "cleanly" : "with error",
-         duplex_strerror(rd.close_reason));
+  if (rd.close_reason == 0)
+    printf("  closed     cleanly (shutdown both ways)\n");
+  else
+    printf("  closed     with error: %s\n", duplex_strerror(rd.close_reason));
   printf("  elapsed    %.0f ms (%.0f messages/s)\n", elapsed,
          elapsed > 0 ? (double)rd.msgs * 1e3 / elapsed : 0.0);
   printf("%s\n", ok ? "OK" : "FAILED");
