@@ -166,7 +166,7 @@ struct SocketPair {
 inline SocketPair socket_pair() {
   int sv[2] = {-1, -1};
   int rc = ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
-  REQUIRE_MESSAGE(rc == 0, "socketpair: " << std::strerror(errno));
+  REQUIRE_MESSAGE(rc == 0, "socketpair: " << std::string(std::strerror(errno)));
   return SocketPair{Fd(sv[0]), Fd(sv[1])};
 }
 
@@ -314,7 +314,7 @@ public:
     std::vector<char> buf(tmpl.begin(), tmpl.end());
     buf.push_back('\0');
     char *p = ::mkdtemp(buf.data());
-    REQUIRE_MESSAGE(p != nullptr, "mkdtemp: " << std::strerror(errno));
+    REQUIRE_MESSAGE(p != nullptr, "mkdtemp: " << std::string(std::strerror(errno)));
     path_ = p;
   }
   TempDir(const TempDir &) = delete;
