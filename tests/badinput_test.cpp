@@ -1,0 +1,690 @@
+// Bad input, table-driven: every public function called with NULL pointers,
+// zero and huge sizes, unknown flags, wrong struct sizes, bad fds and refs to
+// closed conns returns the exact documented code, never crashes, and on
+// failure leaves out-params NULL and owned resources with the caller.
+//
+// The table must cover every DUPLEX_API function: the public header is
+// parsed at run time (path from -DDUPLEX_HEADER_PATH) and compared with it.
+//
+// Single-threaded: the loop is never started; it is pumped on this thread.
+#include "fixture.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#ifndef DUPLEX_HEADER_PATH
+#error "DUPLEX_HEADER_PATH must name core/include/duplex.h"
+#endif
+
+using namespace dtest;
+
+namespace {
+
+struct Case {
+  const char *fn;   // the DUPLEX_API function under test
+  std::string what; // the bad input
+  std::function<int()> call;
+  int expect;
+};
+
+// Shared objects for the table: one loop (never started), an open conn, a
+// closed conn still referenced, two listeners.
+struct Ctx {
+  TempDir dir;
+  duplex_loop *loop = nullptr;
+  ConnEvents ev_open, ev_closed;
+  duplex_conn *open_conn = nullptr;
+  duplex_conn *closed_conn = nullptr;
+  Fd peer_open, peer_closed;
+  duplex_listener *tcp = nullptr;
+  duplex_listener *unx = nullptr;
+  std::string unix_path;
+  // Things that must never happen.
+  std::atomic<int> posts_run{0};
+  ZcCounter zc; // releases of refused zero-copy writes
+  WriteCounter refused_writes;
+  int closed_user_tag = 0;
+  char one_byte[1] = {'x'};
+
+  Ctx() {
+    REQUIRE(duplex_loop_new(&loop, nullptr) == 0);
+    auto a = socket_pair();
+    auto oa = ev_open.opts();
+    open_conn = adopt(loop, a.ours, &oa);
+    peer_open = std::move(a.peer);
+    auto b = socket_pair();
+    auto ob = ev_closed.opts();
+    closed_conn = adopt(loop, b.ours, &ob);
+    peer_closed = std::move(b.peer);
+    REQUIRE(duplex_conn_close(closed_conn, DUPLEX_CLOSE_ABORT) == 0);
+    REQUIRE(pump_until(loop, [&] {
+      return ev_closed.closes.load() == 1 && ev_open.opens.load() == 1;
+    }));
+    REQUIRE(duplex_listener_tcp(&tcp, loop, "127.0.0.1", 0, nullptr) == 0);
+    unix_path = dir.file("bad.sock");
+    REQUIRE(duplex_listener_unix(&unx, loop, unix_path.c_str(), nullptr) == 0);
+  }
+  ~Ctx() {
+    if (tcp)
+      CHECK(duplex_listener_close(tcp) == 0);
+    if (unx)
+      CHECK(duplex_listener_close(unx) == 0);
+    CHECK(duplex_conn_unref(open_conn) == 0);
+    CHECK(duplex_conn_unref(closed_conn) == 0);
+    CHECK(duplex_loop_free(loop) == 0);
+    CHECK(posts_run.load() == 0);
+    CHECK(zc.released.load() == 0);
+    CHECK(refused_writes.total.load() == 0);
+    CHECK(ev_closed.closes.load() == 1);
+  }
+};
+
+void never_post(duplex_loop *, int, void *arg) {
+  static_cast<Ctx *>(arg)->posts_run++;
+}
+
+// A conn/listener out-param must be NULL after a failure: map a non-NULL
+// result to a distinct code so the table reports it.
+constexpr int kOutNotNull = 424242;
+template <class T> int out_null(int rc, T *out) {
+  return (rc != 0 && out != nullptr) ? kOutNotNull : rc;
+}
+
+std::string long_path(size_t n) { return "/tmp/" + std::string(n, 'p'); }
+
+// Open fds of various kinds, for adopt. Each is closed by its Fd.
+Fd regular_file(Ctx &c) {
+  std::string p = c.dir.file("regular");
+  Fd fd(::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  REQUIRE(fd);
+  return fd;
+}
+Fd directory(Ctx &c) {
+  Fd fd(::open(c.dir.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  REQUIRE(fd);
+  return fd;
+}
+int closed_fd_number() {
+  int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  ::close(fd);
+  return fd; // single-threaded: nobody reuses the number before the call
+}
+
+// adopt with an fd that must be refused and left open with the caller.
+int adopt_refused(Ctx &c, int fd, const duplex_conn_opts *opts, bool null_loop = false) {
+  duplex_conn *out = reinterpret_cast<duplex_conn *>(&c);
+  bool was_open = fd >= 0 && fd_is_open(fd);
+  int rc = duplex_conn_adopt(&out, null_loop ? nullptr : c.loop, fd, opts);
+  if (rc == 0) {
+    duplex_conn_close(out, DUPLEX_CLOSE_ABORT);
+    duplex_conn_unref(out);
+    return 0;
+  }
+  if (was_open && !fd_is_open(fd))
+    return 515151; // refused, but the fd was closed
+  return out_null(rc, out);
+}
+
+std::vector<Case> make_table(Ctx &c) {
+  std::vector<Case> t;
+  auto add = [&](const char *fn, std::string what, std::function<int()> call,
+                 int expect) { t.push_back({fn, std::move(what), std::move(call), expect}); };
+
+  // ---- errors and version -------------------------------------------------
+  add("duplex_strerror", "INT_MIN, INT_MAX, 0: static strings",
+      [] {
+        return duplex_strerror(INT_MIN) && duplex_strerror(INT_MAX) &&
+                       duplex_strerror(0) && *duplex_strerror(INT_MIN)
+                   ? 0
+                   : -1;
+      },
+      0);
+  add("duplex_err_name", "INT_MIN, INT_MAX, 0: static strings",
+      [] {
+        return duplex_err_name(INT_MIN) && duplex_err_name(INT_MAX) &&
+                       duplex_err_name(0) && *duplex_err_name(INT_MIN)
+                   ? 0
+                   : -1;
+      },
+      0);
+  add("duplex_version", "no input: equals the header's",
+      [] { return duplex_version() == unsigned(DUPLEX_VERSION_HEX) ? 0 : -1; }, 0);
+  add("duplex_version_string", "no input: non-NULL",
+      [] { return duplex_version_string() != nullptr ? 0 : -1; }, 0);
+
+  // ---- loop ---------------------------------------------------------------
+  add("duplex_loop_opts_init", "NULL", [] { return duplex_loop_opts_init(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_loop_new", "NULL out", [] { return duplex_loop_new(nullptr, nullptr); },
+      DUPLEX_EINVAL);
+  for (size_t size : {size_t(0), size_t(1)}) {
+    add("duplex_loop_new", "opts->size " + std::to_string(size), [size] {
+      duplex_loop_opts o = DUPLEX_LOOP_OPTS_INIT;
+      o.size = size;
+      duplex_loop *out = reinterpret_cast<duplex_loop *>(&o);
+      int rc = duplex_loop_new(&out, &o);
+      return out_null(rc, out);
+    }, DUPLEX_EVERSION);
+  }
+  add("duplex_loop_new", "unknown flags", [] {
+    duplex_loop_opts o = DUPLEX_LOOP_OPTS_INIT;
+    o.flags = 0x10;
+    duplex_loop *out = reinterpret_cast<duplex_loop *>(&o);
+    int rc = duplex_loop_new(&out, &o);
+      return out_null(rc, out);
+  }, DUPLEX_EINVAL);
+  add("duplex_loop_new", "read_buffer_size over 16 MiB", [] {
+    duplex_loop_opts o = DUPLEX_LOOP_OPTS_INIT;
+    o.read_buffer_size = UINT32_MAX;
+    duplex_loop *out = reinterpret_cast<duplex_loop *>(&o);
+    int rc = duplex_loop_new(&out, &o);
+      return out_null(rc, out);
+  }, DUPLEX_EINVAL);
+  add("duplex_loop_run", "NULL loop", [] { return duplex_loop_run(nullptr, DUPLEX_RUN_NOWAIT); },
+      DUPLEX_EINVAL);
+  for (unsigned mode : {3u, 0x100u, ~0u})
+    add("duplex_loop_run", "unknown mode " + std::to_string(mode),
+        [&c, mode] { return duplex_loop_run(c.loop, mode); }, DUPLEX_EINVAL);
+  add("duplex_loop_start", "NULL", [] { return duplex_loop_start(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_loop_stop", "NULL", [] { return duplex_loop_stop(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_loop_post", "NULL loop",
+      [&c] { return duplex_loop_post(nullptr, never_post, &c); }, DUPLEX_EINVAL);
+  add("duplex_loop_post", "NULL fn",
+      [&c] { return duplex_loop_post(c.loop, nullptr, &c); }, DUPLEX_EINVAL);
+  add("duplex_loop_on_thread", "NULL", [] { return duplex_loop_on_thread(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_loop_free", "NULL", [] { return duplex_loop_free(nullptr); }, DUPLEX_EINVAL);
+
+  // ---- conn options -------------------------------------------------------
+  add("duplex_conn_opts_init", "NULL", [] { return duplex_conn_opts_init(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_cbs_init", "NULL", [] { return duplex_conn_cbs_init(nullptr); },
+      DUPLEX_EINVAL);
+
+  // Bad conn option sets, shared by every constructor.
+  struct BadOpts {
+    std::string what;
+    std::function<void(duplex_conn_opts &, duplex_conn_cbs &)> mutate;
+    int expect;
+  };
+  std::vector<BadOpts> bad_opts = {
+      {"opts->size 0", [](auto &o, auto &) { o.size = 0; }, DUPLEX_EVERSION},
+      {"opts->size 1", [](auto &o, auto &) { o.size = 1; }, DUPLEX_EVERSION},
+      {"unknown conn flag", [](auto &o, auto &) { o.flags = 0x100; }, DUPLEX_EINVAL},
+      {"every bit in flags", [](auto &o, auto &) { o.flags = ~0u; }, DUPLEX_EINVAL},
+      {"low watermark == high",
+       [](auto &o, auto &) { o.high_watermark = 4096; o.low_watermark = 4096; },
+       DUPLEX_EINVAL},
+      {"low watermark > high",
+       [](auto &o, auto &) { o.high_watermark = 4096; o.low_watermark = 8192; },
+       DUPLEX_EINVAL},
+      {"hard limit < high",
+       [](auto &o, auto &) { o.high_watermark = 8192; o.hard_limit = 4096; },
+       DUPLEX_EINVAL},
+      {"cbs->size 0", [](auto &o, auto &cb) { cb.size = 0; o.cbs = &cb; }, DUPLEX_EVERSION},
+  };
+
+  // ---- connect_tcp --------------------------------------------------------
+  auto tcp = [&c](duplex_loop *loop, const char *host, uint16_t port,
+                  const duplex_conn_opts *o) {
+    duplex_conn *out = reinterpret_cast<duplex_conn *>(&c);
+    int rc = duplex_conn_connect_tcp(&out, loop, host, port, o);
+    if (rc == 0) {
+      duplex_conn_close(out, DUPLEX_CLOSE_ABORT);
+      duplex_conn_unref(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_conn_connect_tcp", "NULL loop",
+      [tcp] { return tcp(nullptr, "127.0.0.1", 1, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_tcp", "NULL host",
+      [tcp, &c] { return tcp(c.loop, nullptr, 1, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_tcp", "empty host",
+      [tcp, &c] { return tcp(c.loop, "", 1, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_tcp", "port 0",
+      [tcp, &c] { return tcp(c.loop, "127.0.0.1", 0, nullptr); }, DUPLEX_EINVAL);
+  for (auto &b : bad_opts)
+    add("duplex_conn_connect_tcp", b.what, [tcp, &c, b] {
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      duplex_conn_cbs cb = DUPLEX_CONN_CBS_INIT;
+      b.mutate(o, cb);
+      return tcp(c.loop, "127.0.0.1", 1, &o);
+    }, b.expect);
+
+  // ---- connect_unix -------------------------------------------------------
+  auto unx = [&c](duplex_loop *loop, const char *path, const duplex_conn_opts *o) {
+    duplex_conn *out = reinterpret_cast<duplex_conn *>(&c);
+    int rc = duplex_conn_connect_unix(&out, loop, path, o);
+    if (rc == 0) {
+      duplex_conn_close(out, DUPLEX_CLOSE_ABORT);
+      duplex_conn_unref(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_conn_connect_unix", "NULL loop",
+      [unx, &c] { return unx(nullptr, c.unix_path.c_str(), nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_unix", "NULL path",
+      [unx, &c] { return unx(c.loop, nullptr, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_unix", "empty path",
+      [unx, &c] { return unx(c.loop, "", nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_connect_unix", "path longer than sun_path",
+      [unx, &c] { return unx(c.loop, long_path(300).c_str(), nullptr); },
+      DUPLEX_ENAMETOOLONG);
+  add("duplex_conn_connect_unix", "opts->size 0", [unx, &c] {
+    duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+    o.size = 0;
+    return unx(c.loop, c.unix_path.c_str(), &o);
+  }, DUPLEX_EVERSION);
+
+  // ---- adopt --------------------------------------------------------------
+  add("duplex_conn_adopt", "NULL loop", [&c] {
+    auto sp = socket_pair();
+    return adopt_refused(c, sp.ours.get(), nullptr, true);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_adopt", "fd -1", [&c] { return adopt_refused(c, -1, nullptr); },
+      DUPLEX_EBADF);
+  add("duplex_conn_adopt", "a closed fd",
+      [&c] { return adopt_refused(c, closed_fd_number(), nullptr); }, DUPLEX_EBADF);
+  add("duplex_conn_adopt", "fd 1000000", [&c] { return adopt_refused(c, 1000000, nullptr); },
+      DUPLEX_EBADF);
+  add("duplex_conn_adopt", "a regular file", [&c] {
+    Fd f = regular_file(c);
+    return adopt_refused(c, f.get(), nullptr);
+  }, DUPLEX_ENOTSOCK);
+  add("duplex_conn_adopt", "a directory", [&c] {
+    Fd f = directory(c);
+    return adopt_refused(c, f.get(), nullptr);
+  }, DUPLEX_ENOTSOCK);
+  add("duplex_conn_adopt", "a UDP socket (not a stream)", [&c] {
+    Fd f(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    REQUIRE(f);
+    return adopt_refused(c, f.get(), nullptr);
+  }, DUPLEX_ENOTSOCK);
+  for (auto &b : bad_opts)
+    add("duplex_conn_adopt", b.what, [&c, b] {
+      auto sp = socket_pair();
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      duplex_conn_cbs cb = DUPLEX_CONN_CBS_INIT;
+      b.mutate(o, cb);
+      return adopt_refused(c, sp.ours.get(), &o);
+    }, b.expect);
+
+  // ---- adopt_pair ---------------------------------------------------------
+  auto pair = [&c](duplex_loop *loop, int r, int w, const duplex_conn_opts *o) {
+    duplex_conn *out = reinterpret_cast<duplex_conn *>(&c);
+    bool r_open = r >= 0 && fd_is_open(r), w_open = w >= 0 && fd_is_open(w);
+    int rc = duplex_conn_adopt_pair(&out, loop, r, w, o);
+    if (rc == 0) {
+      duplex_conn_close(out, DUPLEX_CLOSE_ABORT);
+      duplex_conn_unref(out);
+      return 0;
+    }
+    if ((r_open && !fd_is_open(r)) || (w_open && !fd_is_open(w)))
+      return 515151; // refused, but an fd was closed
+    return out_null(rc, out);
+  };
+  auto pipes = [] {
+    int p[2];
+    REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+    return std::make_pair(Fd(p[0]), Fd(p[1]));
+  };
+  add("duplex_conn_adopt_pair", "NULL loop", [pair, pipes] {
+    auto [r, w] = pipes();
+    return pair(nullptr, r.get(), w.get(), nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_adopt_pair", "the same fd twice", [pair, &c] {
+    auto sp = socket_pair();
+    return pair(c.loop, sp.ours.get(), sp.ours.get(), nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_adopt_pair", "read fd -1", [pair, pipes, &c] {
+    auto [r, w] = pipes();
+    return pair(c.loop, -1, w.get(), nullptr);
+  }, DUPLEX_EBADF);
+  add("duplex_conn_adopt_pair", "write fd closed", [pair, pipes, &c] {
+    auto [r, w] = pipes();
+    return pair(c.loop, r.get(), closed_fd_number(), nullptr);
+  }, DUPLEX_EBADF);
+  add("duplex_conn_adopt_pair", "write fd a regular file", [pair, pipes, &c] {
+    auto [r, w] = pipes();
+    Fd f = regular_file(c);
+    return pair(c.loop, r.get(), f.get(), nullptr);
+  }, DUPLEX_ENOTSOCK);
+  add("duplex_conn_adopt_pair", "opts->size 0", [pair, pipes, &c] {
+    auto [r, w] = pipes();
+    duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+    o.size = 0;
+    return pair(c.loop, r.get(), w.get(), &o);
+  }, DUPLEX_EVERSION);
+
+  // ---- ref counting -------------------------------------------------------
+  add("duplex_conn_ref", "NULL", [] { return duplex_conn_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_unref", "NULL", [] { return duplex_conn_unref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_ref", "closed conn (still referenced): ref + unref", [&c] {
+    int rc = duplex_conn_ref(c.closed_conn);
+    return rc == 0 ? duplex_conn_unref(c.closed_conn) : rc;
+  }, 0);
+
+  // ---- writes -------------------------------------------------------------
+  WriteCounter *rw = &c.refused_writes;
+  add("duplex_conn_write", "NULL conn",
+      [rw] { return duplex_conn_write(nullptr, "x", 1, WriteCounter::cb, rw); }, DUPLEX_EINVAL);
+  add("duplex_conn_write", "NULL data, len 5",
+      [rw, &c] { return duplex_conn_write(c.open_conn, nullptr, 5, WriteCounter::cb, rw); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_write", "len DUPLEX_WRITE_MAX + 1", [rw, &c] {
+    return duplex_conn_write(c.open_conn, c.one_byte, DUPLEX_WRITE_MAX + 1, WriteCounter::cb, rw);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write", "len SIZE_MAX", [rw, &c] {
+    return duplex_conn_write(c.open_conn, c.one_byte, SIZE_MAX, WriteCounter::cb, rw);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write", "closed conn",
+      [rw, &c] { return duplex_conn_write(c.closed_conn, "x", 1, WriteCounter::cb, rw); },
+      DUPLEX_ECLOSED);
+  add("duplex_conn_write", "NULL data, len 0 (flush marker: accepted)",
+      [&c] { return duplex_conn_write(c.open_conn, nullptr, 0, nullptr, nullptr); }, 0);
+
+  add("duplex_conn_writev", "NULL conn", [rw] {
+    duplex_buf b = {"x", 1};
+    return duplex_conn_writev(nullptr, &b, 1, WriteCounter::cb, rw);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_writev", "NULL bufs, nbufs 1",
+      [rw, &c] { return duplex_conn_writev(c.open_conn, nullptr, 1, WriteCounter::cb, rw); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_writev", "1025 buffers", [rw, &c] {
+    std::vector<duplex_buf> v(1025, duplex_buf{"x", 1});
+    return duplex_conn_writev(c.open_conn, v.data(), v.size(), WriteCounter::cb, rw);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_writev", "NULL base with len 1", [rw, &c] {
+    duplex_buf v[2] = {{"a", 1}, {nullptr, 1}};
+    return duplex_conn_writev(c.open_conn, v, 2, WriteCounter::cb, rw);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_writev", "total > DUPLEX_WRITE_MAX", [rw, &c] {
+    duplex_buf v[2] = {{c.one_byte, DUPLEX_WRITE_MAX / 2 + 1}, {c.one_byte, DUPLEX_WRITE_MAX / 2}};
+    return duplex_conn_writev(c.open_conn, v, 2, WriteCounter::cb, rw);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_writev", "total overflows size_t", [rw, &c] {
+    duplex_buf v[2] = {{c.one_byte, SIZE_MAX}, {c.one_byte, 2}};
+    return duplex_conn_writev(c.open_conn, v, 2, WriteCounter::cb, rw);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_writev", "closed conn", [rw, &c] {
+    duplex_buf b = {"x", 1};
+    return duplex_conn_writev(c.closed_conn, &b, 1, WriteCounter::cb, rw);
+  }, DUPLEX_ECLOSED);
+  add("duplex_conn_writev", "exactly 1024 buffers (accepted)", [&c] {
+    std::vector<duplex_buf> v(1024, duplex_buf{"v", 1});
+    return duplex_conn_writev(c.open_conn, v.data(), v.size(), nullptr, nullptr);
+  }, 0);
+  add("duplex_conn_writev", "NULL bufs, nbufs 0 (accepted)",
+      [&c] { return duplex_conn_writev(c.open_conn, nullptr, 0, nullptr, nullptr); }, 0);
+
+  ZcCounter *zc = &c.zc;
+  add("duplex_conn_write_zc", "NULL conn", [zc, &c] {
+    return duplex_conn_write_zc(nullptr, c.one_byte, 1, ZcCounter::release, zc);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_write_zc", "NULL data, len 1", [zc, &c] {
+    return duplex_conn_write_zc(c.open_conn, nullptr, 1, ZcCounter::release, zc);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_write_zc", "len DUPLEX_WRITE_MAX + 1", [zc, &c] {
+    return duplex_conn_write_zc(c.open_conn, c.one_byte, DUPLEX_WRITE_MAX + 1,
+                                ZcCounter::release, zc);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write_zc", "closed conn", [zc, &c] {
+    return duplex_conn_write_zc(c.closed_conn, c.one_byte, 1, ZcCounter::release, zc);
+  }, DUPLEX_ECLOSED);
+
+  add("duplex_conn_shutdown", "NULL", [] { return duplex_conn_shutdown(nullptr, nullptr, nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_shutdown", "closed conn", [rw, &c] {
+    return duplex_conn_shutdown(c.closed_conn, WriteCounter::cb, rw);
+  }, DUPLEX_ECLOSED);
+
+  add("duplex_conn_close", "NULL",
+      [] { return duplex_conn_close(nullptr, DUPLEX_CLOSE_GRACEFUL); }, DUPLEX_EINVAL);
+  for (unsigned how : {2u, 0x100u, ~0u})
+    add("duplex_conn_close", "unknown how " + std::to_string(how),
+        [&c, how] { return duplex_conn_close(c.open_conn, how); }, DUPLEX_EINVAL);
+  add("duplex_conn_close", "closed conn, graceful",
+      [&c] { return duplex_conn_close(c.closed_conn, DUPLEX_CLOSE_GRACEFUL); }, DUPLEX_ECLOSED);
+  add("duplex_conn_close", "closed conn, abort",
+      [&c] { return duplex_conn_close(c.closed_conn, DUPLEX_CLOSE_ABORT); }, DUPLEX_ECLOSED);
+
+  add("duplex_conn_pause", "NULL", [] { return duplex_conn_pause(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_pause", "closed conn", [&c] { return duplex_conn_pause(c.closed_conn); },
+      DUPLEX_ECLOSED);
+  add("duplex_conn_resume", "NULL", [] { return duplex_conn_resume(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_resume", "closed conn", [&c] { return duplex_conn_resume(c.closed_conn); },
+      DUPLEX_ECLOSED);
+
+  add("duplex_conn_wait_writable", "NULL", [] { return duplex_conn_wait_writable(nullptr, 0); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_wait_writable", "closed conn, poll",
+      [&c] { return duplex_conn_wait_writable(c.closed_conn, 0); }, DUPLEX_ECLOSED);
+  add("duplex_conn_wait_writable", "closed conn, wait",
+      [&c] { return duplex_conn_wait_writable(c.closed_conn, 1000); }, DUPLEX_ECLOSED);
+
+  add("duplex_conn_get_queued", "NULL conn", [] {
+    size_t q;
+    return duplex_conn_get_queued(nullptr, &q);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_queued", "NULL out",
+      [&c] { return duplex_conn_get_queued(c.open_conn, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_get_queued", "closed conn: 0 bytes", [&c] {
+    size_t q = 99;
+    int rc = duplex_conn_get_queued(c.closed_conn, &q);
+    return rc == 0 && q != 0 ? -1 : rc;
+  }, 0);
+
+  add("duplex_conn_get_user", "NULL conn", [] {
+    void *u;
+    return duplex_conn_get_user(nullptr, &u);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_user", "NULL out",
+      [&c] { return duplex_conn_get_user(c.open_conn, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_set_user", "NULL conn", [] { return duplex_conn_set_user(nullptr, nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_set_user", "closed conn: set then get back", [&c] {
+    int rc = duplex_conn_set_user(c.closed_conn, &c.closed_user_tag);
+    if (rc != 0)
+      return rc;
+    void *u = nullptr;
+    rc = duplex_conn_get_user(c.closed_conn, &u);
+    return rc == 0 && u != &c.closed_user_tag ? -1 : rc;
+  }, 0);
+
+  add("duplex_conn_get_peer", "NULL conn", [] {
+    char b[8];
+    return duplex_conn_get_peer(nullptr, b, sizeof b);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_peer", "NULL buf",
+      [&c] { return duplex_conn_get_peer(c.open_conn, nullptr, 8); }, DUPLEX_EINVAL);
+
+  // ---- listeners ----------------------------------------------------------
+  add("duplex_listener_opts_init", "NULL", [] { return duplex_listener_opts_init(nullptr); },
+      DUPLEX_EINVAL);
+  auto ltcp = [&c](duplex_loop *loop, const char *host, uint16_t port,
+                   const duplex_listener_opts *o) {
+    duplex_listener *out = reinterpret_cast<duplex_listener *>(&c);
+    int rc = duplex_listener_tcp(&out, loop, host, port, o);
+    if (rc == 0) {
+      duplex_listener_close(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_listener_tcp", "NULL out",
+      [&c] { return duplex_listener_tcp(nullptr, c.loop, "127.0.0.1", 0, nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_listener_tcp", "NULL loop",
+      [ltcp] { return ltcp(nullptr, "127.0.0.1", 0, nullptr); }, DUPLEX_EINVAL);
+  for (const char *host : {"not an address", "256.1.1.1", "127.0.0.1.5", "::g", "example.com"})
+    add("duplex_listener_tcp", std::string("host \"") + host + "\"",
+        [ltcp, &c, host] { return ltcp(c.loop, host, 0, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_listener_tcp", "opts->size 0", [ltcp, &c] {
+    duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+    o.size = 0;
+    return ltcp(c.loop, "127.0.0.1", 0, &o);
+  }, DUPLEX_EVERSION);
+  add("duplex_listener_tcp", "unknown listen flag", [ltcp, &c] {
+    duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+    o.flags = 0x2;
+    return ltcp(c.loop, "127.0.0.1", 0, &o);
+  }, DUPLEX_EINVAL);
+  add("duplex_listener_tcp", "port already in use", [ltcp, &c] {
+    uint16_t port = 0;
+    REQUIRE(duplex_listener_get_port(c.tcp, &port) == 0);
+    return ltcp(c.loop, "127.0.0.1", port, nullptr);
+  }, DUPLEX_EADDRINUSE);
+
+  auto lunix = [&c](duplex_loop *loop, const char *path, const duplex_listener_opts *o) {
+    duplex_listener *out = reinterpret_cast<duplex_listener *>(&c);
+    int rc = duplex_listener_unix(&out, loop, path, o);
+    if (rc == 0) {
+      duplex_listener_close(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_listener_unix", "NULL out",
+      [&c] { return duplex_listener_unix(nullptr, c.loop, c.dir.file("x").c_str(), nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_listener_unix", "NULL loop",
+      [lunix, &c] { return lunix(nullptr, c.dir.file("x").c_str(), nullptr); }, DUPLEX_EINVAL);
+  add("duplex_listener_unix", "NULL path",
+      [lunix, &c] { return lunix(c.loop, nullptr, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_listener_unix", "empty path", [lunix, &c] { return lunix(c.loop, "", nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_listener_unix", "path longer than sun_path",
+      [lunix, &c] { return lunix(c.loop, long_path(300).c_str(), nullptr); },
+      DUPLEX_ENAMETOOLONG);
+  add("duplex_listener_unix", "opts->size 0", [lunix, &c] {
+    duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+    o.size = 0;
+    return lunix(c.loop, c.dir.file("y").c_str(), &o);
+  }, DUPLEX_EVERSION);
+  add("duplex_listener_unix", "our own live socket",
+      [lunix, &c] { return lunix(c.loop, c.unix_path.c_str(), nullptr); }, DUPLEX_EADDRINUSE);
+
+  add("duplex_listener_get_port", "NULL listener", [] {
+    uint16_t p;
+    return duplex_listener_get_port(nullptr, &p);
+  }, DUPLEX_EINVAL);
+  add("duplex_listener_get_port", "NULL out",
+      [&c] { return duplex_listener_get_port(c.tcp, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_listener_get_port", "UNIX listener", [&c] {
+    uint16_t p;
+    return duplex_listener_get_port(c.unx, &p);
+  }, DUPLEX_ENOTSUP);
+  add("duplex_listener_get_address", "NULL listener", [] {
+    char b[64];
+    return duplex_listener_get_address(nullptr, b, sizeof b);
+  }, DUPLEX_EINVAL);
+  add("duplex_listener_get_address", "NULL buf",
+      [&c] { return duplex_listener_get_address(c.tcp, nullptr, 64); }, DUPLEX_EINVAL);
+  add("duplex_listener_get_address", "3-byte buffer", [&c] {
+    char b[3] = {'x', 'x', 'x'};
+    int rc = duplex_listener_get_address(c.tcp, b, sizeof b);
+    return rc == DUPLEX_ENOBUFS && b[0] != '\0' ? -1 : rc;
+  }, DUPLEX_ENOBUFS);
+  add("duplex_listener_close", "NULL", [] { return duplex_listener_close(nullptr); },
+      DUPLEX_EINVAL);
+  return t;
+}
+
+// Every `DUPLEX_API <type> duplex_name(` declaration in the public header.
+std::set<std::string> header_functions() {
+  std::ifstream f(DUPLEX_HEADER_PATH);
+  REQUIRE_MESSAGE(f.good(), "cannot open " << DUPLEX_HEADER_PATH);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  std::string text = ss.str();
+  std::regex decl(R"(DUPLEX_API[ \t]+[^;(\n]*?\b(duplex_[a-z0-9_]+)\s*\()");
+  std::set<std::string> names;
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), decl);
+       it != std::sregex_iterator(); ++it)
+    names.insert((*it)[1].str());
+  return names;
+}
+
+} // namespace
+
+TEST_CASE("every public function returns the documented code on bad input") {
+  Ctx ctx;
+  std::vector<Case> table = make_table(ctx);
+  for (const Case &cs : table) {
+    std::string fn = cs.fn;
+    INFO(fn << ": " << cs.what);
+    int rc = cs.call();
+    CHECK_MESSAGE(rc == cs.expect, fn << "(" << cs.what << ") returned " << err_str(rc)
+                                         << ", documented " << err_str(cs.expect));
+    // Pump the loop between calls: anything wrongly queued gets a chance to
+    // run (and to be caught by the counters in ~Ctx).
+    duplex_loop_run(ctx.loop, DUPLEX_RUN_NOWAIT);
+  }
+  // The open conn survived all of it.
+  CHECK(ctx.ev_open.closes.load() == 0);
+  CHECK(duplex_conn_write(ctx.open_conn, "ok", 2, nullptr, nullptr) == 0);
+}
+
+TEST_CASE("the bad-input table covers every DUPLEX_API function in duplex.h") {
+  std::set<std::string> declared = header_functions();
+  MESSAGE(declared.size() << " DUPLEX_API functions in " << DUPLEX_HEADER_PATH);
+  CHECK(declared.size() >= 38);
+  Ctx ctx;
+  std::vector<Case> table = make_table(ctx);
+  std::set<std::string> covered;
+  for (const Case &cs : table)
+    covered.insert(cs.fn);
+  for (const auto &name : declared) {
+    INFO(name);
+    CHECK_MESSAGE(covered.count(name) == 1, name << " has no bad-input case");
+  }
+  for (const auto &name : covered) {
+    INFO(name);
+    CHECK_MESSAGE(declared.count(name) == 1, name << " is not declared in duplex.h");
+  }
+}
+
+TEST_CASE("option initialisers agree with their macros") {
+  duplex_conn_opts a = DUPLEX_CONN_OPTS_INIT, b;
+  std::memset(&b, 0x5a, sizeof b);
+  REQUIRE(duplex_conn_opts_init(&b) == 0);
+  CHECK(b.size == sizeof(duplex_conn_opts));
+  CHECK(std::memcmp(&a.size, &b.size, sizeof a.size) == 0);
+  CHECK(b.cbs == a.cbs);
+  CHECK(b.user == a.user);
+  CHECK(b.high_watermark == a.high_watermark);
+  CHECK(b.low_watermark == a.low_watermark);
+  CHECK(b.hard_limit == a.hard_limit);
+  CHECK(b.flags == a.flags);
+
+  duplex_conn_cbs ca = DUPLEX_CONN_CBS_INIT, cb;
+  std::memset(&cb, 0x5a, sizeof cb);
+  REQUIRE(duplex_conn_cbs_init(&cb) == 0);
+  CHECK(cb.size == sizeof(duplex_conn_cbs));
+  CHECK((cb.on_open == ca.on_open));
+  CHECK((cb.on_read == ca.on_read));
+  CHECK((cb.on_eof == ca.on_eof));
+  CHECK((cb.on_backpressure == ca.on_backpressure));
+  CHECK((cb.on_writable == ca.on_writable));
+  CHECK((cb.on_close == ca.on_close));
+
+  duplex_listener_opts la = DUPLEX_LISTENER_OPTS_INIT, lb;
+  std::memset(&lb, 0x5a, sizeof lb);
+  REQUIRE(duplex_listener_opts_init(&lb) == 0);
+  CHECK(lb.size == sizeof(duplex_listener_opts));
+  CHECK(lb.conn_opts == la.conn_opts);
+  CHECK((lb.on_error == la.on_error));
+  CHECK(lb.user == la.user);
+  CHECK(lb.backlog == la.backlog);
+  CHECK(lb.flags == la.flags);
+  CHECK(lb.mode == la.mode);
+}
