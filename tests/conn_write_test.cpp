@@ -82,7 +82,7 @@ struct FramePeer {
 
 TEST_CASE("writes from 8 threads keep per-thread order and are never split") {
   const unsigned kThreads = 8;
-  constexpr uint32_t kWrites = kTsan ? 10000 : (kSanitized ? 25000 : 100000);
+  constexpr uint32_t kWrites = kTsan ? 25000 : 100000;
   Loop loop;
   ConnEvents ev;
   std::atomic<int> open_on_thread{kUnset};
