@@ -295,7 +295,17 @@ TEST_CASE("writes the peer received complete with 0 even if later ones fail") {
   size_t failed = 0;
   for (auto &sl : slots)
     failed += sl.status.load() != 0;
-  MESSAGE(failed << " of " << kChunks << " writes did not complete with 0");
+  // Run-length summary of the statuses in call order, for diagnosis.
+  std::string runs;
+  for (size_t i = 0; i < kChunks;) {
+    size_t j = i;
+    while (j < kChunks && slots[j].status.load() == slots[i].status.load())
+      j++;
+    runs += " [" + std::to_string(i) + ".." + std::to_string(j - 1) + "] " +
+            duplex_err_name(slots[i].status.load());
+    i = j;
+  }
+  MESSAGE(failed << " of " << kChunks << " writes did not complete with 0:" << runs);
   CHECK(duplex_conn_unref(conn) == 0);
   CHECK(loop.free() == 0);
 }
