@@ -446,3 +446,38 @@ TEST_CASE("freeing the loop closes conns nobody else holds") {
   }
   CHECK(w.total.load() == 3);
 }
+
+TEST_CASE("the last unref from another thread during on_close frees nothing early") {
+  Loop loop;
+  ConnEvents ev;
+  Event in_close, unrefed;
+  std::atomic<int> get_user_rc{kUnset}, queued_rc{kUnset}, write_rc{kUnset};
+  std::atomic<void *> user_seen{nullptr};
+  ev.close_hook = [&](duplex_conn *c, int) {
+    in_close.set();
+    unrefed.wait(); // the other thread has dropped its (the last user) ref
+    // The conn is still ours for the rest of this callback.
+    void *u = nullptr;
+    get_user_rc = duplex_conn_get_user(c, &u);
+    user_seen = u;
+    size_t q = 1;
+    queued_rc = duplex_conn_get_queued(c, &q);
+    write_rc = duplex_conn_write(c, "x", 1, nullptr, nullptr);
+  };
+  auto sp = socket_pair();
+  auto opts = ev.opts();
+  duplex_conn *conn = adopt(loop, sp.ours, &opts);
+  std::thread other([&] {
+    CHECK(in_close.wait());
+    CHECK(duplex_conn_unref(conn) == 0);
+    unrefed.set();
+  });
+  REQUIRE(duplex_conn_close(conn, DUPLEX_CLOSE_GRACEFUL) == 0);
+  other.join();
+  CHECK(ev.wait_closed());
+  CHECK(get_user_rc.load() == 0);
+  CHECK(user_seen.load() == &ev);
+  CHECK(queued_rc.load() == 0);
+  CHECK(write_rc.load() == DUPLEX_ECLOSED);
+  CHECK(loop.free() == 0);
+}

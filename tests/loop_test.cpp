@@ -495,3 +495,45 @@ TEST_CASE("freeing a loop run by another thread stops it and waits for run") {
   CHECK(loop.free() == 0);
   CHECK(runner.join() == 0);
 }
+
+namespace {
+struct FreeingCtx {
+  std::atomic<int> runs{0}, status{kUnset};
+  std::atomic<int> post_rc{kUnset}, run_rc{kUnset}, start_rc{kUnset}, stop_rc{kUnset};
+  std::atomic<int> free_rc{kUnset};
+  std::atomic<int> inner_runs{0};
+};
+void inner_cb(duplex_loop *, int, void *arg) { static_cast<FreeingCtx *>(arg)->inner_runs++; }
+void freeing_cb(duplex_loop *loop, int status, void *arg) {
+  auto *f = static_cast<FreeingCtx *>(arg);
+  f->status = status;
+  if (status == DUPLEX_ECANCELED) {
+    // The loop is being freed by this very thread.
+    f->post_rc = duplex_loop_post(loop, inner_cb, f);
+    f->run_rc = duplex_loop_run(loop, DUPLEX_RUN_NOWAIT);
+    f->start_rc = duplex_loop_start(loop);
+    f->stop_rc = duplex_loop_stop(loop);
+    f->free_rc = duplex_loop_free(loop);
+  }
+  f->runs++;
+}
+} // namespace
+
+TEST_CASE("calls made while the loop is being freed return DUPLEX_ECLOSED") {
+  duplex_loop *loop = nullptr;
+  REQUIRE(duplex_loop_new(&loop, nullptr) == 0);
+  FreeingCtx f;
+  REQUIRE(duplex_loop_post(loop, freeing_cb, &f) == 0);
+  CHECK(duplex_loop_free(loop) == 0);
+  CHECK(f.runs.load() == 1);
+  CHECK(f.status.load() == DUPLEX_ECANCELED);
+  CHECK(f.post_rc.load() == DUPLEX_ECLOSED);
+  CHECK(f.inner_runs.load() == 0); // a refused post never runs
+  CHECK(f.start_rc.load() == DUPLEX_ECLOSED);
+  CHECK(f.stop_rc.load() == DUPLEX_ECLOSED);
+  // The freeing thread runs these callbacks as the loop's thread, so both
+  // documented codes fit run and free here: "being freed" and "this thread
+  // runs the loop".
+  CHECK((f.run_rc.load() == DUPLEX_ECLOSED || f.run_rc.load() == DUPLEX_EDEADLK));
+  CHECK((f.free_rc.load() == DUPLEX_ECLOSED || f.free_rc.load() == DUPLEX_EDEADLK));
+}
