@@ -602,3 +602,99 @@ TEST_CASE("pause on the loop thread: no read callback runs until resume") {
   CHECK(duplex_conn_unref(c) == 0);
   CHECK(loop.free() == 0);
 }
+
+TEST_CASE("set_user redirects the callbacks that start after it") {
+  Loop loop;
+  ConnEvents first, second;
+  first.keep_data = second.keep_data = true;
+  auto sp = socket_pair();
+  auto opts = first.opts();
+  duplex_conn *c = adopt(loop, sp.ours, &opts);
+  REQUIRE(write_all(sp.peer.get(), "one", 3) == 0);
+  CHECK(first.wait_bytes(3));
+  void *u = nullptr;
+  CHECK(duplex_conn_get_user(c, &u) == 0);
+  CHECK(u == &first);
+  // The table's callbacks take their state from the user pointer.
+  CHECK(duplex_conn_set_user(c, &second) == 0);
+  CHECK(duplex_conn_get_user(c, &u) == 0);
+  CHECK(u == &second);
+  REQUIRE(on_loop(loop, [] {})); // no callback straddles the switch below
+  REQUIRE(write_all(sp.peer.get(), "two", 3) == 0);
+  CHECK(second.wait_bytes(3));
+  CHECK(first.data() == "one");
+  CHECK(second.data() == "two");
+  sp.peer.reset();
+  CHECK(duplex_conn_close(c, DUPLEX_CLOSE_ABORT) == 0);
+  CHECK(wait_until([&] { return second.closes.load() == 1; }));
+  CHECK(first.closes.load() == 0);
+  CHECK(duplex_conn_unref(c) == 0);
+  CHECK(loop.free() == 0);
+}
+
+TEST_CASE("freeing the loop closes its listeners and removes their socket files") {
+  TempDir dir;
+  std::string path = dir.file("freed.sock");
+  {
+    Loop loop;
+    EchoServer srv;
+    duplex_listener *l = nullptr;
+    REQUIRE(duplex_listener_unix(&l, loop, path.c_str(), &srv.lopts) == 0);
+    duplex_listener *t = nullptr;
+    REQUIRE(duplex_listener_tcp(&t, loop, "127.0.0.1", 0, &srv.lopts) == 0);
+    CHECK(is_socket_file(path));
+    CHECK(loop.free() == 0);
+  }
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("a tiny loop read buffer still delivers every byte in order") {
+  duplex_loop_opts lo = DUPLEX_LOOP_OPTS_INIT;
+  lo.read_buffer_size = 7;
+  Loop loop(true, &lo);
+  ConnEvents ev;
+  PatternChecker checker(66);
+  std::atomic<size_t> biggest{0};
+  ev.read_hook = [&](duplex_conn *, const uint8_t *d, size_t n) {
+    checker.feed(d, n);
+    if (n > biggest.load())
+      biggest = n;
+  };
+  auto sp = socket_pair();
+  auto opts = ev.opts();
+  duplex_conn *c = adopt(loop, sp.ours, &opts);
+  auto data = pattern(100 * 1000, 0, 66);
+  REQUIRE(write_all(sp.peer.get(), data.data(), data.size()) == 0);
+  sp.peer.reset();
+  CHECK(wait_until([&] { return ev.eofs.load() == 1; }));
+  CHECK(ev.bytes_read.load() == data.size());
+  CHECK(checker.ok());
+  CHECK(biggest.load() <= 7);
+  CHECK(ev.closes.load() == 0); // EOF alone does not close: we never shut down
+  CHECK(duplex_conn_close(c, DUPLEX_CLOSE_GRACEFUL) == 0);
+  CHECK(ev.wait_closed());
+  CHECK(duplex_conn_unref(c) == 0);
+  CHECK(loop.free() == 0);
+}
+
+TEST_CASE("adopt on the loop thread: on_open runs later, never inside the call") {
+  Loop loop;
+  ConnEvents ev;
+  auto sp = socket_pair();
+  std::atomic<int> rc{kUnset}, opens_at_return{kUnset};
+  duplex_conn *c = nullptr;
+  auto opts = ev.opts();
+  REQUIRE(on_loop(loop, [&] {
+    rc = duplex_conn_adopt(&c, loop, sp.ours.get(), &opts);
+    opens_at_return = ev.opens.load();
+  }));
+  REQUIRE(rc.load() == 0);
+  sp.ours.release();
+  CHECK(opens_at_return.load() == 0);
+  CHECK(ev.wait_open());
+  CHECK(ev.opens.load() == 1);
+  CHECK(duplex_conn_close(c, DUPLEX_CLOSE_GRACEFUL) == 0);
+  CHECK(ev.wait_closed());
+  CHECK(duplex_conn_unref(c) == 0);
+  CHECK(loop.free() == 0);
+}
