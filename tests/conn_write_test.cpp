@@ -537,3 +537,117 @@ TEST_CASE("writes made before the loop runs are queued and flushed in order") {
   CHECK(duplex_conn_unref(conn) == 0);
   CHECK(loop.free() == 0);
 }
+
+namespace {
+// The loop thread as one more producer: each post writes a run of frames
+// (the first ones go straight to the kernel, later ones queue behind them).
+struct LoopProducer {
+  Producer p;
+  duplex_conn *conn = nullptr;
+  uint32_t seq = 0, per_post = 0, posts_left = 0;
+  std::atomic<int> errors{0};
+  std::atomic<bool> finished{false};
+  Rng rng{1234};
+};
+void loop_producer_step(duplex_loop *loop, int status, void *arg) {
+  auto *lp = static_cast<LoopProducer *>(arg);
+  if (status != 0) {
+    lp->errors++;
+    lp->finished = true;
+    return;
+  }
+  uint8_t buf[4000];
+  for (uint32_t i = 0; i < lp->per_post; i++) {
+    size_t len = lp->rng.range(frame::kHeader, sizeof buf);
+    frame::encode(buf, lp->p.tid, lp->seq, len);
+    int rc = duplex_conn_write(lp->conn, buf, len, tagged_done, &lp->p.tags[lp->seq]);
+    if (rc != 0) {
+      lp->errors++;
+      lp->finished = true;
+      return;
+    }
+    lp->p.accepted++;
+    lp->p.bytes += len;
+    lp->seq++;
+  }
+  if (--lp->posts_left == 0 || duplex_loop_post(loop, loop_producer_step, lp) != 0)
+    lp->finished = true;
+}
+} // namespace
+
+TEST_CASE("loop-thread writes and other threads' writes keep their own orders") {
+  const unsigned kThreads = 3;
+  constexpr uint32_t kWrites = kTsan ? 2000 : 10000;
+  Loop loop;
+  ConnEvents ev;
+  auto sp = socket_pair();
+  // A hard limit the loop thread never meets (it must not wait).
+  auto opts = ev.opts(1024 * 1024, 256 * 1024, 256u * 1024 * 1024);
+  duplex_conn *conn = adopt(loop, sp.ours, &opts);
+  FramePeer peer(sp.peer.get(), kThreads + 1);
+
+  LoopProducer lp;
+  lp.conn = conn;
+  lp.p.tid = kThreads;
+  lp.p.loop = loop;
+  lp.per_post = 100;
+  lp.posts_left = kWrites / lp.per_post;
+  lp.p.tags.resize(kWrites);
+  for (uint32_t i = 0; i < kWrites; i++)
+    lp.p.tags[i] = Tag{&lp.p, i};
+  std::deque<Producer> prods(kThreads);
+  REQUIRE(duplex_loop_post(loop, loop_producer_step, &lp) == 0);
+  {
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < kThreads; t++) {
+      Producer &p = prods[t];
+      p.tid = static_cast<uint8_t>(t);
+      p.loop = loop;
+      p.tags.resize(kWrites);
+      for (uint32_t i = 0; i < kWrites; i++)
+        p.tags[i] = Tag{&p, i};
+      threads.emplace_back([&p, conn] {
+        Rng rng(p.tid + 50);
+        uint8_t buf[4000];
+        for (uint32_t seq = 0; seq < kWrites; seq++) {
+          size_t len = rng.range(frame::kHeader, sizeof buf);
+          frame::encode(buf, p.tid, seq, len);
+          int rc = retry_wouldblock(conn, [&] {
+            return duplex_conn_write(conn, buf, len, tagged_done, &p.tags[seq]);
+          });
+          if (rc != 0) {
+            CHECK_MESSAGE(rc == 0, err_str(rc));
+            return;
+          }
+          p.accepted++;
+          p.bytes += len;
+        }
+      });
+    }
+    for (auto &th : threads)
+      th.join();
+  }
+  CHECK(wait_until([&] { return lp.finished.load(); }));
+  CHECK(lp.errors.load() == 0);
+  CHECK(lp.p.accepted.load() == kWrites);
+  REQUIRE(duplex_conn_shutdown(conn, nullptr, nullptr) == 0);
+  CHECK(peer.finished.wait());
+  peer.thread.join();
+  CHECK_MESSAGE(peer.verifier.ok(), peer.verifier.error());
+  CHECK(peer.verifier.dangling() == 0);
+  auto check = [&](Producer &p) {
+    INFO("producer " << int(p.tid));
+    CHECK(wait_until([&] { return p.done.load() == p.accepted.load(); }));
+    CHECK(peer.verifier.count(p.tid) == p.accepted.load());
+    CHECK(p.order_errors.load() == 0);
+    CHECK(p.bad_status.load() == 0);
+    CHECK(p.off_thread.load() == 0);
+  };
+  for (auto &p : prods)
+    check(p);
+  check(lp.p);
+  CHECK(duplex_conn_close(conn, DUPLEX_CLOSE_ABORT) == 0);
+  CHECK(ev.wait_closed());
+  CHECK(duplex_conn_unref(conn) == 0);
+  CHECK(loop.free() == 0);
+}

@@ -698,3 +698,58 @@ TEST_CASE("adopt on the loop thread: on_open runs later, never inside the call")
   CHECK(duplex_conn_unref(c) == 0);
   CHECK(loop.free() == 0);
 }
+
+TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY") {
+  Loop loop;
+  SUBCASE("NULL and empty host listen on every IPv4 address") {
+    for (const char *host : {static_cast<const char *>(nullptr), ""}) {
+      EchoServer srv;
+      duplex_listener *l = nullptr;
+      REQUIRE(duplex_listener_tcp(&l, loop, host, 0, &srv.lopts) == 0);
+      uint16_t port = 0;
+      REQUIRE(duplex_listener_get_port(l, &port) == 0);
+      char addr[64];
+      REQUIRE(duplex_listener_get_address(l, addr, sizeof addr) == 0);
+      CHECK(std::string(addr) == "0.0.0.0:" + std::to_string(port));
+      echo_round_trip(loop, Via::tcp, "127.0.0.1", port);
+      CHECK(duplex_listener_close(l) == 0);
+    }
+  }
+  SUBCASE("\"::\" with and without DUPLEX_LISTEN_IPV6ONLY") {
+    for (bool v6only : {false, true}) {
+      INFO("v6only " << v6only);
+      EchoServer srv;
+      srv.lopts.flags = v6only ? DUPLEX_LISTEN_IPV6ONLY : 0u;
+      duplex_listener *l = nullptr;
+      int rc = duplex_listener_tcp(&l, loop, "::", 0, &srv.lopts);
+      if (rc == DUPLEX_EAFNOSUPPORT || rc == DUPLEX_EADDRNOTAVAIL) {
+        MESSAGE("IPv6 unavailable here (" << err_str(rc) << "): skipped");
+        break;
+      }
+      REQUIRE_MESSAGE(rc == 0, err_str(rc));
+      uint16_t port = 0;
+      REQUIRE(duplex_listener_get_port(l, &port) == 0);
+      char addr[64];
+      REQUIRE(duplex_listener_get_address(l, addr, sizeof addr) == 0);
+      CHECK(std::string(addr) == "[::]:" + std::to_string(port));
+      echo_round_trip(loop, Via::tcp, "::1", port);
+      // IPv4 reaches a dual-stack listener only.
+      ConnEvents ev;
+      auto o = ev.opts();
+      duplex_conn *c = nullptr;
+      REQUIRE(duplex_conn_connect_tcp(&c, loop, "127.0.0.1", port, &o) == 0);
+      CHECK(wait_until([&] { return ev.opens.load() == 1 || ev.closes.load() == 1; }));
+      if (v6only) {
+        CHECK(ev.wait_closed());
+        CHECK(ev.close_reason.load() == DUPLEX_ECONNREFUSED);
+      } else {
+        CHECK(ev.opens.load() == 1);
+        CHECK(duplex_conn_close(c, DUPLEX_CLOSE_ABORT) == 0);
+        CHECK(ev.wait_closed());
+      }
+      CHECK(duplex_conn_unref(c) == 0);
+      CHECK(duplex_listener_close(l) == 0);
+    }
+  }
+  CHECK(loop.free() == 0);
+}
