@@ -77,6 +77,7 @@ struct duplex_loop {
   /* loop thread only */
   dpx_oplist deferred;
   bool idle_active;
+  bool tearing_down; /* free has begun: queued work is canceled */
   char *rbuf;
   size_t rbuf_size;
   dpx_link conns;

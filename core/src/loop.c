@@ -93,7 +93,7 @@ on_wake(uv_async_t *h)
   uv_mutex_lock(&loop->mu);
   stop = loop->quit || (loop->stop_requested && !loop->started);
   uv_mutex_unlock(&loop->mu);
-  drain_inbox(loop, 0);
+  drain_inbox(loop, loop->tearing_down ? DUPLEX_ECANCELED : 0);
   if (stop)
     uv_stop(&loop->uv);
 }
@@ -103,7 +103,7 @@ on_idle(uv_idle_t *h)
 {
   duplex_loop *loop = DPX_CONTAINER_OF(h, duplex_loop, idle);
   dpx_op *ops = oplist_take(&loop->deferred);
-  oplist_run(loop, ops, 0);
+  oplist_run(loop, ops, loop->tearing_down ? DUPLEX_ECANCELED : 0);
   if (loop->deferred.head == NULL && loop->idle_active) {
     uv_idle_stop(&loop->idle);
     loop->idle_active = false;
@@ -523,6 +523,7 @@ teardown(duplex_loop *loop)
 {
   /* The freeing thread acts as the loop thread from here on. */
   tls_loop = loop;
+  loop->tearing_down = true;
   dpx_sigstate sig;
   dpx_sigpipe_block(&sig);
   while (teardown_pending(loop)) {
