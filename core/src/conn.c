@@ -381,7 +381,7 @@ dpx_conn_pump(duplex_conn *c)
     if (reads)
       conn_apply_read(c, want);
     if (c->completed.n > 0)
-      dpx_conn_complete(c, &c->completed, 0);
+      dpx_conn_complete(c, &c->completed, c->completed.n, 0);
     if ((ev & DPX_EV_BACKPRESSURE) && c->cbs.on_backpressure != NULL &&
         !c->closing)
       c->cbs.on_backpressure(c, queued, conn_user(c));
@@ -492,14 +492,14 @@ conn_finish(duplex_conn *c)
   /* A batch libuv never reported (handle never written) is canceled. */
   if (c->writing) {
     c->writing = false;
-    dpx_conn_complete(c, &c->batch, DUPLEX_ECANCELED);
+    dpx_conn_complete(c, &c->batch, c->bpos, DUPLEX_ECANCELED);
   }
   if (c->completed.n > 0)
-    dpx_conn_complete(c, &c->completed, 0);
+    dpx_conn_complete(c, &c->completed, c->completed.n, 0);
   uv_mutex_lock(&c->mu);
   dpx_conn_mark_closed_locked(c); /* picks up anything queued meanwhile */
   uv_mutex_unlock(&c->mu);
-  dpx_conn_complete(c, &c->cancelled, DUPLEX_ECANCELED);
+  dpx_conn_complete(c, &c->cancelled, 0, DUPLEX_ECANCELED);
   if (c->shut_pending) {
     c->shut_pending = false;
     if (c->shut_ent.done != NULL)

@@ -83,23 +83,23 @@ dpx_conn_release_chunks_locked(duplex_conn *c)
 /* ---- completing entries --------------------------------------------------- */
 
 void
-dpx_conn_complete(duplex_conn *c, dpx_entvec *v, int status)
+dpx_conn_complete(duplex_conn *c, dpx_entvec *v, size_t ok_before,
+                  int status)
 {
-  /* Callbacks may queue more work on the same vector's conn; walk a copy
-   * of the count and leave the vector empty (capacity kept) afterwards. */
+  /* Callbacks may append to `completed` (a direct write from a callback)
+   * and so move its storage: index afresh each time, never keep a pointer
+   * across a callback. Entries added meanwhile stay for the next round. */
   size_t n = v->n;
   for (size_t i = 0; i < n; i++) {
     dpx_ent *e = &v->v[i];
-    int st = e->kind == DPX_ENT_DONE && v == &c->completed ? e->status
-                                                            : status;
+    int st = i < ok_before ? 0 : status;
     switch (e->kind) {
     case DPX_ENT_OWNED:
       free(e->orig);
       break;
     case DPX_ENT_ZC:
       if (e->release != NULL)
-        e->release(e->orig, e->orig_len,
-                   v == &c->completed ? e->status : status, e->user);
+        e->release(e->orig, e->orig_len, st, e->user);
       break;
     case DPX_ENT_DONE:
       if (e->done != NULL)
@@ -113,11 +113,16 @@ dpx_conn_complete(duplex_conn *c, dpx_entvec *v, int status)
       break;
     }
   }
-  /* Entries added to @p v by those callbacks (only `completed` can grow
-   * that way) stay for the next round. */
   if (v->n > n)
     memmove(v->v, v->v + n, (v->n - n) * sizeof(dpx_ent));
   v->n -= n;
+}
+
+static bool
+is_data(const dpx_ent *e)
+{
+  return e->kind == DPX_ENT_CHUNK || e->kind == DPX_ENT_OWNED ||
+         e->kind == DPX_ENT_ZC;
 }
 
 /* The batch is over with @p status: account, complete, act on markers. */
@@ -167,8 +172,10 @@ batch_done(duplex_conn *c, int status)
 
   /* Writes completed directly before this batch come first. */
   if (c->completed.n > 0)
-    dpx_conn_complete(c, &c->completed, 0);
-  dpx_conn_complete(c, &c->batch, status);
+    dpx_conn_complete(c, &c->completed, c->completed.n, 0);
+  /* Every entry before the first data entry not wholly written went out:
+   * those complete with 0 whatever happened to the rest. */
+  dpx_conn_complete(c, &c->batch, status == 0 ? c->batch.n : c->bpos, status);
 
   if (status < 0) {
     if (shutdown && shut.done != NULL)
@@ -192,74 +199,112 @@ batch_done(duplex_conn *c, int status)
     c->cbs.on_writable(c, atomic_load(&c->user));
 }
 
+static void batch_continue(duplex_conn *c);
+
+/* @p n more bytes of the batch are in the kernel. */
+static void
+batch_advance(duplex_conn *c, size_t n)
+{
+  while (n > 0) {
+    dpx_ent *e = &c->batch.v[c->bpos];
+    size_t left = e->len - c->boff;
+    if (n < left) {
+      c->boff += n;
+      return;
+    }
+    n -= left;
+    c->boff = 0;
+    c->bpos++;
+    while (c->bpos < c->batch.n && !is_data(&c->batch.v[c->bpos]))
+      c->bpos++;
+  }
+}
+
 static void
 on_write(uv_write_t *req, int status)
 {
   duplex_conn *c = req->data;
-  batch_done(c, dpx_err(status));
+  if (status == 0) {
+    /* The request carried the rest of the entry at bpos. */
+    c->boff = 0;
+    c->bpos++;
+    batch_continue(c);
+  } else {
+    batch_done(c, dpx_err(status));
+  }
   dpx_conn_pump(c);
+}
+
+/* Write the batch from bpos: vectored uv_try_write while the kernel takes
+ * bytes; when it is full, one uv_write for the rest of the current entry,
+ * whose completion continues here. Progress is known to the byte, so each
+ * write's completion says whether its own bytes went out. */
+static void
+batch_continue(duplex_conn *c)
+{
+  for (;;) {
+    while (c->bpos < c->batch.n && !is_data(&c->batch.v[c->bpos]))
+      c->bpos++;
+    if (c->bpos == c->batch.n) {
+      batch_done(c, 0);
+      c->pump_again = true;
+      return;
+    }
+    size_t nb = 0, total = 0;
+    for (size_t i = c->bpos; i < c->batch.n && nb < c->bufs_cap; i++) {
+      dpx_ent *e = &c->batch.v[i];
+      if (!is_data(e))
+        continue;
+      size_t off = i == c->bpos ? c->boff : 0;
+      c->bufs[nb++] = uv_buf_init(e->base + off, (unsigned)(e->len - off));
+      total += e->len - off;
+    }
+    int r = uv_try_write(&c->wr->stream, c->bufs, (unsigned)nb);
+    if (r == UV_EAGAIN || r == UV_ENOSYS)
+      r = 0;
+    if (r < 0) {
+      batch_done(c, dpx_err(r));
+      c->pump_again = true;
+      return;
+    }
+    batch_advance(c, (size_t)r);
+    if ((size_t)r == total)
+      continue; /* more entries than one writev took, or done */
+    dpx_ent *e = &c->batch.v[c->bpos];
+    uv_buf_t rest = uv_buf_init(e->base + c->boff, (unsigned)(e->len - c->boff));
+    c->wreq.data = c;
+    r = uv_write(&c->wreq, &c->wr->stream, &rest, 1, on_write);
+    if (r < 0) {
+      batch_done(c, dpx_err(r));
+      c->pump_again = true;
+    }
+    return;
+  }
 }
 
 void
 dpx_conn_batch_start(duplex_conn *c)
 {
-  size_t nbufs = 0, total = 0;
-  for (size_t i = 0; i < c->batch.n; i++) {
-    int k = c->batch.v[i].kind;
-    if (k == DPX_ENT_CHUNK || k == DPX_ENT_OWNED || k == DPX_ENT_ZC)
-      nbufs++;
-  }
-  if (nbufs > c->bufs_cap) {
-    uv_buf_t *nb = realloc(c->bufs, nbufs * sizeof(uv_buf_t));
+  size_t ndata = 0;
+  for (size_t i = 0; i < c->batch.n; i++)
+    if (is_data(&c->batch.v[i]))
+      ndata++;
+  if (ndata > DPX_MAX_BUFS)
+    ndata = DPX_MAX_BUFS;
+  if (ndata > c->bufs_cap) {
+    uv_buf_t *nb = realloc(c->bufs, ndata * sizeof(uv_buf_t));
     if (nb == NULL) {
+      c->bpos = 0;
       batch_done(c, DUPLEX_ENOMEM);
+      c->pump_again = true;
       return;
     }
     c->bufs = nb;
-    c->bufs_cap = nbufs;
+    c->bufs_cap = ndata;
   }
-  size_t j = 0;
-  for (size_t i = 0; i < c->batch.n; i++) {
-    dpx_ent *e = &c->batch.v[i];
-    if (e->kind == DPX_ENT_CHUNK || e->kind == DPX_ENT_OWNED ||
-        e->kind == DPX_ENT_ZC) {
-      c->bufs[j++] = uv_buf_init(e->base, (unsigned)e->len);
-      total += e->len;
-    }
-  }
-  if (nbufs == 0) {
-    batch_done(c, 0);
-    c->pump_again = true;
-    return;
-  }
-  int r = uv_try_write(&c->wr->stream, c->bufs, (unsigned)nbufs);
-  if (r == UV_EAGAIN || r == UV_ENOSYS)
-    r = 0;
-  if (r < 0) {
-    batch_done(c, dpx_err(r));
-    c->pump_again = true;
-    return;
-  }
-  if ((size_t)r == total) {
-    batch_done(c, 0);
-    c->pump_again = true;
-    return;
-  }
-  /* Skip what went out; libuv writes the rest when the fd is writable. */
-  size_t done = (size_t)r, first = 0;
-  while (done >= c->bufs[first].len) {
-    done -= c->bufs[first].len;
-    first++;
-  }
-  c->bufs[first].base += done;
-  c->bufs[first].len -= done;
-  c->wreq.data = c;
-  r = uv_write(&c->wreq, &c->wr->stream, c->bufs + first,
-               (unsigned)(nbufs - first), on_write);
-  if (r < 0) {
-    batch_done(c, dpx_err(r));
-    c->pump_again = true;
-  }
+  c->bpos = 0;
+  c->boff = 0;
+  batch_continue(c);
 }
 
 /* ---- shutdown -------------------------------------------------------------- */

@@ -232,6 +232,8 @@ struct duplex_conn {
   dpx_entvec batch;     /* entries being written */
   dpx_entvec completed; /* direct writes already on the wire */
   dpx_entvec cancelled; /* intake taken at close, completed after */
+  size_t bpos; /* first data entry of the batch not wholly written */
+  size_t boff; /* bytes of it already written */
   uv_buf_t *bufs;
   size_t bufs_cap;
   uv_write_t wreq;
@@ -262,7 +264,9 @@ void dpx_conn_schedule_locked(duplex_conn *conn, bool force);
 /* Under conn->mu: mark closed, wake waiters, move intake to `cancelled`. */
 void dpx_conn_mark_closed_locked(duplex_conn *conn);
 /* Loop thread: complete entries of @p v with @p status, in order. */
-void dpx_conn_complete(duplex_conn *conn, dpx_entvec *v, int status);
+/* Entries before @p ok_before complete with 0, the rest with @p status. */
+void dpx_conn_complete(duplex_conn *conn, dpx_entvec *v, size_t ok_before,
+                       int status);
 void dpx_conn_release_chunks_locked(duplex_conn *conn);
 void dpx_conn_wake_waiters_locked(duplex_conn *conn);
 void dpx_conn_batch_start(duplex_conn *conn);
