@@ -555,7 +555,9 @@ DUPLEX_API int duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done,
  * this call return DUPLEX_ECLOSED.
  * @thread   any.
  * @returns  0, DUPLEX_EINVAL (NULL, unknown @p how), DUPLEX_ECLOSED (a close
- *           of the same kind was already requested, or closed).
+ *           of the same kind was already requested, or closed),
+ *           DUPLEX_ENOMEM (graceful close could not be queued; nothing
+ *           changed).
  * @callback `on_close` runs exactly once, with reason 0 (or the error that
  *           interrupted a graceful flush).
  * @since    0.1
@@ -708,7 +710,8 @@ DUPLEX_API int duplex_listener_get_address(const duplex_listener *listener,
  * Stop accepting and close the listening socket. Conns already accepted
  * are not affected. @p listener is invalid once this returns.
  * @thread any while the listener is valid.
- * @returns 0, DUPLEX_EINVAL. @since 0.1
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (a close was already requested
+ *          and has not completed yet). @since 0.1
  */
 DUPLEX_API int duplex_listener_close(duplex_listener *listener);
 
