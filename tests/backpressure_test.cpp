@@ -35,8 +35,8 @@ struct Drainer {
 } // namespace
 
 TEST_CASE("a producer meets DUPLEX_EWOULDBLOCK exactly at the hard limit") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   std::atomic<int> wait_in_cb{kUnset};
   std::atomic<size_t> queued_in_writable{SIZE_MAX};
   ev.backpressure_hook = [&](duplex_conn *c, size_t) {
@@ -174,8 +174,8 @@ TEST_CASE("a producer meets DUPLEX_EWOULDBLOCK exactly at the hard limit") {
 }
 
 TEST_CASE("a write into an empty queue is taken whole, even past the limit") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   fill_send_buffer(sp.ours.get());
   auto opts = ev.opts(kHigh, kLow, kHard);
@@ -198,8 +198,8 @@ TEST_CASE("a write into an empty queue is taken whole, even past the limit") {
 }
 
 TEST_CASE("default limits: 16 MiB hard limit, 1 MiB high watermark") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   fill_send_buffer(sp.ours.get());
   auto opts = ev.opts(); // all zero: defaults
@@ -227,8 +227,8 @@ TEST_CASE("default limits: 16 MiB hard limit, 1 MiB high watermark") {
 TEST_CASE("4 producers never push the queue past the hard limit plus one write") {
   const unsigned kThreads = 4;
   const size_t kMaxWrite = 8192;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   size_t prefill = fill_send_buffer(sp.ours.get());
   auto opts = ev.opts(kHigh, kLow, kHard);
@@ -298,8 +298,8 @@ TEST_CASE("4 producers never push the queue past the hard limit plus one write")
 }
 
 TEST_CASE("a producer blocked in wait_writable gets DUPLEX_ECLOSED on close") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   fill_send_buffer(sp.ours.get());
   auto opts = ev.opts(kHigh, kLow, kHard);

@@ -114,8 +114,8 @@ void check_closed_conn(duplex_conn *conn) {
 } // namespace
 
 TEST_CASE("graceful close flushes every byte queued before it, then EOF") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -175,8 +175,8 @@ TEST_CASE("graceful close flushes every byte queued before it, then EOF") {
 
 TEST_CASE("graceful close while 4 threads write: every accepted write arrives") {
   const unsigned kThreads = 4;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts(256 * 1024, 64 * 1024, 1024 * 1024);
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -232,8 +232,8 @@ TEST_CASE("graceful close while 4 threads write: every accepted write arrives") 
 }
 
 TEST_CASE("abort close cancels pending writes, each completes exactly once") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   // The peer never reads: nothing queued can reach the kernel.
   fill_send_buffer(sp.ours.get());
@@ -344,8 +344,8 @@ TEST_CASE("freeing the loop with writes pending from other threads") {
 }
 
 TEST_CASE("a ref held by another thread returns DUPLEX_ECLOSED after close") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -368,8 +368,8 @@ TEST_CASE("a ref held by another thread returns DUPLEX_ECLOSED after close") {
 }
 
 TEST_CASE("close requested from 8 threads at once: one wins, on_close once") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -400,8 +400,8 @@ TEST_CASE("close requested from 8 threads at once: one wins, on_close once") {
 }
 
 TEST_CASE("close from inside a callback runs on_close later, not inside") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   std::atomic<int> rc{kUnset}, closes_at_return{kUnset};
   ev.open_hook = [&](duplex_conn *c) {
     rc = duplex_conn_close(c, DUPLEX_CLOSE_GRACEFUL);
@@ -448,8 +448,8 @@ TEST_CASE("freeing the loop closes conns nobody else holds") {
 }
 
 TEST_CASE("the last unref from another thread during on_close frees nothing early") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   Event in_close, unrefed;
   std::atomic<int> get_user_rc{kUnset}, queued_rc{kUnset}, write_rc{kUnset};
   std::atomic<void *> user_seen{nullptr};

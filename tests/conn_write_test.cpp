@@ -83,8 +83,8 @@ struct FramePeer {
 TEST_CASE("writes from 8 threads keep per-thread order and are never split") {
   const unsigned kThreads = 8;
   constexpr uint32_t kWrites = kTsan ? 25000 : 100000;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   std::atomic<int> open_on_thread{kUnset};
   ev.open_hook = [&](duplex_conn *) {
     open_on_thread = duplex_loop_on_thread(loop);
@@ -186,8 +186,8 @@ TEST_CASE("writes from 8 threads keep per-thread order and are never split") {
 TEST_CASE("zero-copy writes from 4 threads are released exactly once, intact") {
   const unsigned kThreads = 4;
   constexpr uint32_t kWrites = kTsan ? 3000 : 20000;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts(256 * 1024, 64 * 1024, 1024 * 1024);
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -269,8 +269,8 @@ TEST_CASE("writev is one unsplittable write, even with empty pieces") {
   const unsigned kVecThreads = 3, kPlainThreads = 2;
   const unsigned kThreads = kVecThreads + kPlainThreads;
   constexpr uint32_t kWrites = kTsan ? 3000 : 20000;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts(128 * 1024, 32 * 1024, 512 * 1024);
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -384,8 +384,8 @@ void marker_done(duplex_conn *c, int status, void *user) {
 } // namespace
 
 TEST_CASE("a zero-length write is a flush marker") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -449,8 +449,8 @@ TEST_CASE("a zero-length write is a flush marker") {
 }
 
 TEST_CASE("writes on the loop thread never call back inside the call") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -504,8 +504,8 @@ TEST_CASE("writes on the loop thread never call back inside the call") {
 }
 
 TEST_CASE("writes made before the loop runs are queued and flushed in order") {
-  Loop loop(false);
   ConnEvents ev;
+  Loop loop(false);
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -578,8 +578,8 @@ void loop_producer_step(duplex_loop *loop, int status, void *arg) {
 TEST_CASE("loop-thread writes and other threads' writes keep their own orders") {
   const unsigned kThreads = 3;
   constexpr uint32_t kWrites = kTsan ? 2000 : 10000;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   // A hard limit the loop thread never meets (it must not wait).
   auto opts = ev.opts(1024 * 1024, 256 * 1024, 256u * 1024 * 1024);

@@ -98,8 +98,8 @@ void check_reported(ConnEvents &ev, WriteCounter &w, uint64_t accepted) {
 TEST_CASE("TCP peer resets mid-write: no SIGPIPE, the error is reported") {
   REQUIRE(sigpipe_is_default());
   REQUIRE_FALSE(sigpipe_blocked_here());
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   RawListener server;
   auto opts = ev.opts();
   duplex_conn *conn = nullptr;
@@ -133,8 +133,8 @@ TEST_CASE("TCP peer resets mid-write: no SIGPIPE, the error is reported") {
 
 TEST_CASE("UNIX peer closes with unread data while 2 threads write") {
   REQUIRE(sigpipe_is_default());
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts();
   duplex_conn *conn = adopt(loop, sp.ours, &opts);
@@ -182,8 +182,8 @@ TEST_CASE("peer gone, loop run on the caller's thread: SIGPIPE never escapes") {
   SUBCASE("peer closed before the first write") { closed_first = true; }
   SUBCASE("peer closes mid-stream") { closed_first = false; }
 
-  Loop loop(false);
   ConnEvents ev;
+  Loop loop(false);
   CallerRun cr;
   cr.loop = loop;
   ev.open_hook = [&](duplex_conn *c) {
@@ -252,8 +252,8 @@ void slot_done(duplex_conn *, int status, void *user) {
 TEST_CASE("writes the peer received complete with 0 even if later ones fail") {
   const size_t kChunk = 64 * 1024, kDelivered = 4;
   size_t kChunks = 32; // 2 MiB: more than a socketpair buffers
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   Fd peer_fd;
   duplex_conn *conn = nullptr;
   SUBCASE("UNIX socketpair, peer closes with unread data") {

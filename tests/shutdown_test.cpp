@@ -11,8 +11,8 @@ TEST_CASE("half-close: EOF is its own event, writing goes on, then shutdown") {
   const size_t kAfter = 1 * 1024 * 1024;      // us -> peer after EOF
   const uint32_t kSeedIn = 77, kSeedOut = 78;
 
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   PatternChecker in_checker(kSeedIn); // touched on the loop thread only
   std::atomic<uint64_t> read_at_eof{0};
   std::atomic<int> closes_at_eof{kUnset};
@@ -99,8 +99,8 @@ TEST_CASE("half-close: EOF is its own event, writing goes on, then shutdown") {
 }
 
 TEST_CASE("after shutdown writes return DUPLEX_ESHUTDOWN; reading goes on") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   ev.keep_data = true;
   auto sp = socket_pair();
   auto opts = ev.opts();
@@ -169,8 +169,8 @@ TEST_CASE("after shutdown writes return DUPLEX_ESHUTDOWN; reading goes on") {
 }
 
 TEST_CASE("shutdown done runs once with DUPLEX_ECANCELED if the conn is aborted") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   fill_send_buffer(sp.ours.get()); // the peer never reads
   auto opts = ev.opts();
@@ -194,8 +194,8 @@ TEST_CASE("shutdown done runs once with DUPLEX_ECANCELED if the conn is aborted"
 }
 
 TEST_CASE("shutdown from the loop thread: done runs later, never inside") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   WriteCounter w, sd;
   std::atomic<int> wrc{kUnset}, src{kUnset};
   std::atomic<uint64_t> sd_at_return{99};
@@ -230,8 +230,8 @@ TEST_CASE("shutdown from the loop thread: done runs later, never inside") {
 
 TEST_CASE("a thread's writes before its shutdown are all flushed first") {
   const unsigned kThreads = 3;
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   auto opts = ev.opts(256 * 1024, 64 * 1024, 1024 * 1024);
   duplex_conn *conn = adopt(loop, sp.ours, &opts);

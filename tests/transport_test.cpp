@@ -45,6 +45,13 @@ struct EchoServer {
     };
     lopts.user = this;
   }
+  // Every accepted conn has closed (call before this object goes away while
+  // the loop still runs).
+  bool wait_all_closed() {
+    return wait_until([&] {
+      return ev.opens.load() > 0 && ev.closes.load() == ev.opens.load();
+    });
+  }
   std::string peer_address() {
     std::lock_guard<std::mutex> lk(mu);
     return peer;
@@ -136,8 +143,8 @@ TEST_CASE("TCP on 127.0.0.1 port 0: bound port, address, echo round trip") {
   bool start_first = true;
   SUBCASE("listener made while the loop runs") { start_first = true; }
   SUBCASE("listener made before the loop runs") { start_first = false; }
-  Loop loop(start_first);
   EchoServer srv;
+  Loop loop(start_first);
   duplex_listener *l = nullptr;
   int rc = duplex_listener_tcp(&l, loop, "127.0.0.1", 0, &srv.lopts);
   REQUIRE_MESSAGE(rc == 0, err_str(rc));
@@ -165,8 +172,8 @@ TEST_CASE("TCP on 127.0.0.1 port 0: bound port, address, echo round trip") {
 }
 
 TEST_CASE("TCP on ::1 port 0") {
-  Loop loop;
   EchoServer srv;
+  Loop loop;
   duplex_listener *l = nullptr;
   int rc = duplex_listener_tcp(&l, loop, "::1", 0, &srv.lopts);
   if (rc == DUPLEX_EADDRNOTAVAIL || rc == DUPLEX_EAFNOSUPPORT) {
@@ -192,8 +199,8 @@ TEST_CASE("TCP on ::1 port 0") {
 }
 
 TEST_CASE("TCP by name: listen on and connect to \"localhost\"") {
-  Loop loop;
   EchoServer srv;
+  Loop loop;
   duplex_listener *l = nullptr;
   int rc = duplex_listener_tcp(&l, loop, "localhost", 0, &srv.lopts);
   REQUIRE_MESSAGE(rc == 0, err_str(rc));
@@ -212,8 +219,8 @@ TEST_CASE("TCP by name: listen on and connect to \"localhost\"") {
 }
 
 TEST_CASE("accepted conns outlive the listener that accepted them") {
-  Loop loop;
   EchoServer srv;
+  Loop loop;
   duplex_listener *l = nullptr;
   REQUIRE(duplex_listener_tcp(&l, loop, "127.0.0.1", 0, &srv.lopts) == 0);
   uint16_t port = 0;
@@ -239,8 +246,8 @@ TEST_CASE("accepted conns outlive the listener that accepted them") {
 TEST_CASE("UNIX socket: listen, connect, echo; the file goes on close") {
   TempDir dir;
   std::string path = dir.file("echo.sock");
-  Loop loop;
   EchoServer srv;
+  Loop loop;
   duplex_listener *l = nullptr;
   int rc = duplex_listener_unix(&l, loop, path.c_str(), &srv.lopts);
   REQUIRE_MESSAGE(rc == 0, err_str(rc));
@@ -268,8 +275,8 @@ TEST_CASE("UNIX socket: a stale socket file is replaced") {
   } // closed: the file stays, nobody listens
   REQUIRE(is_socket_file(path));
   REQUIRE_FALSE(raw_unix_connect(path));
-  Loop loop;
   EchoServer srv;
+  Loop loop;
   duplex_listener *l = nullptr;
   int rc = duplex_listener_unix(&l, loop, path.c_str(), &srv.lopts);
   REQUIRE_MESSAGE(rc == 0, err_str(rc));
@@ -318,6 +325,7 @@ TEST_CASE("UNIX socket: a live socket gives DUPLEX_EADDRINUSE and is kept") {
     CHECK(duplex_listener_unix(&lb, loop, path.c_str(), &b.lopts) == DUPLEX_EADDRINUSE);
     CHECK(lb == nullptr);
     echo_round_trip(loop, Via::unix_path, path.c_str());
+    CHECK(a.wait_all_closed());
     CHECK(duplex_listener_close(la) == 0);
   }
   SUBCASE("a path that is not a socket is never removed") {
@@ -341,8 +349,8 @@ TEST_CASE("UNIX socket: a live socket gives DUPLEX_EADDRINUSE and is kept") {
 }
 
 TEST_CASE("adopted socketpair: both directions, unnamed peer") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   ev.keep_data = true;
   auto sp = socket_pair();
   auto opts = ev.opts();
@@ -371,8 +379,8 @@ TEST_CASE("adopt_pair with two pipes: read one, write the other, EOF both ways")
   REQUIRE(::pipe2(in, O_CLOEXEC) == 0);  // peer -> us
   REQUIRE(::pipe2(out, O_CLOEXEC) == 0); // us -> peer
   Fd in_r(in[0]), in_w(in[1]), out_r(out[0]), out_w(out[1]);
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   PatternChecker in_checker(31);
   ev.read_hook = [&](duplex_conn *, const uint8_t *d, size_t n) { in_checker.feed(d, n); };
   auto opts = ev.opts();
@@ -430,8 +438,8 @@ TEST_CASE("connect refused: on_close(DUPLEX_ECONNREFUSED), never on_open") {
   REQUIRE(::getsockname(holder.get(), reinterpret_cast<sockaddr *>(&a), &len) == 0);
   uint16_t port = ntohs(a.sin_port);
 
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto opts = ev.opts();
   duplex_conn *c = nullptr;
   REQUIRE(duplex_conn_connect_tcp(&c, loop, "127.0.0.1", port, &opts) == 0);
@@ -454,8 +462,8 @@ TEST_CASE("connect refused: on_close(DUPLEX_ECONNREFUSED), never on_open") {
 }
 
 TEST_CASE("an unresolvable host closes the conn with a DUPLEX_EAI_* code") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto opts = ev.opts();
   duplex_conn *c = nullptr;
   REQUIRE(duplex_conn_connect_tcp(&c, loop, "nonexistent.invalid", 80, &opts) == 0);
@@ -470,8 +478,8 @@ TEST_CASE("an unresolvable host closes the conn with a DUPLEX_EAI_* code") {
 }
 
 TEST_CASE("get_peer: DUPLEX_ENOTCONN before open, DUPLEX_ENOBUFS when short") {
-  Loop loop(false);
   EchoServer srv;
+  Loop loop(false);
   duplex_listener *l = nullptr;
   REQUIRE(duplex_listener_tcp(&l, loop, "127.0.0.1", 0, &srv.lopts) == 0);
   uint16_t port = 0;
@@ -502,8 +510,8 @@ TEST_CASE("get_peer: DUPLEX_ENOTCONN before open, DUPLEX_ENOBUFS when short") {
 }
 
 TEST_CASE("pause and resume reading from another thread (flow control)") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   PatternChecker checker(55);
   ev.read_hook = [&](duplex_conn *, const uint8_t *d, size_t n) { checker.feed(d, n); };
   auto sp = socket_pair();
@@ -562,8 +570,8 @@ TEST_CASE("pause and resume reading from another thread (flow control)") {
 }
 
 TEST_CASE("pause on the loop thread: no read callback runs until resume") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   std::atomic<int> reads_while_paused{0};
   std::atomic<bool> paused{false};
   std::atomic<int> pause_rc{kUnset};
@@ -636,8 +644,8 @@ TEST_CASE("freeing the loop closes its listeners and removes their socket files"
   TempDir dir;
   std::string path = dir.file("freed.sock");
   {
-    Loop loop;
     EchoServer srv;
+    Loop loop;
     duplex_listener *l = nullptr;
     REQUIRE(duplex_listener_unix(&l, loop, path.c_str(), &srv.lopts) == 0);
     duplex_listener *t = nullptr;
@@ -651,8 +659,8 @@ TEST_CASE("freeing the loop closes its listeners and removes their socket files"
 TEST_CASE("a tiny loop read buffer still delivers every byte in order") {
   duplex_loop_opts lo = DUPLEX_LOOP_OPTS_INIT;
   lo.read_buffer_size = 7;
-  Loop loop(true, &lo);
   ConnEvents ev;
+  Loop loop(true, &lo);
   PatternChecker checker(66);
   std::atomic<size_t> biggest{0};
   ev.read_hook = [&](duplex_conn *, const uint8_t *d, size_t n) {
@@ -678,8 +686,8 @@ TEST_CASE("a tiny loop read buffer still delivers every byte in order") {
 }
 
 TEST_CASE("adopt on the loop thread: on_open runs later, never inside the call") {
-  Loop loop;
   ConnEvents ev;
+  Loop loop;
   auto sp = socket_pair();
   std::atomic<int> rc{kUnset}, opens_at_return{kUnset};
   duplex_conn *c = nullptr;
@@ -712,6 +720,7 @@ TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY")
       REQUIRE(duplex_listener_get_address(l, addr, sizeof addr) == 0);
       CHECK(std::string(addr) == "0.0.0.0:" + std::to_string(port));
       echo_round_trip(loop, Via::tcp, "127.0.0.1", port);
+      CHECK(srv.wait_all_closed());
       CHECK(duplex_listener_close(l) == 0);
     }
   }
@@ -748,6 +757,7 @@ TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY")
         CHECK(ev.wait_closed());
       }
       CHECK(duplex_conn_unref(c) == 0);
+      CHECK(srv.wait_all_closed());
       CHECK(duplex_listener_close(l) == 0);
     }
   }
