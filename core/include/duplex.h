@@ -357,6 +357,64 @@ typedef struct duplex_conn_cbs {
 /** Every flag duplex_conn_opts accepts. */
 #define DUPLEX_CONN_FLAGS_ALL 0x7u
 
+/* ---- message framing ---------------------------------------------------- */
+
+/** No framing: `on_read` gets bytes as they arrive (the default). */
+#define DUPLEX_FRAME_NONE 0
+/** Frames end with a delimiter (e.g. '\n'); the delimiter is stripped. */
+#define DUPLEX_FRAME_DELIMITED 1
+/** Frames start with a 1, 2, 4 or 8 byte length of the payload. */
+#define DUPLEX_FRAME_LENGTH_PREFIX 2
+/** A user function says how long the next frame is. */
+#define DUPLEX_FRAME_CUSTOM 3
+
+/** Length prefix is little-endian (big-endian, network order, otherwise). */
+#define DUPLEX_FRAME_LITTLE_ENDIAN 0x1u
+/** Every flag duplex_framing accepts. */
+#define DUPLEX_FRAME_FLAGS_ALL 0x1u
+
+/**
+ * A custom framer: look at the @p len buffered bytes at @p data and return
+ * the length of the first whole frame (> 0, at most @p len), 0 if more bytes
+ * are needed, or a negative DUPLEX_E* code to close the conn with it.
+ * @p *skip receives how many leading bytes of the frame are a header to
+ * strip before delivery (leave it 0 to deliver the whole frame).
+ * @callback runs on the loop thread; must be pure (it may see the same
+ *           bytes again after more arrive).
+ */
+typedef long long (*duplex_frame_fn)(const void *data, size_t len,
+                                     size_t *skip, void *user);
+
+/**
+ * Message framing for a conn. With framing on, `on_read` receives exactly
+ * one whole message per call (never a partial one), and
+ * duplex_conn_write_frame() adds the prefix or delimiter. A frame longer
+ * than @ref max_frame closes the conn with DUPLEX_EMSGSIZE and nothing of
+ * it is delivered. Bytes still buffered at EOF that do not form a frame are
+ * dropped and the conn closes with DUPLEX_EPROTO.
+ */
+typedef struct duplex_framing {
+  size_t size;          /**< sizeof(duplex_framing) */
+  int kind;             /**< DUPLEX_FRAME_* kind */
+  unsigned flags;       /**< DUPLEX_FRAME_LITTLE_ENDIAN */
+  unsigned char delimiter[4]; /**< DELIMITED: the delimiter bytes */
+  unsigned delimiter_len;     /**< DELIMITED: 1 to 4 */
+  unsigned prefix_bytes;      /**< LENGTH_PREFIX: 1, 2, 4 or 8 */
+  size_t max_frame;     /**< largest payload accepted; 0 = 1 MiB */
+  duplex_frame_fn custom;     /**< CUSTOM: the framer */
+  void *custom_user;          /**< CUSTOM: passed to @ref custom */
+} duplex_framing;
+
+#define DUPLEX_FRAMING_INIT                                                  \
+  { sizeof(duplex_framing), DUPLEX_FRAME_NONE, 0u, { 0, 0, 0, 0 }, 0u, 0u,   \
+    0, 0, 0 }
+
+/**
+ * Fill @p framing with ::DUPLEX_FRAMING_INIT.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_framing_init(duplex_framing *framing);
+
 /**
  * Options for a conn. Zero sizes mean "default".
  * Watermarks: crossing @ref high_watermark queued bytes calls
@@ -373,12 +431,23 @@ typedef struct duplex_conn_opts {
   size_t low_watermark;       /**< default high/4; must be < high */
   size_t hard_limit;          /**< default 16 MiB; must be >= high */
   unsigned flags;             /**< DUPLEX_CONN_* flags */
+  const duplex_framing *framing; /**< copied; NULL = no framing */
+  uint32_t connect_timeout_ms; /**< connect + name lookup; 0 = none */
+  uint32_t idle_timeout_ms;    /**< no bytes either way; 0 = none */
+  uint32_t read_timeout_ms;    /**< no bytes read while reading; 0 = none */
+  uint32_t flush_timeout_ms;   /**< writes pending, none progressing */
 } duplex_conn_opts;
 
-#define DUPLEX_CONN_OPTS_INIT { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u }
+#define DUPLEX_CONN_OPTS_INIT                                                \
+  { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u, 0, 0u, 0u, 0u, 0u }
 
 /**
  * Fill @p opts with defaults (same as ::DUPLEX_CONN_OPTS_INIT).
+ * Deadlines: every timeout closes the conn with DUPLEX_ETIMEDOUT when it
+ * expires. Connect counts from the start of the lookup to on_open; idle from
+ * the last byte read or written; read from the last byte read while reading
+ * is not paused; flush from the last write progress while writes are
+ * pending (a peer that stopped reading).
  * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
  */
 DUPLEX_API int duplex_conn_opts_init(duplex_conn_opts *opts);
@@ -564,6 +633,36 @@ DUPLEX_API int duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done,
  */
 DUPLEX_API int duplex_conn_close(duplex_conn *conn, unsigned how);
 
+/** Deadline kinds for duplex_conn_set_timeout(). */
+#define DUPLEX_TIMEOUT_CONNECT 0
+#define DUPLEX_TIMEOUT_IDLE 1
+#define DUPLEX_TIMEOUT_READ 2
+#define DUPLEX_TIMEOUT_FLUSH 3
+
+/**
+ * Change one deadline (see duplex_conn_opts); 0 turns it off. The new value
+ * counts from the last event the deadline watches, so shortening it can
+ * expire it at once (on the loop, never inside this call).
+ * @thread any.
+ * @returns 0, DUPLEX_EINVAL (NULL, unknown @p kind), DUPLEX_ECLOSED.
+ * @since 0.1
+ */
+DUPLEX_API int duplex_conn_set_timeout(duplex_conn *conn, int kind,
+                                       uint32_t ms);
+
+/**
+ * Write one framed message: the conn's length prefix or delimiter is added
+ * and the whole frame is one unsplittable write. Without framing this is
+ * duplex_conn_write().
+ * @thread any. @owner @p data borrowed for the call.
+ * @returns as duplex_conn_write(); DUPLEX_EMSGSIZE also when @p len exceeds
+ *          the framing's max_frame or what the prefix can express.
+ * @callback @p done as for duplex_conn_write(). @since 0.1
+ */
+DUPLEX_API int duplex_conn_write_frame(duplex_conn *conn, const void *data,
+                                       size_t len, duplex_write_cb done,
+                                       void *user);
+
 /**
  * Stop reading (flow control). On the loop thread no read callback runs
  * after this returns; from another thread, reads the loop is already
@@ -714,6 +813,155 @@ DUPLEX_API int duplex_listener_get_address(const duplex_listener *listener,
  *          and has not completed yet). @since 0.1
  */
 DUPLEX_API int duplex_listener_close(duplex_listener *listener);
+
+/* ---------------------------------------------------------------------- */
+/* Channels                                                                */
+/* ---------------------------------------------------------------------- */
+
+/** A multi-producer queue whose messages are delivered on the loop thread. */
+typedef struct duplex_channel duplex_channel;
+
+/**
+ * A message arrived. For a bytes message (duplex_channel_send) @p data is
+ * borrowed for the callback. For a pointer message (duplex_channel_send_ptr)
+ * ownership of @p data passes to the callback: its release function is not
+ * called for a delivered message.
+ * @callback loop thread, one message per call, in per-producer send order.
+ */
+typedef void (*duplex_channel_cb)(duplex_channel *ch, void *data, size_t len,
+                                  void *user);
+
+/** The channel finished: @p reason is 0 after duplex_channel_close() (every
+ *  queued message was delivered first) or DUPLEX_ECANCELED when its loop was
+ *  freed (undelivered pointer messages were released). Last callback. */
+typedef void (*duplex_channel_close_cb)(duplex_channel *ch, int reason,
+                                        void *user);
+
+typedef struct duplex_channel_opts {
+  size_t size;                      /**< sizeof(duplex_channel_opts) */
+  duplex_channel_cb on_message;     /**< required */
+  duplex_channel_close_cb on_close; /**< optional */
+  void *user;                       /**< passed to both callbacks */
+  size_t capacity; /**< messages queued at most; 0 = unbounded */
+  unsigned flags;  /**< reserved, must be 0 */
+} duplex_channel_opts;
+
+#define DUPLEX_CHANNEL_OPTS_INIT                                             \
+  { sizeof(duplex_channel_opts), 0, 0, 0, 0, 0u }
+
+/**
+ * Fill @p opts with ::DUPLEX_CHANNEL_OPTS_INIT.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_channel_opts_init(duplex_channel_opts *opts);
+
+/**
+ * Create a channel bound to @p loop.
+ * @thread   any.
+ * @owner    @p opts borrowed for the call; @p *out is a reference the
+ *           caller must duplex_channel_unref() (the loop holds its own until
+ *           `on_close` has run). NULL on failure.
+ * @returns  0, DUPLEX_EINVAL (NULL, no on_message, flags), DUPLEX_EVERSION,
+ *           DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop being freed).
+ * @since    0.1
+ */
+DUPLEX_API int duplex_channel_new(duplex_channel **out, duplex_loop *loop,
+                                  const duplex_channel_opts *opts);
+
+/**
+ * Send a copy of @p len bytes. When the channel is full: @p timeout_ms 0
+ * refuses at once, > 0 waits that long, -1 waits for room.
+ * @thread   any; waiting is refused on the loop thread (it would deadlock).
+ * @owner    @p data borrowed for the call.
+ * @order    messages from one thread are delivered in send order; one wake
+ *           of the loop delivers every message queued by then.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EMSGSIZE (> DUPLEX_WRITE_MAX),
+ *           DUPLEX_EWOULDBLOCK (full, timeout 0), DUPLEX_ETIMEDOUT,
+ *           DUPLEX_EDEADLK (would wait on the loop thread), DUPLEX_ECLOSED,
+ *           DUPLEX_ENOMEM. On any error nothing was queued.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_channel_send(duplex_channel *ch, const void *data,
+                                   size_t len, int timeout_ms);
+
+/**
+ * Send a pointer: ownership of @p ptr passes to the channel if this returns
+ * 0, then to `on_message`; if the message is never delivered (loop freed)
+ * @p release(ptr, len, DUPLEX_ECANCELED, user) runs exactly once instead.
+ * On error the caller keeps @p ptr and @p release is not called.
+ * @thread any (as duplex_channel_send). @returns as duplex_channel_send().
+ * @since 0.1
+ */
+DUPLEX_API int duplex_channel_send_ptr(duplex_channel *ch, void *ptr,
+                                       size_t len, duplex_release_cb release,
+                                       void *user, int timeout_ms);
+
+/**
+ * Stop accepting messages. Messages queued before are still delivered, then
+ * `on_close` runs with 0. Senders waiting for room return DUPLEX_ECLOSED.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed).
+ * @since 0.1
+ */
+DUPLEX_API int duplex_channel_close(duplex_channel *ch);
+
+/**
+ * Messages queued and not yet delivered.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_channel_get_pending(const duplex_channel *ch,
+                                          size_t *out);
+
+/** Take a reference. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1 */
+DUPLEX_API int duplex_channel_ref(duplex_channel *ch);
+
+/** Drop a reference; memory goes with the last one, never before
+ *  `on_close` returned. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1 */
+DUPLEX_API int duplex_channel_unref(duplex_channel *ch);
+
+/* ---------------------------------------------------------------------- */
+/* Timers                                                                  */
+/* ---------------------------------------------------------------------- */
+
+/** A one-shot or repeating timer on a loop. */
+typedef struct duplex_timer duplex_timer;
+
+/** The timer expired. @callback loop thread, must not block. */
+typedef void (*duplex_timer_cb)(duplex_timer *timer, void *user);
+
+/**
+ * Create a stopped timer.
+ * @thread   any.
+ * @owner    @p *out is owned by the loop: valid until duplex_timer_close()
+ *           or the loop is freed. NULL on failure.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOMEM, DUPLEX_ECLOSED.
+ * @since    0.1
+ */
+DUPLEX_API int duplex_timer_new(duplex_timer **out, duplex_loop *loop,
+                                duplex_timer_cb cb, void *user);
+
+/**
+ * (Re)start: fire after @p timeout_ms, then every @p repeat_ms (0 = once).
+ * Starting a running timer resets it.
+ * @thread any; off the loop thread it takes effect at the loop's next
+ *         iteration and counts from then.
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.1
+ */
+DUPLEX_API int duplex_timer_start(duplex_timer *timer, uint64_t timeout_ms,
+                                  uint64_t repeat_ms);
+
+/**
+ * Stop the timer. On the loop thread the callback never runs after this
+ * returns; from another thread an expiry the loop is already delivering may
+ * still run once.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.1
+ */
+DUPLEX_API int duplex_timer_stop(duplex_timer *timer);
+
+/**
+ * Stop and destroy the timer; @p timer is invalid once this returns.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ */
+DUPLEX_API int duplex_timer_close(duplex_timer *timer);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,6 @@
 /* Conn lifecycle: creation, references, reading, the pump, closing. */
 #include "internal.h"
+#include "framing.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +53,7 @@ dpx_conn_opts_check(const duplex_conn_opts *opts)
                                                             : DPX_DEFAULT_HARD);
   if (opts->low_watermark >= high || hard < high)
     return DUPLEX_EINVAL;
-  return 0;
+  return dpx_framing_check(opts->framing);
 }
 
 duplex_conn *
@@ -85,6 +86,23 @@ dpx_conn_new(duplex_loop *loop, int kind, const duplex_conn_opts *opts,
                 ? opts->hard_limit
                 : (c->high > DPX_DEFAULT_HARD ? c->high : DPX_DEFAULT_HARD);
   c->flags = opts ? opts->flags : 0;
+  if (opts != NULL) {
+    c->timeout[DUPLEX_TIMEOUT_CONNECT] = opts->connect_timeout_ms;
+    c->timeout[DUPLEX_TIMEOUT_IDLE] = opts->idle_timeout_ms;
+    c->timeout[DUPLEX_TIMEOUT_READ] = opts->read_timeout_ms;
+    c->timeout[DUPLEX_TIMEOUT_FLUSH] = opts->flush_timeout_ms;
+    memcpy(c->timeout_req, c->timeout, sizeof c->timeout);
+  }
+  if (opts != NULL && opts->framing != NULL &&
+      opts->framing->kind != DUPLEX_FRAME_NONE) {
+    c->framer = calloc(1, sizeof *c->framer);
+    if (c->framer == NULL) {
+      uv_mutex_destroy(&c->mu);
+      free(c);
+      return NULL;
+    }
+    dpx_framer_init(c->framer, opts->framing);
+  }
   c->op.fn = dpx_conn_pump_op;
   c->open_op.fn = dpx_conn_open_op;
   c->fd_in = c->fd_out = -1;
@@ -102,6 +120,11 @@ dpx_conn_free(duplex_conn *c)
   free(c->bufs);
   free(c->sreq);
   free(c->peer);
+  free(c->deadline);
+  if (c->framer != NULL) {
+    dpx_framer_free(c->framer);
+    free(c->framer);
+  }
   uv_mutex_destroy(&c->mu);
   free(c);
 }
@@ -235,14 +258,32 @@ conn_read_stop(duplex_conn *c)
   }
 }
 
+static int
+emit_frame(void *ctx, const char *msg, size_t len)
+{
+  duplex_conn *c = ctx;
+  if (c->cbs.on_read != NULL && !c->closing)
+    c->cbs.on_read(c, msg, len, conn_user(c));
+  return c->closing;
+}
+
 static void
 on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
   duplex_conn *c = s->data;
-  (void)buf;
   if (nread > 0) {
-    if (c->cbs.on_read != NULL && !c->closing)
+    if (c->deadline != NULL)
+      c->t_read = uv_now(&c->loop->uv);
+    if (c->closing)
+      return;
+    if (c->framer != NULL) {
+      int r = dpx_framer_feed(c->framer, buf->base, (size_t)nread,
+                              emit_frame, c);
+      if (r != 0)
+        dpx_conn_begin_close(c, r);
+    } else if (c->cbs.on_read != NULL) {
       c->cbs.on_read(c, buf->base, (size_t)nread, conn_user(c));
+    }
     return;
   }
   if (nread == 0)
@@ -254,6 +295,11 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
   conn_read_stop(c);
   if (nread == UV_EOF) {
     c->eof_seen = true;
+    if (c->framer != NULL && dpx_framer_eof(c->framer) != 0) {
+      /* A partial frame at EOF: nothing of it is delivered. */
+      dpx_conn_begin_close(c, DUPLEX_EPROTO);
+      return;
+    }
     if (c->cbs.on_eof != NULL && !c->closing)
       c->cbs.on_eof(c, conn_user(c));
     if (c->shut_done && !c->closing)
@@ -269,8 +315,14 @@ conn_apply_read(duplex_conn *c, bool want)
   if (!c->opened || c->closing || c->eof_seen)
     return;
   if (want && !c->reading) {
-    if (uv_read_start(&c->rd->stream, on_alloc, on_read) == 0)
+    if (uv_read_start(&c->rd->stream, on_alloc, on_read) == 0) {
       c->reading = true;
+      if (c->deadline != NULL || c->timeout[DUPLEX_TIMEOUT_READ] != 0) {
+        /* Paused time does not count against the read deadline. */
+        c->t_read = uv_now(&c->loop->uv);
+        dpx_conn_deadline_touch(c);
+      }
+    }
   } else if (!want && c->reading) {
     conn_read_stop(c);
   }
@@ -322,6 +374,8 @@ void
 dpx_conn_opened(duplex_conn *c)
 {
   c->opened = true;
+  c->t_read = c->t_write = uv_now(&c->loop->uv);
+  dpx_conn_deadline_touch(c);
   if (c->rd->handle.type == UV_TCP) {
     uv_tcp_nodelay(&c->rd->tcp, !(c->flags & DUPLEX_CONN_NAGLE));
     if (c->flags & DUPLEX_CONN_KEEPALIVE)
@@ -348,7 +402,11 @@ dpx_conn_pump(duplex_conn *c)
     c->pump_again = false;
     uv_mutex_lock(&c->mu);
     bool abort = c->abort_requested;
-    /* fields below the lock's section are the loop thread's own */
+    bool retime = c->timeouts_dirty;
+    if (retime) {
+      memcpy(c->timeout, c->timeout_req, sizeof c->timeout);
+      c->timeouts_dirty = false;
+    }
     bool want = c->want_read;
     unsigned ev = c->events;
     size_t queued = c->queued;
@@ -364,7 +422,7 @@ dpx_conn_pump(duplex_conn *c)
     bool reads = c->opened && !c->closing && !c->eof_seen &&
                  want != c->reading;
     bool work = (abort && !c->closing) || ev != 0 || batch || reads ||
-                c->completed.n > 0;
+                c->completed.n > 0 || retime;
     if (!work) {
       /* Nothing left: a later request must wake us, unless a batch in
        * flight or the pending open will pump anyway. */
@@ -378,6 +436,8 @@ dpx_conn_pump(duplex_conn *c)
       dpx_conn_begin_close(c, c->abort_reason);
       continue;
     }
+    if (retime && !c->closing)
+      dpx_conn_deadline_touch(c);
     if (reads)
       conn_apply_read(c, want);
     if (c->completed.n > 0)
@@ -423,8 +483,19 @@ static void conn_finish(duplex_conn *c);
 void
 dpx_conn_handle_closed(duplex_conn *c)
 {
-  if (--c->handles_open == 0)
+  if (--c->handles_open == 0 && !c->lookup_pending)
     conn_finish(c);
+}
+
+static void on_handle_closed(uv_handle_t *h);
+
+static void
+close_deadline(duplex_conn *c)
+{
+  if (c->deadline != NULL && !uv_is_closing((uv_handle_t *)c->deadline)) {
+    c->handles_open++;
+    uv_close((uv_handle_t *)c->deadline, on_handle_closed);
+  }
 }
 
 static void
@@ -452,6 +523,7 @@ dpx_conn_begin_close(duplex_conn *c, int reason)
   uv_mutex_lock(&c->mu);
   dpx_conn_mark_closed_locked(c);
   uv_mutex_unlock(&c->mu);
+  close_deadline(c);
   if (c->connecting != NULL && c->rd == NULL) {
     /* Resolving, or between two connect attempts: the lookup's or the
      * attempt's callback finishes the close. */
@@ -477,7 +549,8 @@ dpx_conn_fail_unopened(duplex_conn *c, int reason)
   uv_mutex_lock(&c->mu);
   dpx_conn_mark_closed_locked(c);
   uv_mutex_unlock(&c->mu);
-  if (c->handles_open == 0)
+  close_deadline(c);
+  if (c->handles_open == 0 && !c->lookup_pending)
     conn_finish(c);
 }
 
@@ -546,6 +619,105 @@ duplex_conn_close(duplex_conn *conn, unsigned how)
   /* Always through the pump, so on_close never runs inside this call. An
    * abort must not wait for a batch stuck on a peer that does not read. */
   dpx_conn_schedule_locked(conn, how == DUPLEX_CLOSE_ABORT);
+  uv_mutex_unlock(&conn->mu);
+  return 0;
+}
+
+/* ---- deadlines ---------------------------------------------------------- */
+
+static void on_deadline(uv_timer_t *t);
+
+/* The earliest moment one of the deadlines that apply now can expire, or
+ * 0 when none applies. */
+static uint64_t
+deadline_next(duplex_conn *c)
+{
+  uint64_t due = 0;
+#define DPX_DUE_(cond, since, kind)                                          \
+  do {                                                                       \
+    if ((cond) && c->timeout[kind] != 0) {                                   \
+      uint64_t d = (since) + c->timeout[kind];                               \
+      if (due == 0 || d < due)                                               \
+        due = d;                                                             \
+    }                                                                        \
+  } while (0)
+  DPX_DUE_(!c->opened, c->t_start, DUPLEX_TIMEOUT_CONNECT);
+  DPX_DUE_(c->opened, c->t_read > c->t_write ? c->t_read : c->t_write,
+           DUPLEX_TIMEOUT_IDLE);
+  DPX_DUE_(c->opened && c->reading, c->t_read, DUPLEX_TIMEOUT_READ);
+  DPX_DUE_(c->opened && c->writing, c->t_write, DUPLEX_TIMEOUT_FLUSH);
+#undef DPX_DUE_
+  return due;
+}
+
+static void
+deadline_arm(duplex_conn *c, uint64_t due)
+{
+  uint64_t now = uv_now(&c->loop->uv);
+  c->deadline_due = due;
+  uv_timer_start(c->deadline, on_deadline, due > now ? due - now : 0, 0);
+}
+
+void
+dpx_conn_deadline_touch(duplex_conn *c)
+{
+  if (c->closing)
+    return;
+  uint64_t due = deadline_next(c);
+  if (due == 0) {
+    if (c->deadline != NULL && c->deadline_due != 0) {
+      uv_timer_stop(c->deadline);
+      c->deadline_due = 0;
+    }
+    return;
+  }
+  if (c->deadline == NULL) {
+    c->deadline = malloc(sizeof *c->deadline);
+    if (c->deadline == NULL)
+      return; /* deadlines are best effort under memory exhaustion */
+    uv_timer_init(&c->loop->uv, c->deadline);
+    c->deadline->data = c;
+    c->deadline_due = 0;
+  }
+  /* Events only move deadlines later: re-arm only when this one is
+   * sooner than the armed one (the timer re-checks when it fires). */
+  if (c->deadline_due == 0 || due < c->deadline_due)
+    deadline_arm(c, due);
+}
+
+static void
+on_deadline(uv_timer_t *t)
+{
+  duplex_conn *c = t->data;
+  c->deadline_due = 0;
+  if (c->closing)
+    return;
+  uint64_t due = deadline_next(c);
+  if (due == 0)
+    return;
+  if (due <= uv_now(&c->loop->uv)) {
+    dpx_conn_begin_close(c, DUPLEX_ETIMEDOUT);
+    return;
+  }
+  deadline_arm(c, due);
+}
+
+int
+duplex_conn_set_timeout(duplex_conn *conn, int kind, uint32_t ms)
+{
+  if (conn == NULL || kind < DUPLEX_TIMEOUT_CONNECT ||
+      kind > DUPLEX_TIMEOUT_FLUSH)
+    return DUPLEX_EINVAL;
+  uv_mutex_lock(&conn->mu);
+  if (conn->state == DPX_CS_CLOSED) {
+    uv_mutex_unlock(&conn->mu);
+    return DUPLEX_ECLOSED;
+  }
+  conn->timeout_req[kind] = ms;
+  conn->timeouts_dirty = true;
+  /* Applied by the pump, also on the loop thread: an expiry it causes
+   * never runs inside this call. */
+  dpx_conn_schedule_locked(conn, true);
   uv_mutex_unlock(&conn->mu);
   return 0;
 }

@@ -10,6 +10,7 @@
  * zero-copy releases, shutdown and close are entries in the same FIFO, so
  * they happen exactly in the order they were asked for. */
 #include "internal.h"
+#include "framing.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -205,6 +206,8 @@ static void batch_continue(duplex_conn *c);
 static void
 batch_advance(duplex_conn *c, size_t n)
 {
+  if (n > 0 && c->deadline != NULL)
+    c->t_write = uv_now(&c->loop->uv);
   while (n > 0) {
     dpx_ent *e = &c->batch.v[c->bpos];
     size_t left = e->len - c->boff;
@@ -226,6 +229,8 @@ on_write(uv_write_t *req, int status)
   duplex_conn *c = req->data;
   if (status == 0) {
     /* The request carried the rest of the entry at bpos. */
+    if (c->deadline != NULL)
+      c->t_write = uv_now(&c->loop->uv);
     c->boff = 0;
     c->bpos++;
     batch_continue(c);
@@ -304,6 +309,11 @@ dpx_conn_batch_start(duplex_conn *c)
   }
   c->bpos = 0;
   c->boff = 0;
+  if (c->timeout[DUPLEX_TIMEOUT_FLUSH] != 0) {
+    /* Writes are pending from now: the flush deadline applies. */
+    c->t_write = uv_now(&c->loop->uv);
+    dpx_conn_deadline_touch(c);
+  }
   batch_continue(c);
 }
 
@@ -715,4 +725,23 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
   }
   uv_mutex_unlock(&conn->mu);
   return r;
+}
+
+int
+duplex_conn_write_frame(duplex_conn *conn, const void *data, size_t len,
+                        duplex_write_cb done, void *user)
+{
+  if (conn == NULL || (data == NULL && len > 0))
+    return DUPLEX_EINVAL;
+  if (conn->framer == NULL)
+    return duplex_conn_write(conn, data, len, done, user);
+  unsigned char hdr[8];
+  size_t hdr_len = 0, trail_len = 0;
+  const unsigned char *trail = NULL;
+  int r = dpx_framer_encode(&conn->framer->cfg, data, len, hdr, &hdr_len,
+                            &trail, &trail_len);
+  if (r != 0)
+    return r;
+  duplex_buf bufs[3] = { { hdr, hdr_len }, { data, len }, { trail, trail_len } };
+  return duplex_conn_writev(conn, bufs, 3, done, user);
 }

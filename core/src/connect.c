@@ -182,6 +182,7 @@ on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   duplex_conn *c = req->data;
   dpx_connect_state *cs = c->connecting;
   cs->resolving = false;
+  c->lookup_pending = false;
   cs->res = res;
   if (c->closing) {
     /* Closed while resolving: finish now. */
@@ -319,6 +320,8 @@ dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
     dpx_conn_fail_unopened(c, status != 0 ? status : c->abort_reason);
     return;
   }
+  c->t_start = uv_now(&loop->uv);
+  dpx_conn_deadline_touch(c);
   dpx_connect_state *cs = c->connecting;
   switch (c->kind) {
   case DPX_CONN_TCP_CONNECT:
@@ -335,10 +338,12 @@ dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
       cs->gai.data = c;
       int r = uv_getaddrinfo(&loop->uv, &cs->gai, on_resolved, cs->host, port,
                              &hints);
-      if (r != 0)
+      if (r != 0) {
         connect_failed(c, dpx_err(r));
-      else
+      } else {
         cs->resolving = true;
+        c->lookup_pending = true;
+      }
     }
     break;
   case DPX_CONN_UNIX_CONNECT:

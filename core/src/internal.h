@@ -82,6 +82,8 @@ struct duplex_loop {
   size_t rbuf_size;
   dpx_link conns;
   dpx_link listeners;
+  dpx_link channels;
+  dpx_link timers;
 
   /* write chunk pool */
   uv_mutex_t pool_mu;
@@ -203,6 +205,8 @@ struct duplex_conn {
   dpx_chunk *chunk_tail;
   dpx_waiter *waiters;
   char *peer;
+  uint32_t timeout_req[4]; /* deadlines asked for, applied by the pump */
+  bool timeouts_dirty;
 
   /* ---- immutable after creation ---- */
   int kind;
@@ -241,6 +245,13 @@ struct duplex_conn {
   dpx_ent shut_ent; /* the SHUTDOWN entry being carried out */
   bool shut_pending;
   bool close_after_shut;
+  /* deadlines: one lazily created uv timer re-armed for the nearest */
+  uint32_t timeout[4];
+  uv_timer_t *deadline;
+  uint64_t deadline_due;
+  uint64_t t_start, t_read, t_write;
+  bool lookup_pending;
+  struct dpx_framer *framer; /* NULL without framing */
   dpx_stream h[]; /* one handle, two for adopted pairs */
 };
 
@@ -248,6 +259,9 @@ duplex_conn *dpx_conn_new(duplex_loop *loop, int kind,
                           const duplex_conn_opts *opts, unsigned nhandles);
 int dpx_conn_opts_check(const duplex_conn_opts *opts);
 void dpx_conn_free(duplex_conn *conn);
+/* Deadlines (loop thread): re-arm for the nearest one after an event
+ * made a deadline relevant (open start, resume, first pending write). */
+void dpx_conn_deadline_touch(duplex_conn *conn);
 /* A handle of the conn finished closing (loop thread). */
 void dpx_conn_handle_closed(duplex_conn *conn);
 /* Called on the loop thread once the handle(s) are connected. */
@@ -283,8 +297,10 @@ void dpx_connect_cancel(duplex_conn *conn);
 /* Fill conn->peer from the connected handle. */
 void dpx_conn_set_peer(duplex_conn *conn);
 
-/* listener.c */
+/* listener.c, channel.c, timer.c: teardown */
 void dpx_listener_close_all(duplex_loop *loop);
+void dpx_channel_cancel_all(duplex_loop *loop);
+void dpx_timer_close_all(duplex_loop *loop);
 
 /* Format a socket address as "1.2.3.4:80" / "[::1]:80". */
 int dpx_format_addr(const struct sockaddr *sa, char *buf, size_t len);

@@ -309,6 +309,8 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
   }
   dpx_link_init(&loop->conns);
   dpx_link_init(&loop->listeners);
+  dpx_link_init(&loop->channels);
+  dpx_link_init(&loop->timers);
   loop->state = DPX_LOOP_IDLE;
   *out = loop;
   return 0;
@@ -515,7 +517,9 @@ teardown_pending(duplex_loop *loop)
   uv_mutex_unlock(&loop->mu);
   return inbox || loop->deferred.head != NULL ||
          loop->conns.next != &loop->conns ||
-         loop->listeners.next != &loop->listeners;
+         loop->listeners.next != &loop->listeners ||
+         loop->channels.next != &loop->channels ||
+         loop->timers.next != &loop->timers;
 }
 
 static void
@@ -536,6 +540,8 @@ teardown(duplex_loop *loop)
       dpx_conn_begin_close(c, DUPLEX_ECANCELED);
     }
     dpx_listener_close_all(loop);
+    dpx_channel_cancel_all(loop);
+    dpx_timer_close_all(loop);
     /* Close callbacks, canceled writes and thread-pool completions
      * (a name lookup in flight) arrive through the loop. */
     uv_run(&loop->uv, UV_RUN_ONCE);
