@@ -215,6 +215,25 @@ class Errors(unittest.TestCase):
         self.assertEqual(err, "duplexcat: timed out\n")
         peer.result()
 
+    def test_connect_timeout_exits_1(self):
+        # A listener whose accept queue is full drops new SYNs (Linux), so
+        # the connect hangs until -w gives up. (-i is only a hang guard for
+        # systems where the connect succeeds anyway.)
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        port = s.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        rc, out, err = run(["-w", "0.3", "-i", "5", "127.0.0.1:%d" % port])
+        for c in fillers + [s]:
+            c.close()
+        self.assertEqual((rc, err), (1, "duplexcat: timed out\n"))
+
 
 class Lines(unittest.TestCase):
     def test_lines_both_ways(self):
