@@ -37,7 +37,7 @@ static struct {
   bool io_reads, io_writes;   /* stdin / stdout go through io */
   bool lines, listening;      /* -L, -l */
   int verbose;                /* 0 = -q, 1, 2 = -v */
-  bool net_closed, io_closed, stdin_done, freeing;
+  bool net_closed, io_closed, freeing;
   int status;                 /* exit status, set on the loop thread */
   char *line;                 /* -L: a partial stdin line */
   size_t line_len, line_cap;
@@ -153,7 +153,6 @@ static void
 io_eof(duplex_conn *io, void *user)
 {
   int rc = 0;
-  cat.stdin_done = true;
   if (cat.lines && cat.line_len > 0)
     rc = send_chunk(cat.line, cat.line_len);
   if (rc == 0)
@@ -242,31 +241,26 @@ net_eof(duplex_conn *net, void *user)
     duplex_conn_close(cat.io, DUPLEX_CLOSE_GRACEFUL);
 }
 
-/* Backpressure, both ways: stop reading the side that feeds a full queue. */
-static void
-net_backpressure(duplex_conn *net, size_t queued, void *user)
+/* Backpressure, both ways: while a conn has too much queued, stop reading
+ * the conn that feeds it. (The stdin thread waits in send_chunk instead.) */
+static duplex_conn *
+feeder(duplex_conn *c)
 {
-  if (cat.io_reads && !cat.stdin_done)
-    duplex_conn_pause(cat.io);
+  return c == cat.io ? cat.net : cat.io_reads ? cat.io : NULL;
 }
 
 static void
-net_writable(duplex_conn *net, void *user)
+on_full(duplex_conn *c, size_t queued, void *user)
 {
-  if (cat.io_reads && !cat.stdin_done)
-    duplex_conn_resume(cat.io);
+  if (feeder(c) != NULL)
+    duplex_conn_pause(feeder(c));
 }
 
 static void
-io_backpressure(duplex_conn *io, size_t queued, void *user)
+on_drained(duplex_conn *c, void *user)
 {
-  duplex_conn_pause(cat.net);
-}
-
-static void
-io_writable(duplex_conn *io, void *user)
-{
-  duplex_conn_resume(cat.net);
+  if (feeder(c) != NULL)
+    duplex_conn_resume(feeder(c));
 }
 
 /* ---- lifecycle ------------------------------------------------------------ */
@@ -290,7 +284,8 @@ net_open(duplex_conn *net, void *user)
   }
   if (cat.verbose > 1 && duplex_conn_get_peer(net, peer, sizeof peer) == 0)
     fprintf(stderr, "duplexcat: %s %s\n",
-            cat.listening ? "connection from" : "connected to", peer);
+            cat.listening ? "connection from" : "connected to",
+            peer[0] ? peer : "an unnamed peer");
   if (cat.io_reads) {
     duplex_conn_resume(cat.io);
   } else if (pthread_create(&cat.reader, NULL, stdin_reader, NULL) == 0) {
@@ -447,8 +442,8 @@ main(int argc, char **argv)
   duplex_conn_cbs io_cbs = DUPLEX_CONN_CBS_INIT;
   io_cbs.on_read = io_read;
   io_cbs.on_eof = io_eof;
-  io_cbs.on_backpressure = io_backpressure;
-  io_cbs.on_writable = io_writable;
+  io_cbs.on_backpressure = on_full;
+  io_cbs.on_writable = on_drained;
   io_cbs.on_close = io_close;
   duplex_conn_opts io_opts = DUPLEX_CONN_OPTS_INIT;
   io_opts.cbs = &io_cbs;
@@ -458,8 +453,8 @@ main(int argc, char **argv)
   net_cbs.on_open = net_open;
   net_cbs.on_read = net_read;
   net_cbs.on_eof = net_eof;
-  net_cbs.on_backpressure = net_backpressure;
-  net_cbs.on_writable = net_writable;
+  net_cbs.on_backpressure = on_full;
+  net_cbs.on_writable = on_drained;
   net_cbs.on_close = net_close;
   duplex_framing lines = DUPLEX_FRAMING_INIT;
   lines.kind = DUPLEX_FRAME_DELIMITED;
