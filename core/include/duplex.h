@@ -298,9 +298,9 @@ DUPLEX_API int duplex_loop_on_thread(const duplex_loop *loop);
  * on the calling thread before this returns. Afterwards references to conns
  * that other threads still hold stay valid: calls through them return
  * DUPLEX_ECLOSED until the last duplex_conn_unref() frees them.
- * @thread   any thread except the loop thread itself.
+ * @thread   any thread that is not running a loop (this or another one).
  * @owner    @p loop is invalid once this returns 0.
- * @returns  0, DUPLEX_EINVAL, DUPLEX_EDEADLK (called on the loop thread),
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EDEADLK (called on a loop thread),
  *           DUPLEX_ECLOSED (already being freed by another thread).
  * @since    0.1
  */
@@ -468,7 +468,8 @@ DUPLEX_API int duplex_conn_cbs_init(duplex_conn_cbs *cbs);
  *           it receives a new reference the caller must duplex_conn_unref();
  *           on failure it is set to NULL.
  * @returns  0, DUPLEX_EINVAL (NULL loop/host, empty host, port 0, bad opts),
- *           DUPLEX_EVERSION, DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop being freed).
+ *           DUPLEX_ENAMETOOLONG (host over 1024 bytes), DUPLEX_EVERSION,
+ *           DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop being freed).
  * @callback on success `on_open`; on any failure `on_close` with the error
  *           (e.g. DUPLEX_ECONNREFUSED, DUPLEX_EAI_NONAME).
  * @since    0.1
@@ -656,7 +657,8 @@ DUPLEX_API int duplex_conn_set_timeout(duplex_conn *conn, int kind,
  * duplex_conn_write().
  * @thread any. @owner @p data borrowed for the call.
  * @returns as duplex_conn_write(); DUPLEX_EMSGSIZE also when @p len exceeds
- *          the framing's max_frame or what the prefix can express.
+ *          the framing's max_frame or what the prefix can express;
+ *          DUPLEX_EINVAL when a delimited payload contains the delimiter.
  * @callback @p done as for duplex_conn_write(). @since 0.1
  */
 DUPLEX_API int duplex_conn_write_frame(duplex_conn *conn, const void *data,
@@ -665,8 +667,9 @@ DUPLEX_API int duplex_conn_write_frame(duplex_conn *conn, const void *data,
 
 /**
  * Stop reading (flow control). On the loop thread no read callback runs
- * after this returns; from another thread, reads the loop is already
- * delivering may still arrive before it takes effect.
+ * after this returns (with framing, frames already decoded from the last
+ * chunk wait for duplex_conn_resume()); from another thread, reads the loop
+ * is already delivering may still arrive before it takes effect.
  * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.1
  */
 DUPLEX_API int duplex_conn_pause(duplex_conn *conn);

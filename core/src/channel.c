@@ -228,6 +228,8 @@ static void
 channel_open_op(duplex_loop *loop, dpx_op *op, int status)
 {
   duplex_channel *ch = DPX_CONTAINER_OF(op, duplex_channel, open_op);
+  if (ch->finished)
+    return; /* cannot happen with one FIFO; never list a finished one */
   dpx_link_insert(&loop->channels, &ch->link);
   ch->in_list = true;
   if (status != 0)

@@ -121,6 +121,7 @@ dpx_conn_free(duplex_conn *c)
   free(c->sreq);
   free(c->peer);
   free(c->deadline);
+  free(c->held);
   if (c->framer != NULL) {
     dpx_framer_free(c->framer);
     free(c->framer);
@@ -258,13 +259,64 @@ conn_read_stop(duplex_conn *c)
   }
 }
 
+/* Frames decoded while reading is paused (a chunk holds several and the
+ * callback paused after the first) wait here, length-prefixed, until a
+ * resume delivers them: no read callback runs while paused. */
+static int
+hold_frame(duplex_conn *c, const char *msg, size_t len)
+{
+  size_t need = c->held_len + sizeof len + len;
+  if (need > c->held_cap) {
+    size_t cap = c->held_cap ? c->held_cap : 256;
+    while (cap < need)
+      cap *= 2;
+    char *p = realloc(c->held, cap);
+    if (p == NULL)
+      return DUPLEX_ENOMEM;
+    c->held = p;
+    c->held_cap = cap;
+  }
+  memcpy(c->held + c->held_len, &len, sizeof len);
+  memcpy(c->held + c->held_len + sizeof len, msg, len);
+  c->held_len = need;
+  return 0;
+}
+
 static int
 emit_frame(void *ctx, const char *msg, size_t len)
 {
   duplex_conn *c = ctx;
-  if (c->cbs.on_read != NULL && !c->closing)
+  if (c->closing)
+    return 1;
+  if (!c->reading || c->held_off < c->held_len) {
+    if (hold_frame(c, msg, len) != 0) {
+      dpx_conn_begin_close(c, DUPLEX_ENOMEM);
+      return 1;
+    }
+    return 0;
+  }
+  if (c->cbs.on_read != NULL)
     c->cbs.on_read(c, msg, len, conn_user(c));
   return c->closing;
+}
+
+/* Deliver held frames while reading stays on (loop thread, pump). */
+static void
+deliver_held(duplex_conn *c)
+{
+  while (c->held_off < c->held_len && c->reading && !c->closing) {
+    size_t len;
+    memcpy(&len, c->held + c->held_off, sizeof len);
+    const char *msg = c->held + c->held_off + sizeof len;
+    c->held_off += sizeof len + len;
+    if (c->cbs.on_read != NULL)
+      c->cbs.on_read(c, msg, len, conn_user(c));
+  }
+  if (c->held_off == c->held_len && c->held != NULL) {
+    free(c->held);
+    c->held = NULL;
+    c->held_len = c->held_off = c->held_cap = 0;
+  }
 }
 
 static void
@@ -363,8 +415,15 @@ duplex_conn_resume(duplex_conn *conn)
   if (!here)
     dpx_conn_schedule_locked(conn, true);
   uv_mutex_unlock(&conn->mu);
-  if (here)
+  if (here) {
     conn_apply_read(conn, true); /* starts reading; no callback runs now */
+    if (conn->held != NULL) {
+      /* Frames held while paused go first, from the pump. */
+      uv_mutex_lock(&conn->mu);
+      dpx_conn_schedule_locked(conn, true);
+      uv_mutex_unlock(&conn->mu);
+    }
+  }
   return 0;
 }
 
@@ -421,8 +480,11 @@ dpx_conn_pump(duplex_conn *c)
     }
     bool reads = c->opened && !c->closing && !c->eof_seen &&
                  want != c->reading;
+    /* An abort before the open op ran waits for it (FIFO order). */
+    abort = abort && c->in_list;
+    bool held = c->held != NULL && (want || c->reading) && !c->closing;
     bool work = (abort && !c->closing) || ev != 0 || batch || reads ||
-                c->completed.n > 0 || retime;
+                c->completed.n > 0 || retime || held;
     if (!work) {
       /* Nothing left: a later request must wake us, unless a batch in
        * flight or the pending open will pump anyway. */
@@ -440,6 +502,8 @@ dpx_conn_pump(duplex_conn *c)
       dpx_conn_deadline_touch(c);
     if (reads)
       conn_apply_read(c, want);
+    if (held && c->reading)
+      deliver_held(c);
     if (c->completed.n > 0)
       dpx_conn_complete(c, &c->completed, c->completed.n, 0);
     if ((ev & DPX_EV_BACKPRESSURE) && c->cbs.on_backpressure != NULL &&

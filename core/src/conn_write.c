@@ -60,8 +60,15 @@ chunks_consume_locked(duplex_conn *c, size_t n)
     if (h->done < h->used)
       break;
     if (h == c->chunk_tail) {
-      /* Every appended byte is written: start the chunk over. */
-      h->used = h->done = 0;
+      if (c->queued == 0) {
+        /* Nothing queued at all: give the chunk back, so an idle conn
+         * holds no write buffer. */
+        c->chunk_head = c->chunk_tail = NULL;
+        dpx_chunk_put(c->loop, h);
+      } else {
+        /* Every appended byte is written: start the chunk over. */
+        h->used = h->done = 0;
+      }
       break;
     }
     c->chunk_head = h->next;
@@ -119,11 +126,14 @@ dpx_conn_complete(duplex_conn *c, dpx_entvec *v, size_t ok_before,
   v->n -= n;
 }
 
+/* An entry with bytes to write (an empty zero-copy write has none: it
+ * only waits for its turn to be released). */
 static bool
 is_data(const dpx_ent *e)
 {
-  return e->kind == DPX_ENT_CHUNK || e->kind == DPX_ENT_OWNED ||
-         e->kind == DPX_ENT_ZC;
+  return (e->kind == DPX_ENT_CHUNK || e->kind == DPX_ENT_OWNED ||
+          e->kind == DPX_ENT_ZC) &&
+         e->len > 0;
 }
 
 /* The batch is over with @p status: account, complete, act on markers. */

@@ -306,6 +306,8 @@ void
 dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
 {
   duplex_conn *c = DPX_CONTAINER_OF(op, duplex_conn, open_op);
+  if (c->closing)
+    return; /* cannot happen with one FIFO; never finish twice */
   dpx_link_insert(&loop->conns, &c->link);
   c->in_list = true;
   uv_mutex_lock(&c->mu);

@@ -72,6 +72,7 @@ struct duplex_loop {
   bool quit; /* own thread or running thread must return: being freed */
   bool started;
   bool in_run; /* a thread is inside duplex_loop_run */
+  unsigned exec_waiters; /* threads waiting in dpx_loop_exec */
   uv_thread_t thread;
 
   /* loop thread only */
@@ -252,6 +253,8 @@ struct duplex_conn {
   uint64_t t_start, t_read, t_write;
   bool lookup_pending;
   struct dpx_framer *framer; /* NULL without framing */
+  char *held; /* frames decoded while paused: [size_t len][bytes]... */
+  size_t held_len, held_off, held_cap;
   dpx_stream h[]; /* one handle, two for adopted pairs */
 };
 

@@ -25,6 +25,7 @@ struct duplex_listener {
   char *path; /* UNIX socket file we created, removed on close */
   duplex_conn_opts conn_opts;
   duplex_conn_cbs cbs;
+  duplex_framing framing;
   duplex_listen_error_cb on_error;
   void *user;
   int backlog;
@@ -169,6 +170,11 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
     l->conn_opts.size = sizeof l->conn_opts;
     if (o.conn_opts->cbs != NULL)
       memcpy(&l->cbs, o.conn_opts->cbs, sizeof l->cbs);
+    if (o.conn_opts->framing != NULL) {
+      /* Borrowed for the call only: keep our own copy for every accept. */
+      l->framing = *o.conn_opts->framing;
+      l->conn_opts.framing = &l->framing;
+    }
   }
   l->cbs.size = sizeof l->cbs;
   l->conn_opts.cbs = &l->cbs;
@@ -416,6 +422,10 @@ duplex_listener_close(duplex_listener *l)
     return DUPLEX_EINVAL;
   if (atomic_exchange(&l->close_requested, true))
     return DUPLEX_ECLOSED;
+  if (dpx_on_loop(l->loop)) {
+    listener_close_now(l); /* no accept after this returns */
+    return 0;
+  }
   l->close_op.fn = close_op_run;
   return dpx_loop_submit(l->loop, &l->close_op, false);
 }

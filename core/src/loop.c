@@ -76,9 +76,19 @@ oplist_run(duplex_loop *loop, dpx_op *op, int status)
 
 /* ---- inbox and deferred list ----------------------------------------- */
 
+/* Loop-thread requests (the deferred list) are always older in cause than
+ * what other threads queued since: run them first, so one order holds. */
+static void
+drain_deferred(duplex_loop *loop, int status)
+{
+  dpx_op *ops = oplist_take(&loop->deferred);
+  oplist_run(loop, ops, status);
+}
+
 static void
 drain_inbox(duplex_loop *loop, int status)
 {
+  drain_deferred(loop, status);
   uv_mutex_lock(&loop->mu);
   dpx_op *ops = oplist_take(&loop->inbox);
   uv_mutex_unlock(&loop->mu);
@@ -102,8 +112,7 @@ static void
 on_idle(uv_idle_t *h)
 {
   duplex_loop *loop = DPX_CONTAINER_OF(h, duplex_loop, idle);
-  dpx_op *ops = oplist_take(&loop->deferred);
-  oplist_run(loop, ops, loop->tearing_down ? DUPLEX_ECANCELED : 0);
+  drain_deferred(loop, loop->tearing_down ? DUPLEX_ECANCELED : 0);
   if (loop->deferred.head == NULL && loop->idle_active) {
     uv_idle_stop(&loop->idle);
     loop->idle_active = false;
@@ -135,12 +144,14 @@ dpx_loop_submit(duplex_loop *loop, dpx_op *op, bool new_work)
   }
   bool was_empty = loop->inbox.head == NULL;
   oplist_push(&loop->inbox, op);
-  uv_mutex_unlock(&loop->mu);
   /* The inbox, not the wake-up, carries the work: libuv coalesces sends,
    * and the loop takes the whole list at once, so only the push that found
-   * the list empty needs to wake it. */
+   * the list empty needs to wake it. Sent under the lock: free closes the
+   * wake handle only after taking the lock, so it is never sent a freed
+   * handle. */
   if (was_empty)
     uv_async_send(&loop->wake);
+  uv_mutex_unlock(&loop->mu);
   return 0;
 }
 
@@ -202,8 +213,12 @@ dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
   oplist_push(&loop->inbox, &e.op);
   if (was_empty)
     uv_async_send(&loop->wake);
+  loop->exec_waiters++;
   while (!e.done)
     uv_cond_wait(&loop->cv, &loop->mu);
+  /* A free in progress waits for us to leave before destroying mu. */
+  if (--loop->exec_waiters == 0)
+    uv_cond_broadcast(&loop->cv);
   uv_mutex_unlock(&loop->mu);
   return e.result;
 }
@@ -458,8 +473,8 @@ duplex_loop_stop(duplex_loop *loop)
     return DUPLEX_ECLOSED;
   }
   loop->stop_requested = true;
-  uv_mutex_unlock(&loop->mu);
   uv_async_send(&loop->wake);
+  uv_mutex_unlock(&loop->mu);
   return 0;
 }
 
@@ -531,9 +546,7 @@ teardown(duplex_loop *loop)
   dpx_sigstate sig;
   dpx_sigpipe_block(&sig);
   while (teardown_pending(loop)) {
-    drain_inbox(loop, DUPLEX_ECANCELED);
-    dpx_op *ops = oplist_take(&loop->deferred);
-    oplist_run(loop, ops, DUPLEX_ECANCELED);
+    drain_inbox(loop, DUPLEX_ECANCELED); /* deferred list first */
     for (dpx_link *l = loop->conns.next; l != &loop->conns;) {
       duplex_conn *c = DPX_CONTAINER_OF(l, duplex_conn, link);
       l = l->next;
@@ -542,6 +555,8 @@ teardown(duplex_loop *loop)
     dpx_listener_close_all(loop);
     dpx_channel_cancel_all(loop);
     dpx_timer_close_all(loop);
+    if (!teardown_pending(loop))
+      break; /* everything finished synchronously */
     /* Close callbacks, canceled writes and thread-pool completions
      * (a name lookup in flight) arrive through the loop. */
     uv_run(&loop->uv, UV_RUN_ONCE);
@@ -549,7 +564,9 @@ teardown(duplex_loop *loop)
   if (loop->idle_active)
     uv_idle_stop(&loop->idle);
   uv_close((uv_handle_t *)&loop->idle, NULL);
+  uv_mutex_lock(&loop->mu); /* no sender is inside uv_async_send now */
   uv_close((uv_handle_t *)&loop->wake, NULL);
+  uv_mutex_unlock(&loop->mu);
   uv_run(&loop->uv, UV_RUN_DEFAULT);
   dpx_sigpipe_restore(&sig);
   tls_loop = NULL;
@@ -587,6 +604,10 @@ duplex_loop_free(duplex_loop *loop)
     }
   }
   teardown(loop);
+  uv_mutex_lock(&loop->mu);
+  while (loop->exec_waiters > 0)
+    uv_cond_wait(&loop->cv, &loop->mu);
+  uv_mutex_unlock(&loop->mu);
   int r = uv_loop_close(&loop->uv);
   (void)r; /* every handle is closed by teardown */
   dpx_chunk *c = loop->pool;
