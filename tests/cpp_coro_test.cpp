@@ -1,0 +1,822 @@
+// The C++20 layer's coroutines: duplex::task, spawn(), and each awaitable
+// (conn.read(), conn.async_write(), channel.receive(), loop.sleep(),
+// first_of()), cancellation when the loop goes, and exceptions.
+//
+// Every coroutine here holds an Alive guard, so each test can check that
+// every frame that started was also destroyed (ASan's leak check backs the
+// count up).
+#include <duplex/duplex.hpp>
+
+#include "fixture.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+using dtest::kGuard;
+using duplex::errc;
+
+// Counts coroutine frames: started when the body begins, finished when the
+// frame is destroyed (at co_return or while suspended).
+struct Frames {
+  std::atomic<int> started{0}, finished{0};
+};
+struct Alive {
+  Frames &f;
+  explicit Alive(Frames &frames) : f(frames) { f.started++; }
+  Alive(const Alive &) = delete;
+  Alive &operator=(const Alive &) = delete;
+  ~Alive() { f.finished++; }
+};
+
+struct Thrown : std::runtime_error {
+  explicit Thrown(const std::string &s) : std::runtime_error(s) {}
+};
+
+// Run @p loop on this thread until @p pred holds (hang guard only).
+template <class P> bool pump(duplex::Loop &loop, P &&pred) {
+  auto deadline = std::chrono::steady_clock::now() + kGuard;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= deadline)
+      return pred();
+    loop.run_nowait();
+    std::this_thread::sleep_for(50us);
+  }
+  return true;
+}
+
+// A hang guard for loop.run(): stops the loop and fails if it fires.
+struct Guard {
+  duplex::Timer t;
+  Guard(duplex::Loop &loop)
+      : t(loop, [&loop] {
+          FAIL_CHECK("hang guard fired");
+          loop.stop();
+        }) {
+    t.start(kGuard);
+  }
+};
+
+std::string pattern(size_t n, size_t seed = 0) {
+  std::string s(n, '\0');
+  for (size_t i = 0; i < n; i++)
+    s[i] = static_cast<char>('a' + (i * 7 + seed) % 26);
+  return s;
+}
+
+// ---- coroutines used by several tests ------------------------------------
+
+duplex::task<void> read_all(duplex::Loop &loop, duplex::Conn c, Frames &f,
+                            std::string *data, int *chunks, bool *off_thread) {
+  Alive a(f);
+  for (;;) {
+    auto r = co_await c.read();
+    *off_thread |= !loop.on_thread();
+    if (!r.ok()) {
+      CHECK(r.eof);
+      CHECK_FALSE(r.error);
+      break;
+    }
+    data->append(r.data);
+    ++*chunks;
+  }
+  // EOF sticks: another read returns at once with it.
+  auto again = co_await c.read();
+  CHECK(again.eof);
+  CHECK(again.data.empty());
+  loop.stop();
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------
+// conn.read()
+// ---------------------------------------------------------------------------
+
+TEST_CASE("co_await conn.read() returns every chunk in order, then EOF") {
+  Frames f;
+  std::string data;
+  int chunks = 0;
+  bool off_thread = false;
+  duplex::Loop loop;
+  Guard g(loop);
+  auto sp = dtest::socket_pair();
+  const std::string sent = pattern(1 << 20);
+  std::thread peer([&] {
+    CHECK(dtest::write_all(sp.peer.get(), sent.data(), sent.size()) == 0);
+    ::shutdown(sp.peer.get(), SHUT_WR);
+  });
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  duplex::spawn(loop, read_all(loop, c, f, &data, &chunks, &off_thread));
+  loop.run();
+  peer.join();
+  CHECK(data == sent);
+  CHECK(chunks > 1); // 1 MiB does not fit one read
+  CHECK_FALSE(off_thread);
+  CHECK(f.started == 1);
+  CHECK(f.finished == 1);
+}
+
+TEST_CASE("co_await conn.read() with framing returns one whole frame per read") {
+  Frames f;
+  std::vector<std::string> frames;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  duplex::ConnOptions o;
+  o.framing = duplex::Framing::lines();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  REQUIRE(dtest::write_all(sp.peer.get(), "alpha\nbe", 8) == 0);
+  REQUIRE(dtest::write_all(sp.peer.get(), "ta\ngamma\n", 9) == 0);
+  ::shutdown(sp.peer.get(), SHUT_WR);
+  auto reader = [](duplex::Conn conn, Frames &fr,
+                   std::vector<std::string> *out) -> duplex::task<void> {
+    Alive a(fr);
+    for (;;) {
+      auto r = co_await conn.read();
+      if (!r.ok())
+        break;
+      out->push_back(std::move(r.data));
+    }
+  };
+  duplex::spawn(loop, reader(c, f, &frames));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(frames == std::vector<std::string>{"alpha", "beta", "gamma"});
+}
+
+TEST_CASE("co_await conn.read() resumes with the close when the conn closes while it waits") {
+  Frames f;
+  std::optional<duplex::ReadResult> got;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  auto reader = [](duplex::Conn conn, Frames &fr,
+                   std::optional<duplex::ReadResult> *out) -> duplex::task<void> {
+    Alive a(fr);
+    *out = co_await conn.read();
+    // Afterwards every read reports the close at once.
+    auto again = co_await conn.read();
+    CHECK(again.error == errc::DUPLEX_ECLOSED);
+  };
+  duplex::spawn(loop, reader(c, f, &got));
+  CHECK(pump(loop, [&] { return f.started == 1; }));
+  loop.run_nowait();
+  CHECK_FALSE(got);
+  c.close(true);
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  REQUIRE(got);
+  CHECK_FALSE(got->ok());
+  CHECK_FALSE(got->eof);
+  CHECK(got->error == errc::DUPLEX_ECLOSED);
+}
+
+TEST_CASE("a coroutine reader that falls behind pauses the conn and loses nothing") {
+  Frames f;
+  std::string data;
+  duplex::Loop loop;
+  Guard g(loop);
+  auto sp = dtest::socket_pair();
+  const std::string sent = pattern(2 << 20, 3);
+  std::thread peer([&] {
+    CHECK(dtest::write_all(sp.peer.get(), sent.data(), sent.size()) == 0);
+    ::shutdown(sp.peer.get(), SHUT_WR);
+  });
+  duplex::ConnOptions o;
+  o.read_buffer_limit = 4096;
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  auto slow = [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                 std::string *out) -> duplex::task<void> {
+    Alive a(fr);
+    for (;;) {
+      auto r = co_await conn.read();
+      if (!r.ok())
+        break;
+      out->append(r.data);
+      co_await l.sleep(0ms); // let more arrive than the limit allows
+    }
+    l.stop();
+  };
+  duplex::spawn(loop, slow(loop, c, f, &data));
+  loop.run();
+  peer.join();
+  CHECK(data.size() == sent.size());
+  CHECK(data == sent);
+  CHECK(f.finished == 1);
+}
+
+// ---------------------------------------------------------------------------
+// conn.async_write()
+// ---------------------------------------------------------------------------
+
+TEST_CASE("co_await conn.async_write() resumes once its bytes are with the kernel") {
+  Frames f;
+  std::string received;
+  std::vector<size_t> queued_at_resume;
+  std::vector<std::error_code> results;
+  std::atomic<bool> peer_done{false};
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  const std::string a = pattern(3 << 20, 1), b = pattern(1000, 2);
+  std::thread peer([&] {
+    dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *p, size_t n) {
+      received.append(reinterpret_cast<const char *>(p), n);
+      return true;
+    });
+    peer_done = true;
+  });
+  auto writer = [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                   std::vector<std::string> msgs, std::vector<size_t> *queued,
+                   std::vector<std::error_code> *ecs) -> duplex::task<void> {
+    Alive al(fr);
+    for (auto &m : msgs) {
+      ecs->push_back(co_await conn.async_write(m));
+      queued->push_back(conn.queued());
+      CHECK(l.on_thread());
+    }
+    conn.shutdown();
+  };
+  duplex::spawn(loop, writer(loop, c, f, {a, b, a}, &queued_at_resume, &results));
+  CHECK(pump(loop, [&] { return f.finished == 1 && peer_done; })); // EOF: shut down
+  peer.join();
+  CHECK(results == std::vector<std::error_code>(3));
+  CHECK(queued_at_resume == std::vector<size_t>{0, 0, 0});
+  CHECK(received == a + b + a);
+  CHECK(f.finished == 1);
+}
+
+TEST_CASE("co_await conn.async_write() past the hard limit waits out backpressure, then writes") {
+  Frames f;
+  std::atomic<int> backpressures{0}, writables{0};
+  std::error_code result = errc::DUPLEX_EUNKNOWN;
+  bool refused_at_attempt = false;
+  dtest::Event attempting;
+  std::string tail;
+  std::atomic<bool> peer_done{false};
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  size_t junk = dtest::fill_send_buffer(sp.ours.get());
+  duplex::ConnOptions o;
+  o.high_watermark = 4096;
+  o.low_watermark = 1024;
+  o.hard_limit = 16384;
+  auto c = duplex::Conn::adopt(
+      loop, sp.ours.release(),
+      {.on_backpressure = [&](duplex::ConnRef, size_t) { backpressures++; },
+       .on_writable = [&](duplex::ConnRef) { writables++; }},
+      o);
+  const std::string first(8000, 'A'), second = pattern(10000, 5);
+  auto writer = [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                   std::string one, std::string two, bool *refused,
+                   dtest::Event *ev, std::error_code *out) -> duplex::task<void> {
+    Alive al(fr);
+    CHECK(conn.write(std::move(one))); // queued: past the high watermark
+    *refused = conn.queued() + two.size() > 16384;
+    ev->set(); // the peer may drain from now on
+    *out = co_await conn.async_write(two);
+    CHECK(l.on_thread());
+    conn.shutdown();
+  };
+  std::thread peer([&] {
+    REQUIRE(attempting.wait());
+    CHECK(dtest::drain_exactly(sp.peer.get(), junk + 8000));
+    dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *p, size_t n) {
+      tail.append(reinterpret_cast<const char *>(p), n);
+      return true;
+    });
+    peer_done = true;
+  });
+  duplex::spawn(loop, writer(loop, c, f, first, second, &refused_at_attempt,
+                             &attempting, &result));
+  CHECK(pump(loop, [&] { return f.finished == 1 && peer_done; }));
+  peer.join();
+  CHECK(refused_at_attempt);
+  CHECK_FALSE(result);
+  CHECK(tail == second);
+  CHECK(backpressures.load() >= 1);
+  CHECK(writables.load() >= 1);
+}
+
+// Known bug (reported): a write refused at the hard limit while the queue is
+// below the high watermark never gets on_writable, so async_write waits
+// until the conn closes. Enable when fixed.
+TEST_CASE("co_await conn.async_write() refused below the high watermark still completes" *
+          doctest::skip(true)) {
+  Frames f;
+  std::error_code result = errc::DUPLEX_EUNKNOWN;
+  dtest::Event attempting;
+  size_t drained = 0;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  size_t junk = dtest::fill_send_buffer(sp.ours.get());
+  duplex::ConnOptions o;
+  o.high_watermark = 1024;
+  o.low_watermark = 256;
+  o.hard_limit = 4096;
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  auto writer = [](duplex::Conn conn, Frames &fr, dtest::Event *ev,
+                   std::error_code *out) -> duplex::task<void> {
+    Alive al(fr);
+    CHECK(conn.write(std::string(100, 'a'))); // below the high watermark
+    ev->set();
+    *out = co_await conn.async_write(std::string(8000, 'b')); // refused
+    conn.shutdown();
+  };
+  std::thread peer([&] {
+    REQUIRE(attempting.wait());
+    dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *, size_t n) {
+      drained += n;
+      return true;
+    });
+  });
+  duplex::spawn(loop, writer(c, f, &attempting, &result));
+  duplex::Timer guard(loop, [&] { c.close(true); });
+  guard.start(10s);
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  peer.join();
+  CHECK_FALSE(result);
+  CHECK(drained == junk + 8100);
+}
+
+TEST_CASE("co_await conn.async_write() on a shut down or closed conn returns the error at once") {
+  Frames f;
+  std::vector<std::error_code> got;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  auto writer = [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                   std::vector<std::error_code> *out) -> duplex::task<void> {
+    Alive al(fr);
+    conn.shutdown();
+    out->push_back(co_await conn.async_write("x"));
+    conn.close(true);
+    out->push_back(co_await conn.async_write("y"));
+    co_await l.sleep(1ms); // the close completes
+    out->push_back(co_await conn.async_write("z"));
+  };
+  duplex::spawn(loop, writer(loop, c, f, &got));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  REQUIRE(got.size() == 3);
+  CHECK(got[0] == errc::DUPLEX_ESHUTDOWN);
+  CHECK(got[1] == errc::DUPLEX_ECLOSED);
+  CHECK(got[2] == errc::DUPLEX_ECLOSED);
+}
+
+// ---------------------------------------------------------------------------
+// channel.receive() and loop.sleep()
+// ---------------------------------------------------------------------------
+
+TEST_CASE("co_await channel.receive() returns values in send order, then nullopt once closed and drained") {
+  constexpr int kN = 5000;
+  Frames f;
+  int got = 0, out_of_order = 0, nullopts = 0;
+  bool off_thread = false;
+  duplex::Loop loop;
+  Guard g(loop);
+  duplex::Channel<std::unique_ptr<int>> ch(loop, {}, 32); // move-only values
+  auto consumer = [](duplex::Loop &l, duplex::Channel<std::unique_ptr<int>> c,
+                     Frames &fr, int *n, int *bad, int *nulls,
+                     bool *off) -> duplex::task<void> {
+    Alive al(fr);
+    for (;;) {
+      auto v = co_await c.receive();
+      *off |= !l.on_thread();
+      if (!v)
+        break;
+      *bad += **v != *n;
+      ++*n;
+    }
+    // Closed stays closed.
+    *nulls += !(co_await c.receive()) ? 1 : 0;
+    l.stop();
+  };
+  duplex::spawn(loop, consumer(loop, ch, f, &got, &out_of_order, &nullopts, &off_thread));
+  std::thread producer([ch]() mutable {
+    for (int i = 0; i < kN; i++)
+      CHECK(ch.send(std::make_unique<int>(i)));
+    ch.close();
+  });
+  loop.run();
+  producer.join();
+  CHECK(got == kN);
+  CHECK(out_of_order == 0);
+  CHECK(nullopts == 1);
+  CHECK_FALSE(off_thread);
+  CHECK(f.finished == 1);
+}
+
+TEST_CASE("co_await loop.sleep() resumes each sleeper once, on the loop thread, without error") {
+  constexpr int kSleepers = 100;
+  Frames f;
+  std::atomic<int> ok{0}, on_thread{0};
+  duplex::Loop loop;
+  loop.start();
+  auto sleeper = [](duplex::Loop &l, int ms, Frames &fr, std::atomic<int> *good,
+                    std::atomic<int> *here) -> duplex::task<void> {
+    Alive al(fr);
+    auto ec = co_await l.sleep(std::chrono::milliseconds(ms));
+    *good += !ec;
+    *here += l.on_thread();
+  };
+  for (int i = 0; i < kSleepers; i++) // spawned from a thread that is not the loop's
+    duplex::spawn(loop, sleeper(loop, i % 5, f, &ok, &on_thread));
+  CHECK(dtest::wait_until([&] { return f.finished.load() == kSleepers; }));
+  CHECK(ok.load() == kSleepers);
+  CHECK(on_thread.load() == kSleepers);
+  CHECK(f.started.load() == kSleepers);
+}
+
+// ---------------------------------------------------------------------------
+// first_of()
+// ---------------------------------------------------------------------------
+
+TEST_CASE("first_of() takes the ready side and leaves the other's value queued") {
+  Frames f;
+  std::vector<std::string> order;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  duplex::ConnOptions o;
+  o.framing = duplex::Framing::lines();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  duplex::Channel<std::string> ch(loop);
+  auto sel = [](duplex::Loop &l, duplex::Conn conn, duplex::Channel<std::string> chan,
+                Frames &fr, std::vector<std::string> *out) -> duplex::task<void> {
+    Alive al(fr);
+    // Nothing is ready: first_of waits, and the channel wins.
+    auto e1 = co_await duplex::first_of(conn.read(), chan.receive());
+    REQUIRE(e1.index() == 1);
+    out->push_back("ch:" + *std::get<1>(e1));
+    // Wait until both sides hold a value (the awaiters' ready() only looks).
+    while (!(conn.read().ready() && chan.receive().ready()))
+      co_await l.sleep(1ms);
+    // Both are ready: the first argument wins, the other keeps its value.
+    auto e2 = co_await duplex::first_of(conn.read(), chan.receive());
+    REQUIRE(e2.index() == 0);
+    out->push_back("conn:" + std::get<0>(e2).data);
+    auto e3 = co_await duplex::first_of(chan.receive(), conn.read());
+    REQUIRE(e3.index() == 0);
+    out->push_back("ch:" + *std::get<0>(e3));
+    auto e4 = co_await duplex::first_of(chan.receive(), conn.read());
+    REQUIRE(e4.index() == 1);
+    out->push_back("conn:" + std::get<1>(e4).data);
+  };
+  duplex::spawn(loop, sel(loop, c, ch, f, &order));
+  CHECK(pump(loop, [&] { return f.started == 1; }));
+  loop.run_nowait();
+  CHECK(ch.send(std::string("m1")));
+  CHECK(pump(loop, [&] { return order.size() == 1; }));
+  CHECK(ch.send(std::string("m2")));
+  REQUIRE(dtest::write_all(sp.peer.get(), "l1\nl2\n", 6) == 0);
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(order == std::vector<std::string>{"ch:m1", "conn:l1", "ch:m2", "conn:l2"});
+}
+
+TEST_CASE("first_of() over a conn and a channel never loses a value") {
+  const int kN = dtest::kSanitized ? 5000 : 50000;
+  Frames f;
+  int lines = 0, values = 0, bad_lines = 0, bad_values = 0;
+  int conn_wins = 0, chan_wins = 0;
+  duplex::Loop loop;
+  Guard g(loop);
+  auto sp = dtest::socket_pair();
+  duplex::ConnOptions o;
+  o.framing = duplex::Framing::lines();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  duplex::Channel<int> ch(loop); // unbounded: both sides are often ready at once
+
+  struct Counts {
+    int *lines, *values, *bad_lines, *bad_values, *conn_wins, *chan_wins;
+  } counts{&lines, &values, &bad_lines, &bad_values, &conn_wins, &chan_wins};
+  auto pump_both = [](duplex::Loop &l, duplex::Conn conn, duplex::Channel<int> chan,
+                      Frames &fr, Counts n) -> duplex::task<void> {
+    Alive al(fr);
+    bool conn_open = true, chan_open = true;
+    auto on_line = [&](duplex::ReadResult &r) {
+      if (!r.ok()) {
+        CHECK(r.eof);
+        conn_open = false;
+        return;
+      }
+      *n.bad_lines += r.data != std::to_string(*n.lines);
+      ++*n.lines;
+    };
+    auto on_value = [&](std::optional<int> &v) {
+      if (!v) {
+        chan_open = false;
+        return;
+      }
+      *n.bad_values += *v != *n.values;
+      ++*n.values;
+    };
+    for (unsigned round = 0; conn_open || chan_open; round++) {
+      // Alternate which side first_of() prefers, so both win and lose.
+      if (conn_open && chan_open && round % 2 == 0) {
+        auto ev = co_await duplex::first_of(conn.read(), chan.receive());
+        if (ev.index() == 0) {
+          ++*n.conn_wins;
+          on_line(std::get<0>(ev));
+        } else {
+          ++*n.chan_wins;
+          on_value(std::get<1>(ev));
+        }
+      } else if (conn_open && chan_open) {
+        auto ev = co_await duplex::first_of(chan.receive(), conn.read());
+        if (ev.index() == 0) {
+          ++*n.chan_wins;
+          on_value(std::get<0>(ev));
+        } else {
+          ++*n.conn_wins;
+          on_line(std::get<1>(ev));
+        }
+      } else if (conn_open) {
+        auto r = co_await conn.read();
+        on_line(r);
+      } else {
+        auto v = co_await chan.receive();
+        on_value(v);
+      }
+    }
+    l.stop();
+  };
+  duplex::spawn(loop, pump_both(loop, c, ch, f, counts));
+  std::thread producer([ch, kN]() mutable {
+    for (int i = 0; i < kN; i++)
+      CHECK(ch.send(int(i)));
+    ch.close();
+  });
+  std::thread peer([&, kN] {
+    std::string batch;
+    for (int i = 0; i < kN; i++) {
+      batch += std::to_string(i) + "\n";
+      if (batch.size() > 1000 || i == kN - 1) {
+        CHECK(dtest::write_all(sp.peer.get(), batch.data(), batch.size()) == 0);
+        batch.clear();
+      }
+    }
+    ::shutdown(sp.peer.get(), SHUT_WR);
+  });
+  loop.run();
+  producer.join();
+  peer.join();
+  CHECK(lines == kN);
+  CHECK(values == kN);
+  CHECK(bad_lines == 0);
+  CHECK(bad_values == 0);
+  CHECK(f.finished == 1);
+  MESSAGE("first_of wins: conn " << conn_wins << ", channel " << chan_wins);
+}
+
+// ---------------------------------------------------------------------------
+// Cancellation
+// ---------------------------------------------------------------------------
+
+namespace {
+
+struct Outcomes {
+  std::optional<duplex::ReadResult> read;
+  bool received_nullopt = false;
+  std::error_code slept = errc::DUPLEX_EUNKNOWN, wrote = errc::DUPLEX_EUNKNOWN,
+                  waited_room = errc::DUPLEX_EUNKNOWN,
+                  nested = errc::DUPLEX_EUNKNOWN;
+  int first_of_index = -1;
+  std::error_code first_of_error = errc::DUPLEX_EUNKNOWN;
+  bool first_of_nullopt = false;
+};
+
+duplex::task<std::error_code> inner_sleep(duplex::Loop &l, Frames &fr) {
+  Alive al(fr);
+  co_return co_await l.sleep(1h);
+}
+
+// Start one coroutine waiting on each kind of awaitable.
+void spawn_waiters(duplex::Loop &loop, Frames &f, Outcomes &out,
+                   duplex::Conn reading, duplex::Conn clogged,
+                   duplex::Conn selecting, duplex::Channel<int> ch,
+                   duplex::Channel<int> ch2) {
+  duplex::spawn(loop, [](duplex::Conn c, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->read = co_await c.read();
+  }(reading, f, &out));
+  duplex::spawn(loop, [](duplex::Channel<int> c, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->received_nullopt = !(co_await c.receive());
+  }(ch, f, &out));
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->slept = co_await l.sleep(1h);
+  }(loop, f, &out));
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->nested = co_await inner_sleep(l, fr);
+  }(loop, f, &out));
+  // clogged: its kernel buffer is full; the first write waits for the kernel,
+  // the second waits for room (past the hard limit).
+  duplex::spawn(loop, [](duplex::Conn c, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->wrote = co_await c.async_write(std::string(6000, 'w'));
+  }(clogged, f, &out));
+  duplex::spawn(loop, [](duplex::Conn c, Frames &fr, Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    o->waited_room = co_await c.async_write(std::string(6000, 'r'));
+  }(clogged, f, &out));
+  duplex::spawn(loop, [](duplex::Conn c, duplex::Channel<int> chan, Frames &fr,
+                         Outcomes *o) -> duplex::task<void> {
+    Alive al(fr);
+    auto ev = co_await duplex::first_of(c.read(), chan.receive());
+    o->first_of_index = static_cast<int>(ev.index());
+    if (ev.index() == 0)
+      o->first_of_error = std::get<0>(ev).error;
+    else
+      o->first_of_nullopt = !std::get<1>(ev);
+  }(selecting, ch2, f, &out));
+}
+constexpr int kWaiterFrames = 8; // 7 spawned + 1 nested
+
+void check_outcomes(const Outcomes &out) {
+  REQUIRE(out.read);
+  CHECK(out.read->error == errc::DUPLEX_ECANCELED);
+  CHECK(out.received_nullopt);
+  CHECK(out.slept == errc::DUPLEX_ECANCELED);
+  CHECK(out.nested == errc::DUPLEX_ECANCELED);
+  CHECK(out.wrote == errc::DUPLEX_ECANCELED);
+  CHECK(out.waited_room); // an error: canceled or closed
+  CHECK(out.waited_room != errc::DUPLEX_EUNKNOWN);
+  // Whichever side the teardown cancels first wakes it, with its error.
+  REQUIRE(out.first_of_index != -1);
+  if (out.first_of_index == 0)
+    CHECK(out.first_of_error == errc::DUPLEX_ECANCELED);
+  else
+    CHECK(out.first_of_nullopt);
+}
+
+duplex::ConnOptions hard_8k() {
+  duplex::ConnOptions o;
+  o.high_watermark = 2048;
+  o.low_watermark = 512;
+  o.hard_limit = 8192;
+  return o;
+}
+
+} // namespace
+
+TEST_CASE("destroying the Loop resumes every waiting coroutine with an error and frees every frame") {
+  Frames f;
+  Outcomes out;
+  auto unstarted = std::make_shared<int>(0);
+  auto a = dtest::socket_pair(), b = dtest::socket_pair(), d = dtest::socket_pair();
+  dtest::fill_send_buffer(b.ours.get());
+  {
+    duplex::Loop loop;
+    auto reading = duplex::Conn::adopt(loop, a.ours.release());
+    auto clogged = duplex::Conn::adopt(loop, b.ours.release(), {}, hard_8k());
+    auto selecting = duplex::Conn::adopt(loop, d.ours.release());
+    duplex::Channel<int> ch(loop), ch2(loop);
+    spawn_waiters(loop, f, out, reading, clogged, selecting, ch, ch2);
+    CHECK(pump(loop, [&] { return f.started == kWaiterFrames; }));
+    for (int i = 0; i < 10; i++)
+      loop.run_nowait();
+    CHECK(f.finished == 0); // every one is waiting
+    // A task spawned now never starts: it is destroyed with the loop.
+    duplex::spawn(loop, [](std::shared_ptr<int>) -> duplex::task<void> {
+      FAIL("started");
+      co_return;
+    }(unstarted));
+    CHECK(unstarted.use_count() == 2);
+  }
+  CHECK(f.finished == kWaiterFrames);
+  CHECK(unstarted.use_count() == 1);
+  check_outcomes(out);
+}
+
+TEST_CASE("destroying a started Loop resumes its waiting coroutines with an error") {
+  Frames f;
+  Outcomes out;
+  auto a = dtest::socket_pair(), b = dtest::socket_pair(), d = dtest::socket_pair();
+  dtest::fill_send_buffer(b.ours.get());
+  {
+    duplex::Loop loop;
+    loop.start();
+    auto reading = duplex::Conn::adopt(loop, a.ours.release());
+    auto clogged = duplex::Conn::adopt(loop, b.ours.release(), {}, hard_8k());
+    auto selecting = duplex::Conn::adopt(loop, d.ours.release());
+    duplex::Channel<int> ch(loop), ch2(loop);
+    spawn_waiters(loop, f, out, reading, clogged, selecting, ch, ch2);
+    CHECK(dtest::wait_until([&] { return f.started.load() == kWaiterFrames; }));
+    auto fence = std::make_shared<dtest::Event>();
+    loop.post([fence] { fence->set(); });
+    CHECK(fence->wait());
+    CHECK(f.finished.load() == 0);
+  }
+  CHECK(f.finished.load() == kWaiterFrames);
+  check_outcomes(out);
+}
+
+// Known bug (reported): a coroutine resumed during ~Loop (here by its read's
+// cancellation) that then sleeps gets a timer the teardown closes without
+// calling back: it never resumes and its frame leaks. Enable when fixed.
+TEST_CASE("a coroutine that sleeps after ~Loop woke it still finishes" * doctest::skip(true)) {
+  Frames f;
+  std::error_code slept = errc::DUPLEX_EUNKNOWN;
+  auto sp = dtest::socket_pair();
+  {
+    duplex::Loop loop;
+    auto c = duplex::Conn::adopt(loop, sp.ours.release());
+    duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                           std::error_code *out) -> duplex::task<void> {
+      Alive al(fr);
+      (void)co_await conn.read();
+      *out = co_await l.sleep(10ms);
+    }(loop, c, f, &slept));
+    CHECK(pump(loop, [&] { return f.started == 1; }));
+  }
+  CHECK(f.finished == 1);
+  CHECK(slept == errc::DUPLEX_ECANCELED);
+}
+
+// ---------------------------------------------------------------------------
+// Exceptions and nested tasks
+// ---------------------------------------------------------------------------
+
+namespace {
+
+duplex::task<int> twice(duplex::Loop &l, int x) {
+  co_await l.sleep(0ms);
+  if (x < 0) {
+    l.stop(); // so that run() returns with the exception
+    throw Thrown("negative");
+  }
+  co_return 2 * x;
+}
+
+} // namespace
+
+TEST_CASE("an exception thrown inside a spawned task is rethrown by run()") {
+  Frames f;
+  duplex::Loop loop;
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    co_await l.sleep(0ms);
+    l.stop();
+    throw Thrown("in task");
+  }(loop, f));
+  CHECK_THROWS_WITH_AS(loop.run(), "in task", Thrown);
+  CHECK(f.finished == 1);
+
+  // Through a nested task<int> that nobody catches.
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    int v = co_await twice(l, -1);
+    FAIL("not reached " << v);
+  }(loop, f));
+  CHECK_THROWS_WITH_AS(loop.run(), "negative", Thrown);
+  CHECK(f.finished == 2);
+}
+
+TEST_CASE("a task<T> returns its value to the awaiting task, which may catch its exception") {
+  Frames f;
+  int value = 0;
+  bool caught = false;
+  duplex::Loop loop;
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr, int *v,
+                         bool *c) -> duplex::task<void> {
+    Alive al(fr);
+    *v = co_await twice(l, 21);
+    try {
+      (void)co_await twice(l, -1);
+    } catch (const Thrown &) {
+      *c = true;
+    }
+    l.stop();
+  }(loop, f, &value, &caught));
+  CHECK_NOTHROW(loop.run());
+  CHECK(value == 42);
+  CHECK(caught);
+  CHECK(f.finished == 1);
+}
+
+TEST_CASE("an exception in a task on a started loop comes out of Loop::rethrow()") {
+  Frames f;
+  duplex::Loop loop;
+  loop.start();
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    co_await l.sleep(0ms);
+    throw Thrown("started");
+  }(loop, f));
+  CHECK(dtest::wait_until([&] { return f.finished.load() == 1; }));
+  auto fence = std::make_shared<dtest::Event>();
+  loop.post([fence] { fence->set(); });
+  CHECK(fence->wait());
+  CHECK_THROWS_WITH_AS(loop.rethrow(), "started", Thrown);
+  CHECK_NOTHROW(loop.rethrow());
+}
