@@ -378,7 +378,10 @@ typedef struct duplex_conn_cbs {
  * the length of the first whole frame (> 0, at most @p len), 0 if more bytes
  * are needed, or a negative DUPLEX_E* code to close the conn with it.
  * @p *skip receives how many leading bytes of the frame are a header to
- * strip before delivery (leave it 0 to deliver the whole frame).
+ * strip before delivery (leave it 0 to deliver the whole frame). A frame
+ * may be at most max_frame + 64 bytes in all; still answering 0 once that
+ * many bytes are buffered closes the conn with DUPLEX_EMSGSIZE, and a
+ * length over @p len or a skip over the length with DUPLEX_EPROTO.
  * @callback runs on the loop thread; must be pure (it may see the same
  *           bytes again after more arrive).
  */
@@ -653,8 +656,9 @@ DUPLEX_API int duplex_conn_set_timeout(duplex_conn *conn, int kind,
 
 /**
  * Write one framed message: the conn's length prefix or delimiter is added
- * and the whole frame is one unsplittable write. Without framing this is
- * duplex_conn_write().
+ * and the whole frame is one unsplittable write. Without framing, and with
+ * a custom framer (whose header the caller includes), the bytes are
+ * written as given, as by duplex_conn_write().
  * @thread any. @owner @p data borrowed for the call.
  * @returns as duplex_conn_write(); DUPLEX_EMSGSIZE also when @p len exceeds
  *          the framing's max_frame or what the prefix can express;
