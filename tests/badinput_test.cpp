@@ -51,6 +51,35 @@ struct Ctx {
   WriteCounter refused_writes;
   int closed_user_tag = 0;
   char one_byte[1] = {'x'};
+  // Channels: one open, one closed (still referenced); a timer never
+  // started. A release function called for a refused pointer message, or a
+  // timer callback, must never happen.
+  duplex_channel *open_ch = nullptr;
+  duplex_channel *closed_ch = nullptr;
+  std::atomic<int> ch_closes{0};
+  std::atomic<int> bad_releases{0};
+  std::atomic<int> timer_fires{0};
+  duplex_timer *timer = nullptr;
+  char ptr_msg[8] = {0};
+
+  static void ch_message(duplex_channel *, void *, size_t, void *) {}
+  static void ch_close(duplex_channel *, int, void *user) {
+    static_cast<Ctx *>(user)->ch_closes++;
+  }
+  static void never_release(void *, size_t, int, void *user) {
+    static_cast<Ctx *>(user)->bad_releases++;
+  }
+  static void never_fire(duplex_timer *, void *user) {
+    static_cast<Ctx *>(user)->timer_fires++;
+  }
+  duplex_channel_opts ch_opts(size_t capacity = 0) {
+    duplex_channel_opts o = DUPLEX_CHANNEL_OPTS_INIT;
+    o.on_message = ch_message;
+    o.on_close = ch_close;
+    o.user = this;
+    o.capacity = capacity;
+    return o;
+  }
 
   Ctx() {
     REQUIRE(duplex_loop_new(&loop, nullptr) == 0);
@@ -69,6 +98,12 @@ struct Ctx {
     REQUIRE(duplex_listener_tcp(&tcp, loop, "127.0.0.1", 0, nullptr) == 0);
     unix_path = dir.file("bad.sock");
     REQUIRE(duplex_listener_unix(&unx, loop, unix_path.c_str(), nullptr) == 0);
+    auto co = ch_opts();
+    REQUIRE(duplex_channel_new(&open_ch, loop, &co) == 0);
+    REQUIRE(duplex_channel_new(&closed_ch, loop, &co) == 0);
+    REQUIRE(duplex_channel_close(closed_ch) == 0);
+    REQUIRE(pump_until(loop, [&] { return ch_closes.load() == 1; }));
+    REQUIRE(duplex_timer_new(&timer, loop, never_fire, this) == 0);
   }
   ~Ctx() {
     if (tcp)
@@ -77,7 +112,11 @@ struct Ctx {
       CHECK(duplex_listener_close(unx) == 0);
     CHECK(duplex_conn_unref(open_conn) == 0);
     CHECK(duplex_conn_unref(closed_conn) == 0);
+    CHECK(duplex_channel_unref(open_ch) == 0);
+    CHECK(duplex_channel_unref(closed_ch) == 0);
     CHECK(duplex_loop_free(loop) == 0);
+    CHECK(bad_releases.load() == 0);
+    CHECK(timer_fires.load() == 0);
     CHECK(posts_run.load() == 0);
     CHECK(zc.released.load() == 0);
     CHECK(refused_writes.total.load() == 0);
@@ -507,6 +546,338 @@ std::vector<Case> make_table(Ctx &c) {
   add("duplex_conn_get_peer", "NULL buf",
       [&c] { return duplex_conn_get_peer(c.open_conn, nullptr, 8); }, DUPLEX_EINVAL);
 
+  // ---- deadlines -----------------------------------------------------------
+  add("duplex_conn_set_timeout", "NULL",
+      [] { return duplex_conn_set_timeout(nullptr, DUPLEX_TIMEOUT_IDLE, 10); }, DUPLEX_EINVAL);
+  for (int kind : {-1, 4, INT_MAX, INT_MIN})
+    add("duplex_conn_set_timeout", "unknown kind " + std::to_string(kind),
+        [&c, kind] { return duplex_conn_set_timeout(c.open_conn, kind, 10); }, DUPLEX_EINVAL);
+  add("duplex_conn_set_timeout", "closed conn",
+      [&c] { return duplex_conn_set_timeout(c.closed_conn, DUPLEX_TIMEOUT_IDLE, 10); },
+      DUPLEX_ECLOSED);
+  for (int kind : {DUPLEX_TIMEOUT_CONNECT, DUPLEX_TIMEOUT_IDLE, DUPLEX_TIMEOUT_READ,
+                   DUPLEX_TIMEOUT_FLUSH})
+    add("duplex_conn_set_timeout", "kind " + std::to_string(kind) + " off (0): accepted",
+        [&c, kind] { return duplex_conn_set_timeout(c.open_conn, kind, 0); }, 0);
+
+  // ---- framing --------------------------------------------------------------
+  add("duplex_framing_init", "NULL", [] { return duplex_framing_init(nullptr); }, DUPLEX_EINVAL);
+
+  // Bad framing structs, given to every constructor through opts.framing.
+  struct BadFraming {
+    std::string what;
+    std::function<void(duplex_framing &)> mutate;
+    int expect;
+  };
+  std::vector<BadFraming> bad_framing = {
+      {"framing->size 0", [](auto &f) { f.kind = DUPLEX_FRAME_NONE; f.size = 0; },
+       DUPLEX_EVERSION},
+      {"framing->size 1", [](auto &f) { f.size = 1; }, DUPLEX_EVERSION},
+      {"framing->size one short",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_DELIMITED;
+         f.delimiter[0] = '\n';
+         f.delimiter_len = 1;
+         f.size = sizeof(duplex_framing) - 1;
+       },
+       DUPLEX_EVERSION},
+      {"framing kind 4", [](auto &f) { f.kind = 4; }, DUPLEX_EINVAL},
+      {"framing kind -1", [](auto &f) { f.kind = -1; }, DUPLEX_EINVAL},
+      {"unknown framing flag",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+         f.prefix_bytes = 4;
+         f.flags = 0x2;
+       },
+       DUPLEX_EINVAL},
+      {"length prefix of 3 bytes",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+         f.prefix_bytes = 3;
+       },
+       DUPLEX_EINVAL},
+      {"length prefix of 0 bytes",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+         f.prefix_bytes = 0;
+       },
+       DUPLEX_EINVAL},
+      {"length prefix of 16 bytes",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+         f.prefix_bytes = 16;
+       },
+       DUPLEX_EINVAL},
+      {"delimiter_len 0",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_DELIMITED;
+         f.delimiter_len = 0;
+       },
+       DUPLEX_EINVAL},
+      {"delimiter_len 5",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_DELIMITED;
+         f.delimiter[0] = '\n';
+         f.delimiter_len = 5;
+       },
+       DUPLEX_EINVAL},
+      {"custom framing without a framer",
+       [](auto &f) {
+         f.kind = DUPLEX_FRAME_CUSTOM;
+         f.custom = nullptr;
+       },
+       DUPLEX_EINVAL},
+  };
+  for (auto &b : bad_framing) {
+    add("duplex_conn_adopt", b.what, [&c, b] {
+      auto sp = socket_pair();
+      duplex_framing f = DUPLEX_FRAMING_INIT;
+      b.mutate(f);
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      o.framing = &f;
+      return adopt_refused(c, sp.ours.get(), &o);
+    }, b.expect);
+    add("duplex_conn_connect_tcp", b.what, [tcp, &c, b] {
+      duplex_framing f = DUPLEX_FRAMING_INIT;
+      b.mutate(f);
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      o.framing = &f;
+      return tcp(c.loop, "127.0.0.1", 1, &o);
+    }, b.expect);
+    add("duplex_conn_connect_unix", b.what, [unx, &c, b] {
+      duplex_framing f = DUPLEX_FRAMING_INIT;
+      b.mutate(f);
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      o.framing = &f;
+      return unx(c.loop, c.unix_path.c_str(), &o);
+    }, b.expect);
+    add("duplex_conn_adopt_pair", b.what, [pair, pipes, &c, b] {
+      auto [r, w] = pipes();
+      duplex_framing f = DUPLEX_FRAMING_INIT;
+      b.mutate(f);
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      o.framing = &f;
+      return pair(c.loop, r.get(), w.get(), &o);
+    }, b.expect);
+  }
+
+  // duplex_conn_write_frame: generic bad input on the plain open conn, and
+  // what a framing cannot carry on framed conns made for the row.
+  add("duplex_conn_write_frame", "NULL conn",
+      [rw] { return duplex_conn_write_frame(nullptr, "x", 1, WriteCounter::cb, rw); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_write_frame", "NULL data, len 5", [rw, &c] {
+    return duplex_conn_write_frame(c.open_conn, nullptr, 5, WriteCounter::cb, rw);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_write_frame", "len DUPLEX_WRITE_MAX + 1", [rw, &c] {
+    return duplex_conn_write_frame(c.open_conn, c.one_byte, DUPLEX_WRITE_MAX + 1,
+                                   WriteCounter::cb, rw);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write_frame", "closed conn",
+      [rw, &c] { return duplex_conn_write_frame(c.closed_conn, "x", 1, WriteCounter::cb, rw); },
+      DUPLEX_ECLOSED);
+  auto framed_write = [&c, rw](duplex_framing f, const void *data, size_t len) {
+    auto sp = socket_pair();
+    duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+    o.framing = &f;
+    duplex_conn *conn = adopt(c.loop, sp.ours, &o);
+    int rc = duplex_conn_write_frame(conn, data, len, WriteCounter::cb, rw);
+    duplex_conn_close(conn, DUPLEX_CLOSE_ABORT);
+    duplex_conn_unref(conn);
+    return rc;
+  };
+  add("duplex_conn_write_frame", "1-byte prefix, 256 bytes", [framed_write] {
+    static const std::vector<char> buf(256, 'p');
+    duplex_framing f = DUPLEX_FRAMING_INIT;
+    f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+    f.prefix_bytes = 1;
+    return framed_write(f, buf.data(), buf.size());
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write_frame", "over max_frame", [framed_write] {
+    static const std::vector<char> buf(65, 'p');
+    duplex_framing f = DUPLEX_FRAMING_INIT;
+    f.kind = DUPLEX_FRAME_LENGTH_PREFIX;
+    f.prefix_bytes = 4;
+    f.max_frame = 64;
+    return framed_write(f, buf.data(), buf.size());
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_conn_write_frame", "delimited payload containing the delimiter", [framed_write] {
+    duplex_framing f = DUPLEX_FRAMING_INIT;
+    f.kind = DUPLEX_FRAME_DELIMITED;
+    f.delimiter[0] = '\n';
+    f.delimiter_len = 1;
+    return framed_write(f, "a\nb", 3);
+  }, DUPLEX_EINVAL);
+
+  // ---- channels -------------------------------------------------------------
+  add("duplex_channel_opts_init", "NULL", [] { return duplex_channel_opts_init(nullptr); },
+      DUPLEX_EINVAL);
+  auto chnew = [&c](duplex_loop *loop, const duplex_channel_opts *o) {
+    duplex_channel *out = reinterpret_cast<duplex_channel *>(&c);
+    int rc = duplex_channel_new(&out, loop, o);
+    if (rc == 0) {
+      duplex_channel_close(out);
+      duplex_channel_unref(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_channel_new", "NULL out", [&c] {
+    auto o = c.ch_opts();
+    return duplex_channel_new(nullptr, c.loop, &o);
+  }, DUPLEX_EINVAL);
+  add("duplex_channel_new", "NULL loop", [chnew, &c] {
+    auto o = c.ch_opts();
+    return chnew(nullptr, &o);
+  }, DUPLEX_EINVAL);
+  add("duplex_channel_new", "NULL opts (on_message is required)",
+      [chnew, &c] { return chnew(c.loop, nullptr); }, DUPLEX_EINVAL);
+  for (size_t size : {size_t(0), size_t(1), sizeof(duplex_channel_opts) - 1})
+    add("duplex_channel_new", "opts->size " + std::to_string(size), [chnew, &c, size] {
+      auto o = c.ch_opts();
+      o.size = size;
+      return chnew(c.loop, &o);
+    }, DUPLEX_EVERSION);
+  add("duplex_channel_new", "no on_message", [chnew, &c] {
+    auto o = c.ch_opts();
+    o.on_message = nullptr;
+    return chnew(c.loop, &o);
+  }, DUPLEX_EINVAL);
+  for (unsigned flags : {1u, ~0u})
+    add("duplex_channel_new", "flags " + std::to_string(flags), [chnew, &c, flags] {
+      auto o = c.ch_opts();
+      o.flags = flags;
+      return chnew(c.loop, &o);
+    }, DUPLEX_EINVAL);
+
+  // A bounded channel of capacity 1, filled, for one row (the table's loop
+  // never runs on another thread: nothing drains it during the call).
+  auto full_channel = [&c](const std::function<int(duplex_channel *)> &fn) {
+    auto o = c.ch_opts(1);
+    duplex_channel *ch = nullptr;
+    REQUIRE(duplex_channel_new(&ch, c.loop, &o) == 0);
+    REQUIRE(duplex_channel_send(ch, "f", 1, 0) == 0);
+    int rc = fn(ch);
+    duplex_channel_close(ch);
+    duplex_channel_unref(ch);
+    return rc;
+  };
+
+  add("duplex_channel_send", "NULL channel",
+      [] { return duplex_channel_send(nullptr, "x", 1, 0); }, DUPLEX_EINVAL);
+  add("duplex_channel_send", "NULL data, len 5",
+      [&c] { return duplex_channel_send(c.open_ch, nullptr, 5, 0); }, DUPLEX_EINVAL);
+  add("duplex_channel_send", "len DUPLEX_WRITE_MAX + 1", [&c] {
+    return duplex_channel_send(c.open_ch, c.one_byte, DUPLEX_WRITE_MAX + 1, 0);
+  }, DUPLEX_EMSGSIZE);
+  add("duplex_channel_send", "len SIZE_MAX",
+      [&c] { return duplex_channel_send(c.open_ch, c.one_byte, SIZE_MAX, 0); }, DUPLEX_EMSGSIZE);
+  for (int to : {-2, -1000, INT_MIN})
+    add("duplex_channel_send", "timeout " + std::to_string(to),
+        [&c, to] { return duplex_channel_send(c.open_ch, "x", 1, to); }, DUPLEX_EINVAL);
+  add("duplex_channel_send", "closed channel, timeout 0",
+      [&c] { return duplex_channel_send(c.closed_ch, "x", 1, 0); }, DUPLEX_ECLOSED);
+  add("duplex_channel_send", "closed channel, timeout -1",
+      [&c] { return duplex_channel_send(c.closed_ch, "x", 1, -1); }, DUPLEX_ECLOSED);
+  add("duplex_channel_send", "full bounded channel, timeout 0", [full_channel] {
+    return full_channel([](duplex_channel *ch) { return duplex_channel_send(ch, "x", 1, 0); });
+  }, DUPLEX_EWOULDBLOCK);
+  add("duplex_channel_send", "full bounded channel, nobody draining, timeout 5", [full_channel] {
+    return full_channel([](duplex_channel *ch) { return duplex_channel_send(ch, "x", 1, 5); });
+  }, DUPLEX_ETIMEDOUT);
+  add("duplex_channel_send", "NULL data, len 0 (an empty message: accepted)",
+      [&c] { return duplex_channel_send(c.open_ch, nullptr, 0, 0); }, 0);
+
+  Ctx *cp = &c;
+  add("duplex_channel_send_ptr", "NULL channel", [cp] {
+    return duplex_channel_send_ptr(nullptr, cp->ptr_msg, 8, Ctx::never_release, cp, 0);
+  }, DUPLEX_EINVAL);
+  add("duplex_channel_send_ptr", "NULL ptr", [cp] {
+    return duplex_channel_send_ptr(cp->open_ch, nullptr, 8, Ctx::never_release, cp, 0);
+  }, DUPLEX_EINVAL);
+  add("duplex_channel_send_ptr", "len DUPLEX_WRITE_MAX + 1", [cp] {
+    return duplex_channel_send_ptr(cp->open_ch, cp->ptr_msg, DUPLEX_WRITE_MAX + 1,
+                                   Ctx::never_release, cp, 0);
+  }, DUPLEX_EMSGSIZE);
+  for (int to : {-2, INT_MIN})
+    add("duplex_channel_send_ptr", "timeout " + std::to_string(to), [cp, to] {
+      return duplex_channel_send_ptr(cp->open_ch, cp->ptr_msg, 8, Ctx::never_release, cp, to);
+    }, DUPLEX_EINVAL);
+  add("duplex_channel_send_ptr", "closed channel", [cp] {
+    return duplex_channel_send_ptr(cp->closed_ch, cp->ptr_msg, 8, Ctx::never_release, cp, -1);
+  }, DUPLEX_ECLOSED);
+  add("duplex_channel_send_ptr", "full bounded channel, timeout 0", [full_channel, cp] {
+    return full_channel([cp](duplex_channel *ch) {
+      return duplex_channel_send_ptr(ch, cp->ptr_msg, 8, Ctx::never_release, cp, 0);
+    });
+  }, DUPLEX_EWOULDBLOCK);
+  add("duplex_channel_send_ptr", "full bounded channel, nobody draining, timeout 5",
+      [full_channel, cp] {
+        return full_channel([cp](duplex_channel *ch) {
+          return duplex_channel_send_ptr(ch, cp->ptr_msg, 8, Ctx::never_release, cp, 5);
+        });
+      },
+      DUPLEX_ETIMEDOUT);
+
+  add("duplex_channel_close", "NULL", [] { return duplex_channel_close(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_channel_close", "closed channel",
+      [&c] { return duplex_channel_close(c.closed_ch); }, DUPLEX_ECLOSED);
+
+  add("duplex_channel_get_pending", "NULL channel", [] {
+    size_t n;
+    return duplex_channel_get_pending(nullptr, &n);
+  }, DUPLEX_EINVAL);
+  add("duplex_channel_get_pending", "NULL out",
+      [&c] { return duplex_channel_get_pending(c.open_ch, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_channel_get_pending", "closed channel: 0 pending", [&c] {
+    size_t n = 99;
+    int rc = duplex_channel_get_pending(c.closed_ch, &n);
+    return rc == 0 && n != 0 ? -1 : rc;
+  }, 0);
+
+  add("duplex_channel_ref", "NULL", [] { return duplex_channel_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_channel_unref", "NULL", [] { return duplex_channel_unref(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_channel_ref", "closed channel (still referenced): ref + unref", [&c] {
+    int rc = duplex_channel_ref(c.closed_ch);
+    return rc == 0 ? duplex_channel_unref(c.closed_ch) : rc;
+  }, 0);
+
+  // ---- timers ---------------------------------------------------------------
+  auto tnew = [cp](duplex_loop *loop, duplex_timer_cb cb) {
+    duplex_timer *out = reinterpret_cast<duplex_timer *>(cp);
+    int rc = duplex_timer_new(&out, loop, cb, cp);
+    if (rc == 0) {
+      duplex_timer_close(out);
+      return 0;
+    }
+    return out_null(rc, out);
+  };
+  add("duplex_timer_new", "NULL out",
+      [cp] { return duplex_timer_new(nullptr, cp->loop, Ctx::never_fire, cp); }, DUPLEX_EINVAL);
+  add("duplex_timer_new", "NULL loop", [tnew] { return tnew(nullptr, Ctx::never_fire); },
+      DUPLEX_EINVAL);
+  add("duplex_timer_new", "NULL callback", [tnew, cp] { return tnew(cp->loop, nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_timer_start", "NULL", [] { return duplex_timer_start(nullptr, 1, 0); },
+      DUPLEX_EINVAL);
+  add("duplex_timer_start", "UINT64_MAX timeout and repeat (accepted; stopped again)", [cp] {
+    int rc = duplex_timer_start(cp->timer, UINT64_MAX, UINT64_MAX);
+    return rc == 0 ? duplex_timer_stop(cp->timer) : rc;
+  }, 0);
+  add("duplex_timer_stop", "NULL", [] { return duplex_timer_stop(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_timer_stop", "never started (accepted)",
+      [cp] { return duplex_timer_stop(cp->timer); }, 0);
+  add("duplex_timer_close", "NULL", [] { return duplex_timer_close(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_timer_close", "a started timer, right after new (accepted)", [cp] {
+    duplex_timer *tm = nullptr;
+    int rc = duplex_timer_new(&tm, cp->loop, Ctx::never_fire, cp);
+    if (rc == 0)
+      rc = duplex_timer_start(tm, 60000, 0);
+    return rc == 0 ? duplex_timer_close(tm) : rc;
+  }, 0);
+
   // ---- listeners ----------------------------------------------------------
   add("duplex_listener_opts_init", "NULL", [] { return duplex_listener_opts_init(nullptr); },
       DUPLEX_EINVAL);
@@ -538,6 +909,16 @@ std::vector<Case> make_table(Ctx &c) {
     o.flags = 0x2;
     return ltcp(c.loop, "127.0.0.1", 0, &o);
   }, DUPLEX_EINVAL);
+  for (auto &b : bad_framing)
+    add("duplex_listener_tcp", "conn_opts with " + b.what, [ltcp, &c, b] {
+      duplex_framing f = DUPLEX_FRAMING_INIT;
+      b.mutate(f);
+      duplex_conn_opts co = DUPLEX_CONN_OPTS_INIT;
+      co.framing = &f;
+      duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+      o.conn_opts = &co;
+      return ltcp(c.loop, "127.0.0.1", 0, &o);
+    }, b.expect);
   add("duplex_listener_tcp", "port already in use", [ltcp, &c] {
     uint16_t port = 0;
     REQUIRE(duplex_listener_get_port(c.tcp, &port) == 0);
@@ -676,6 +1057,36 @@ TEST_CASE("option initialisers agree with their macros") {
   CHECK((cb.on_backpressure == ca.on_backpressure));
   CHECK((cb.on_writable == ca.on_writable));
   CHECK((cb.on_close == ca.on_close));
+
+  CHECK(b.framing == a.framing);
+  CHECK(b.connect_timeout_ms == a.connect_timeout_ms);
+  CHECK(b.idle_timeout_ms == a.idle_timeout_ms);
+  CHECK(b.read_timeout_ms == a.read_timeout_ms);
+  CHECK(b.flush_timeout_ms == a.flush_timeout_ms);
+
+  duplex_channel_opts cha = DUPLEX_CHANNEL_OPTS_INIT, chb;
+  std::memset(&chb, 0x5a, sizeof chb);
+  REQUIRE(duplex_channel_opts_init(&chb) == 0);
+  CHECK(chb.size == sizeof(duplex_channel_opts));
+  CHECK((chb.on_message == cha.on_message));
+  CHECK((chb.on_close == cha.on_close));
+  CHECK(chb.user == cha.user);
+  CHECK(chb.capacity == cha.capacity);
+  CHECK(chb.flags == cha.flags);
+
+  duplex_framing fa = DUPLEX_FRAMING_INIT, fb;
+  std::memset(&fb, 0x5a, sizeof fb);
+  REQUIRE(duplex_framing_init(&fb) == 0);
+  CHECK(fb.size == sizeof(duplex_framing));
+  CHECK(fb.kind == DUPLEX_FRAME_NONE);
+  CHECK(fb.kind == fa.kind);
+  CHECK(fb.flags == fa.flags);
+  CHECK(std::memcmp(fb.delimiter, fa.delimiter, sizeof fa.delimiter) == 0);
+  CHECK(fb.delimiter_len == fa.delimiter_len);
+  CHECK(fb.prefix_bytes == fa.prefix_bytes);
+  CHECK(fb.max_frame == fa.max_frame);
+  CHECK((fb.custom == fa.custom));
+  CHECK(fb.custom_user == fa.custom_user);
 
   duplex_listener_opts la = DUPLEX_LISTENER_OPTS_INIT, lb;
   std::memset(&lb, 0x5a, sizeof lb);
