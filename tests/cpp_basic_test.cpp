@@ -172,23 +172,31 @@ duplex::ConnOptions small_limits() {
 TEST_CASE("errc has every C code, with the same value, and duplex_strerror's message") {
   static_assert(std::is_error_code_enum_v<errc>);
   CHECK(std::string(duplex::category().name()) == "duplex");
+  struct Row {
+    errc e;
+    int value;
+    const char *msg;
+  };
+  static const Row rows[] = {
+#define ROW_(name, val_, msg) {errc::DUPLEX_##name, DUPLEX_##name, msg},
+      DUPLEX_ERRNO_MAP(ROW_)
+#undef ROW_
+  };
   std::set<std::string> messages;
   int n = 0;
-#define CHECK_ONE_(name, val_, msg)                                          \
-  {                                                                           \
-    std::error_code ec = errc::DUPLEX_##name;                                 \
-    CHECK(ec.value() == DUPLEX_##name);                                       \
-    CHECK(ec.category() == duplex::category());                               \
-    CHECK(ec.message() == msg);                                               \
-    CHECK(ec.message() == duplex_strerror(DUPLEX_##name));                    \
-    CHECK(ec == duplex::make_error_code(errc::DUPLEX_##name));                \
-    CHECK(ec == duplex::to_error_code(DUPLEX_##name));                        \
-    CHECK(static_cast<bool>(ec));                                             \
-    messages.insert(ec.message());                                            \
-    n++;                                                                      \
+  for (const Row &r : rows) {
+    CAPTURE(r.value);
+    std::error_code ec = r.e;
+    CHECK(ec.value() == r.value);
+    CHECK(ec.category() == duplex::category());
+    CHECK(ec.message() == r.msg);
+    CHECK(ec.message() == duplex_strerror(r.value));
+    CHECK(ec == duplex::make_error_code(r.e));
+    CHECK(ec == duplex::to_error_code(r.value));
+    CHECK(static_cast<bool>(ec));
+    messages.insert(ec.message());
+    n++;
   }
-  DUPLEX_ERRNO_MAP(CHECK_ONE_)
-#undef CHECK_ONE_
   CHECK(n > 40);
   CHECK(messages.size() == static_cast<size_t>(n));
   // An unknown code still has a (static) message.
