@@ -603,7 +603,8 @@ DUPLEX_API int duplex_conn_write_zc(duplex_conn *conn, void *data, size_t len,
 
 /**
  * Half-close: once every write queued before this call (by this thread) is
- * flushed, close the write side. Reading continues until the peer's EOF.
+ * flushed, close the write side. An adopted lone pipe or terminal cannot
+ * half-close: its shutdown closes the conn (reason 0) once flushed. Reading continues until the peer's EOF.
  * Later writes return DUPLEX_ESHUTDOWN. When the peer's EOF has also arrived
  * the conn closes by itself with reason 0.
  * @thread   any.
@@ -965,8 +966,12 @@ DUPLEX_API int duplex_timer_start(duplex_timer *timer, uint64_t timeout_ms,
 DUPLEX_API int duplex_timer_stop(duplex_timer *timer);
 
 /**
- * Stop and destroy the timer; @p timer is invalid once this returns.
- * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
+ * Stop and destroy the timer; @p timer is invalid once this returns and
+ * its callback never starts again. From another thread, a callback already
+ * running is waited for (so do not call this while the loop thread waits
+ * for you).
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed).
+ * @since 0.1
  */
 DUPLEX_API int duplex_timer_close(duplex_timer *timer);
 

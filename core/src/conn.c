@@ -324,8 +324,8 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
   duplex_conn *c = s->data;
   if (nread > 0) {
-    if (c->deadline != NULL)
-      c->t_read = uv_now(&c->loop->uv);
+    /* Stamped always: a deadline set later counts from the last event. */
+    c->t_read = uv_now(&c->loop->uv);
     if (c->closing)
       return;
     if (c->framer != NULL) {

@@ -17,6 +17,7 @@
 
 #define DPX_MAX_BUFS 1024
 #define DPX_DIRECT_BUFS 16
+#define DPX_WRITE_PIECE ((size_t)256 * 1024)
 
 /* ---- entry vectors ------------------------------------------------------- */
 
@@ -216,7 +217,7 @@ static void batch_continue(duplex_conn *c);
 static void
 batch_advance(duplex_conn *c, size_t n)
 {
-  if (n > 0 && c->deadline != NULL)
+  if (n > 0)
     c->t_write = uv_now(&c->loop->uv);
   while (n > 0) {
     dpx_ent *e = &c->batch.v[c->bpos];
@@ -238,11 +239,8 @@ on_write(uv_write_t *req, int status)
 {
   duplex_conn *c = req->data;
   if (status == 0) {
-    /* The request carried the rest of the entry at bpos. */
-    if (c->deadline != NULL)
-      c->t_write = uv_now(&c->loop->uv);
-    c->boff = 0;
-    c->bpos++;
+    /* The request carried the next piece of the entry at bpos. */
+    batch_advance(c, c->wpiece);
     batch_continue(c);
   } else {
     batch_done(c, dpx_err(status));
@@ -285,8 +283,15 @@ batch_continue(duplex_conn *c)
     batch_advance(c, (size_t)r);
     if ((size_t)r == total)
       continue; /* more entries than one writev took, or done */
+    /* The kernel is full: wait for it with one request for the next piece
+     * of this entry. Pieces are bounded so progress (and with it the flush
+     * deadline and each write's status) is seen while a big write drains. */
     dpx_ent *e = &c->batch.v[c->bpos];
-    uv_buf_t rest = uv_buf_init(e->base + c->boff, (unsigned)(e->len - c->boff));
+    size_t piece = e->len - c->boff;
+    if (piece > DPX_WRITE_PIECE)
+      piece = DPX_WRITE_PIECE;
+    c->wpiece = piece;
+    uv_buf_t rest = uv_buf_init(e->base + c->boff, (unsigned)piece);
     c->wreq.data = c;
     r = uv_write(&c->wreq, &c->wr->stream, &rest, 1, on_write);
     if (r < 0) {
@@ -353,6 +358,12 @@ on_shutdown(uv_shutdown_t *req, int status)
   duplex_conn *c = req->data;
   if (status == UV_ECANCELED && c->closing)
     status = DUPLEX_ECANCELED;
+  if (status == UV_ENOTSOCK) {
+    /* A lone pipe or terminal cannot half-close: closing the fd is how
+     * its write side ends (and it has no read side to keep). */
+    status = 0;
+    c->close_after_shut = true;
+  }
   shutdown_finished(c, dpx_err(status));
 }
 

@@ -239,6 +239,7 @@ struct duplex_conn {
   dpx_entvec cancelled; /* intake taken at close, completed after */
   size_t bpos; /* first data entry of the batch not wholly written */
   size_t boff; /* bytes of it already written */
+  size_t wpiece; /* bytes the uv_write in flight carries */
   uv_buf_t *bufs;
   size_t bufs_cap;
   uv_write_t wreq;

@@ -15,10 +15,13 @@ struct duplex_timer {
   duplex_timer_cb cb;
   void *user;
   uv_mutex_t mu;
+  uv_cond_t idle; /* signalled when a callback returns */
   /* ---- guarded by mu ---- */
   int want;     /* DPX_TIMER_* waiting to be applied */
   uint64_t timeout, repeat;
   bool close_requested;
+  bool in_callback; /* the loop is running cb right now */
+  unsigned close_waiters;
   bool op_queued;
   bool handle_gone; /* uv close finished; the queued op frees */
   /* ---- loop thread only ---- */
@@ -31,6 +34,7 @@ struct duplex_timer {
 static void
 timer_free(duplex_timer *t)
 {
+  uv_cond_destroy(&t->idle);
   uv_mutex_destroy(&t->mu);
   free(t);
 }
@@ -51,8 +55,22 @@ static void
 on_timer(uv_timer_t *h)
 {
   duplex_timer *t = h->data;
-  if (!t->closing)
-    t->cb(t, t->user);
+  if (t->closing)
+    return;
+  /* A close (or stop) asked for by another thread and not yet applied
+   * wins over an expiry: no callback starts once close has returned. */
+  uv_mutex_lock(&t->mu);
+  bool skip = t->close_requested || t->want == DPX_TIMER_STOP;
+  t->in_callback = !skip;
+  uv_mutex_unlock(&t->mu);
+  if (skip)
+    return;
+  t->cb(t, t->user);
+  uv_mutex_lock(&t->mu);
+  t->in_callback = false;
+  if (t->close_waiters > 0)
+    uv_cond_broadcast(&t->idle);
+  uv_mutex_unlock(&t->mu);
 }
 
 static void
@@ -145,6 +163,11 @@ duplex_timer_new(duplex_timer **out, duplex_loop *loop, duplex_timer_cb cb,
     free(t);
     return DUPLEX_ENOMEM;
   }
+  if (uv_cond_init(&t->idle) != 0) {
+    uv_mutex_destroy(&t->mu);
+    free(t);
+    return DUPLEX_ENOMEM;
+  }
   t->loop = loop;
   t->cb = cb;
   t->user = user;
@@ -216,8 +239,15 @@ duplex_timer_close(duplex_timer *timer)
   }
   timer->close_requested = true;
   bool here = dpx_on_loop(timer->loop) && timer->inited;
-  if (!here)
+  if (!here) {
     timer_schedule_locked(timer);
+    /* A callback already running finishes before close returns; the
+     * timer's memory stays until the queued op runs, so waiting is safe. */
+    timer->close_waiters++;
+    while (timer->in_callback)
+      uv_cond_wait(&timer->idle, &timer->mu);
+    timer->close_waiters--;
+  }
   uv_mutex_unlock(&timer->mu);
   if (here)
     timer_close_now(timer);
