@@ -307,11 +307,9 @@ TEST_CASE("co_await conn.async_write() past the hard limit waits out backpressur
   CHECK(writables.load() >= 1);
 }
 
-// Known bug (reported): a write refused at the hard limit while the queue is
-// below the high watermark never gets on_writable, so async_write waits
-// until the conn closes. Enable when fixed.
-TEST_CASE("co_await conn.async_write() refused below the high watermark still completes" *
-          doctest::skip(true)) {
+// A write refused at the hard limit while the queue is below the high
+// watermark gets no on_writable: async_write must still complete.
+TEST_CASE("co_await conn.async_write() refused below the high watermark still completes") {
   Frames f;
   std::error_code result = errc::DUPLEX_EUNKNOWN;
   dtest::Event attempting;
@@ -721,10 +719,10 @@ TEST_CASE("destroying a started Loop resumes its waiting coroutines with an erro
   check_outcomes(out);
 }
 
-// Known bug (reported): a coroutine resumed during ~Loop (here by its read's
-// cancellation) that then sleeps gets a timer the teardown closes without
-// calling back: it never resumes and its frame leaks. Enable when fixed.
-TEST_CASE("a coroutine that sleeps after ~Loop woke it still finishes" * doctest::skip(true)) {
+// A coroutine resumed during ~Loop (here by its read's cancellation) that
+// then sleeps resumes at once with DUPLEX_ECANCELED instead of waiting on a
+// timer that would never fire: it finishes and its frame is freed.
+TEST_CASE("a coroutine that sleeps after ~Loop woke it still finishes") {
   Frames f;
   std::error_code slept = errc::DUPLEX_EUNKNOWN;
   auto sp = dtest::socket_pair();

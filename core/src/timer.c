@@ -174,6 +174,10 @@ duplex_timer_new(duplex_timer **out, duplex_loop *loop, duplex_timer_cb cb,
   t->op.fn = timer_op;
   dpx_link_init(&t->link);
   if (dpx_on_loop(loop)) {
+    if (loop->tearing_down) {
+      timer_free(t);
+      return DUPLEX_ECLOSED; /* it would never fire */
+    }
     uv_timer_init(&loop->uv, &t->h);
     t->h.data = t;
     t->inited = true;

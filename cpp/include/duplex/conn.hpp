@@ -100,7 +100,6 @@ struct ConnBox : BoxBase {
   bool paused_for_rx = false;
   std::error_code closed; // set once on_close ran
   std::coroutine_handle<> reader;
-  std::vector<std::coroutine_handle<>> writable_waiters;
 };
 
 /// The conn's box; an accepted conn gets its own from the listener's
@@ -144,7 +143,7 @@ public:
   /// Queue a copy of @p bytes (any thread). Returns false when the queue
   /// is past its hard limit (would block: the bytes were not taken);
   /// throws duplex::error for other failures.
-  bool write(std::span<const std::byte> bytes) {
+  [[nodiscard]] bool write(std::span<const std::byte> bytes) {
     std::error_code ec;
     bool ok = write(bytes, ec);
     if (ec)
@@ -156,7 +155,10 @@ public:
                                     nullptr),
                   ec);
   }
-  bool write(std::string_view s) { return write(std::as_bytes(std::span(s))); }
+  [[nodiscard]] bool write(std::string_view s) {
+    return write(std::as_bytes(std::span(s)));
+  }
+  [[nodiscard]] bool write(const char *s) { return write(std::string_view(s)); }
   bool write(std::string_view s, std::error_code &ec) noexcept {
     return write(std::as_bytes(std::span(s)), ec);
   }
@@ -177,8 +179,8 @@ public:
   /// Zero-copy writes: the container moves into the library and is
   /// destroyed exactly once after it was written (or failed). On "would
   /// block" (false) or an exception, @p s still holds its bytes.
-  bool write(std::string &&s) { return write_owned(s); }
-  bool write(std::vector<std::byte> &&v) { return write_owned(v); }
+  [[nodiscard]] bool write(std::string &&s) { return write_owned(s); }
+  [[nodiscard]] bool write(std::vector<std::byte> &&v) { return write_owned(v); }
   template <class T> bool write(std::unique_ptr<T[]> &&p, std::size_t count) {
     static_assert(std::is_trivially_copyable_v<T>);
     struct Holder {
@@ -295,19 +297,31 @@ public:
   };
   [[nodiscard]] read_awaiter read() const { return read_awaiter(c_); }
 
-  /// co_await conn.async_write(bytes): copies now, resumes once the bytes
-  /// were handed to the kernel (or failed); when the queue is past its
-  /// hard limit it first waits for backpressure to clear.
+  /// co_await conn.async_write(bytes): the bytes are taken now (moved or
+  /// copied into the task); resumes once they were handed to the kernel (or
+  /// failed). When the queue is past its hard limit it first waits until
+  /// everything queued before has drained, then tries again.
   class write_awaiter {
   public:
-    write_awaiter(duplex_conn *c, std::string data)
-        : c_(c), data_(std::move(data)) {}
+    write_awaiter(duplex_conn *c, const std::string &data) : c_(c), data_(data) {}
     bool await_ready() const noexcept { return false; }
     bool await_suspend(std::coroutine_handle<> h) {
       h_ = h;
-      return attempt();
+      int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
+      if (rc == DUPLEX_EWOULDBLOCK) {
+        // A zero-length write is never refused and completes once the
+        // queue ahead of it drained: retry then.
+        retry_ = true;
+        rc = duplex_conn_write(c_, nullptr, 0, done, this);
+      }
+      if (rc == 0)
+        return true;
+      ec_ = to_error_code(rc);
+      retry_ = false;
+      return false;
     }
     std::error_code await_resume() const noexcept { return ec_; }
+    bool retry() const noexcept { return retry_ && !ec_; }
 
   private:
     static void done(duplex_conn *, int status, void *user) {
@@ -315,39 +329,18 @@ public:
       self->ec_ = to_error_code(status);
       self->h_.resume();
     }
-    // true: suspended and will be resumed; false: resume now with ec_.
-    bool attempt() {
-      int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
-      if (rc == 0)
-        return true;
-      auto *b = detail::box_of(c_);
-      if (rc == DUPLEX_EWOULDBLOCK && b != nullptr) {
-        retry_ = true;
-        b->writable_waiters.push_back(h_);
-        return true; // on_writable resumes us; await_resume retries
-      }
-      ec_ = to_error_code(rc);
-      return false;
-    }
-    friend class ConnRef;
     duplex_conn *c_;
-    std::string data_;
+    const std::string &data_;
     std::coroutine_handle<> h_;
     std::error_code ec_;
     bool retry_ = false;
   };
-  [[nodiscard]] task<std::error_code> async_write(std::string_view s) const {
-    duplex_conn *c = c_;
-    std::string copy(s);
+  [[nodiscard]] task<std::error_code> async_write(std::string data) const {
     for (;;) {
-      write_awaiter w(c, copy);
+      write_awaiter w(c_, data);
       std::error_code ec = co_await w;
-      if (!w.retry_)
+      if (!w.retry())
         co_return ec;
-      // Woken by on_writable (or the close): try again.
-      auto *b = detail::box_of(c);
-      if (b == nullptr || b->closed)
-        co_return make_error_code(errc::DUPLEX_ECLOSED);
     }
   }
 
@@ -544,10 +537,6 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
     auto *b = conn_box(c, u);
     if (b->h.on_writable)
       guarded(b->core, [&] { b->h.on_writable(ConnRef(c)); });
-    auto waiters = std::move(b->writable_waiters);
-    b->writable_waiters.clear();
-    for (auto h : waiters)
-      guarded(b->core, [&] { h.resume(); });
   };
   cbs.on_close = [](duplex_conn *c, int reason, void *u) {
     std::unique_ptr<ConnBox> b(conn_box(c, u));
@@ -555,11 +544,9 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
                             : make_error_code(errc::DUPLEX_ECLOSED);
     if (b->h.on_close)
       guarded(b->core, [&] { b->h.on_close(ConnRef(c), to_error_code(reason)); });
-    // Wake coroutines: a reader sees the close, writers retry and fail.
-    auto waiters = std::move(b->writable_waiters);
+    // Wake a waiting reader: it sees the close. (Writers are resumed by
+    // their own completions, which the close cancels.)
     guarded(b->core, [&] { resume_reader(b.get()); });
-    for (auto h : waiters)
-      guarded(b->core, [&] { h.resume(); });
     duplex_conn_set_user(c, nullptr);
   };
   return cbs;

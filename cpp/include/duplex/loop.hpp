@@ -24,11 +24,15 @@ struct LoopCore {
   std::exception_ptr error; // first exception thrown by a callback
   SleepWaiter *sleepers = nullptr; // loop thread only
 
-  /// Store the exception in flight (called inside a catch block).
+  /// Store the exception in flight (called inside a catch block) and ask
+  /// run() to return, so it can rethrow (asio's semantics).
   void capture() noexcept {
-    std::lock_guard<std::mutex> g(mu);
-    if (!error)
-      error = std::current_exception();
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (!error)
+        error = std::current_exception();
+    }
+    duplex_loop_stop(loop);
   }
   void rethrow() {
     std::exception_ptr e;
@@ -150,3 +154,6 @@ private:
 };
 
 } // namespace duplex
+
+// LoopCore::cancel_sleepers and Loop::sleep are defined with the awaitables.
+#include <duplex/task.hpp>

@@ -220,7 +220,8 @@ public:
       if (w_.timer != nullptr)
         duplex_timer_close(w_.timer);
       w_.timer = nullptr;
-      w_.ec = to_error_code(rc);
+      // A loop being freed refuses new timers: that is a cancellation.
+      w_.ec = to_error_code(rc == DUPLEX_ECLOSED ? DUPLEX_ECANCELED : rc);
       return false; // resume at once with the error
     }
     w_.next = w_.core->sleepers;
