@@ -298,8 +298,8 @@ TEST_CASE("close from any thread") {
     CHECK(ev.fires.load() == at_close);
     CHECK(loop.free() == 0);
   }
-  SUBCASE("from another thread while a 1 ms repeat runs: at most one expiry after close "
-          "returns, then none") {
+  SUBCASE("from another thread while a 1 ms repeat runs: no callback starts after close "
+          "returns") {
     TimerEv ev;
     std::atomic<bool> closed{false};
     std::atomic<int> after_close{0};
@@ -316,11 +316,43 @@ TEST_CASE("close from any thread") {
       closed = true;
     }).join();
     CHECK(rc.load() == 0);
+    int at_close = ev.fires.load();
     sentinel(loop, 50);
-    int settled = ev.fires.load();
-    CHECK(after_close.load() <= 1);
-    sentinel(loop, 20);
-    CHECK(ev.fires.load() == settled);
+    CHECK(after_close.load() == 0);
+    CHECK(ev.fires.load() == at_close);
+    CHECK(loop.free() == 0);
+  }
+  SUBCASE("from another thread while its callback runs: close waits for it to return") {
+    TimerEv ev;
+    std::atomic<bool> in_cb{false}, entered{false};
+    std::atomic<int> after_close{0};
+    std::atomic<bool> closed{false};
+    ev.hook = [&](duplex_timer *, int n) {
+      if (closed.load())
+        after_close++;
+      if (n == 1) {
+        in_cb = true;
+        entered = true;
+        std::this_thread::sleep_for(100ms); // the loop thread is busy in here
+        in_cb = false;
+      }
+    };
+    duplex_timer *t = new_timer(loop, ev);
+    REQUIRE(duplex_timer_start(t, 1, 1) == 0);
+    REQUIRE(wait_until([&] { return entered.load(); }));
+    std::atomic<int> rc{kUnset};
+    std::atomic<bool> running_at_return{true};
+    std::thread([&] {
+      rc = duplex_timer_close(t);
+      running_at_return = in_cb.load();
+      closed = true;
+    }).join();
+    CHECK(rc.load() == 0);
+    CHECK_FALSE(running_at_return.load());
+    int at_close = ev.fires.load();
+    sentinel(loop, 50);
+    CHECK(after_close.load() == 0);
+    CHECK(ev.fires.load() == at_close);
     CHECK(loop.free() == 0);
   }
   SUBCASE("from another thread right after new, before the loop saw the timer") {
