@@ -8,6 +8,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -162,6 +163,9 @@ public:
   bool write(std::string_view s, std::error_code &ec) noexcept {
     return write(std::as_bytes(std::span(s)), ec);
   }
+  bool write(const char *s, std::error_code &ec) noexcept {
+    return write(std::string_view(s), ec);
+  }
   /// Queue a copy; @p done(error_code) runs once on the loop thread.
   template <class F>
   bool write(std::span<const std::byte> bytes, F &&done) {
@@ -181,6 +185,13 @@ public:
   /// block" (false) or an exception, @p s still holds its bytes.
   [[nodiscard]] bool write(std::string &&s) { return write_owned(s); }
   [[nodiscard]] bool write(std::vector<std::byte> &&v) { return write_owned(v); }
+  [[nodiscard]] bool write(std::string &&s, std::error_code &ec) noexcept {
+    return write_owned(s, ec);
+  }
+  [[nodiscard]] bool write(std::vector<std::byte> &&v,
+                           std::error_code &ec) noexcept {
+    return write_owned(v, ec);
+  }
   template <class T> bool write(std::unique_ptr<T[]> &&p, std::size_t count) {
     static_assert(std::is_trivially_copyable_v<T>);
     struct Holder {
@@ -203,7 +214,12 @@ public:
   }
 
   /// Write one framed message (prefix or delimiter added). Any thread.
-  bool write_frame(std::string_view s) {
+  [[nodiscard]] bool write_frame(std::string_view s, std::error_code &ec) noexcept {
+    return result(duplex_conn_write_frame(c_, s.data(), s.size(), nullptr,
+                                          nullptr),
+                  ec);
+  }
+  [[nodiscard]] bool write_frame(std::string_view s) {
     std::error_code ec;
     bool ok = result(duplex_conn_write_frame(c_, s.data(), s.size(), nullptr,
                                              nullptr),
@@ -235,17 +251,28 @@ public:
     return duplex_conn_get_peer(c_, buf, sizeof buf) == 0 ? buf : "";
   }
   /// Block (off the loop thread) until writable. false on timeout.
-  bool wait_writable(std::chrono::milliseconds timeout) {
+  bool wait_writable(std::chrono::milliseconds timeout, std::error_code &ec) noexcept {
     int rc = duplex_conn_wait_writable(c_, static_cast<int>(timeout.count()));
-    if (rc == DUPLEX_ETIMEDOUT)
-      return false;
-    detail::check(rc, "wait_writable");
-    return true;
+    ec = rc == DUPLEX_ETIMEDOUT ? std::error_code{} : to_error_code(rc);
+    return rc == 0;
+  }
+  bool wait_writable(std::chrono::milliseconds timeout) {
+    std::error_code ec;
+    bool ok = wait_writable(timeout, ec);
+    if (ec)
+      throw error(ec.value(), "wait_writable");
+    return ok;
+  }
+  /// Change a deadline (DUPLEX_TIMEOUT_*). Any thread.
+  void set_timeout(int kind, std::chrono::milliseconds ms, std::error_code &ec) noexcept {
+    ec = to_error_code(duplex_conn_set_timeout(c_, kind,
+                                               static_cast<uint32_t>(ms.count())));
   }
   void set_timeout(int kind, std::chrono::milliseconds ms) {
-    detail::check(duplex_conn_set_timeout(c_, kind,
-                                          static_cast<uint32_t>(ms.count())),
-                  "set_timeout");
+    std::error_code ec;
+    set_timeout(kind, ms, ec);
+    if (ec)
+      throw error(ec.value(), "set_timeout");
   }
 
   // ---- coroutines (loop thread) ----
@@ -364,8 +391,19 @@ protected:
     return false;
   }
   template <class C> bool write_owned(C &container) {
+    std::error_code ec;
+    bool ok = write_owned(container, ec);
+    if (ec)
+      throw error(ec.value(), "write");
+    return ok;
+  }
+  template <class C> bool write_owned(C &container, std::error_code &ec) noexcept {
     using Box = std::decay_t<C>;
-    auto *box = new Box(std::move(container));
+    auto *box = new (std::nothrow) Box(std::move(container));
+    if (box == nullptr) {
+      ec = make_error_code(errc::DUPLEX_ENOMEM);
+      return false;
+    }
     std::span<const std::byte> bytes;
     if constexpr (requires { box->bytes(); })
       bytes = box->bytes();
@@ -381,11 +419,7 @@ protected:
       container = std::move(*box); // refused: the caller keeps its bytes
       delete box;
     }
-    std::error_code ec;
-    bool ok = result(rc, ec);
-    if (ec)
-      throw error(ec.value(), "write");
-    return ok;
+    return result(rc, ec);
   }
   duplex_conn *c_;
 };

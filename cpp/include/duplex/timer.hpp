@@ -31,11 +31,18 @@ public:
   ~Timer() { close(); }
 
   /// (Re)start; any thread.
+  void start(std::chrono::milliseconds timeout, std::chrono::milliseconds repeat,
+             std::error_code &ec) noexcept {
+    ec = to_error_code(duplex_timer_start(
+        t_, static_cast<uint64_t>(timeout.count()),
+        static_cast<uint64_t>(repeat.count())));
+  }
   void start(std::chrono::milliseconds timeout,
              std::chrono::milliseconds repeat = std::chrono::milliseconds(0)) {
-    detail::check(duplex_timer_start(t_, static_cast<uint64_t>(timeout.count()),
-                                     static_cast<uint64_t>(repeat.count())),
-                  "timer start");
+    std::error_code ec;
+    start(timeout, repeat, ec);
+    if (ec)
+      throw error(ec.value(), "timer start");
   }
   void stop() noexcept { duplex_timer_stop(t_); }
   /// Close now (idempotent). On the loop thread the callback never runs
