@@ -44,11 +44,12 @@ on_timer_closed(uv_handle_t *h)
 {
   duplex_timer *t = h->data;
   uv_mutex_lock(&t->mu);
-  bool queued = t->op_queued;
+  bool keep = t->op_queued || t->close_waiters > 0;
   t->handle_gone = true;
   uv_mutex_unlock(&t->mu);
-  if (!queued)
-    timer_free(t); /* otherwise the op still in a queue frees it */
+  /* Otherwise the op still queued, or the last closer leaving, frees it. */
+  if (!keep)
+    timer_free(t);
 }
 
 static void
@@ -119,9 +120,11 @@ timer_op(duplex_loop *loop, dpx_op *op, int status)
   uv_mutex_lock(&t->mu);
   t->op_queued = false;
   bool gone = t->handle_gone;
+  bool waited = t->close_waiters > 0;
   uv_mutex_unlock(&t->mu);
   if (gone) {
-    timer_free(t);
+    if (!waited)
+      timer_free(t);
     return;
   }
   if (!t->inited) {
@@ -251,6 +254,12 @@ duplex_timer_close(duplex_timer *timer)
     while (timer->in_callback)
       uv_cond_wait(&timer->idle, &timer->mu);
     timer->close_waiters--;
+    bool last = timer->close_waiters == 0 && timer->handle_gone &&
+                !timer->op_queued;
+    uv_mutex_unlock(&timer->mu);
+    if (last)
+      timer_free(timer); /* the loop finished with it while we waited */
+    return 0;
   }
   uv_mutex_unlock(&timer->mu);
   if (here)

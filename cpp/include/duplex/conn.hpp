@@ -399,9 +399,11 @@ protected:
   }
   template <class C> bool write_owned(C &container, std::error_code &ec) noexcept {
     using Box = std::decay_t<C>;
-    auto *box = new (std::nothrow) Box(std::move(container));
-    if (box == nullptr) {
-      ec = make_error_code(errc::DUPLEX_ENOMEM);
+    Box *box = nullptr;
+    try {
+      box = new Box(std::move(container));
+    } catch (...) {
+      ec = make_error_code(errc::DUPLEX_ENOMEM); // container left intact
       return false;
     }
     std::span<const std::byte> bytes;
