@@ -380,8 +380,10 @@ conn_apply_read(duplex_conn *c, bool want)
   }
 }
 
-int
-duplex_conn_pause(duplex_conn *conn)
+/* Pause or resume: on the loop thread at once (no callback runs inside
+ * the call), elsewhere through the pump. */
+static int
+conn_want_read(duplex_conn *conn, bool want)
 {
   if (conn == NULL)
     return DUPLEX_EINVAL;
@@ -390,41 +392,33 @@ duplex_conn_pause(duplex_conn *conn)
     uv_mutex_unlock(&conn->mu);
     return DUPLEX_ECLOSED;
   }
-  conn->want_read = false;
+  conn->want_read = want;
   bool here = dpx_on_loop(conn->loop);
   if (!here)
     dpx_conn_schedule_locked(conn, true);
   uv_mutex_unlock(&conn->mu);
-  if (here)
-    conn_apply_read(conn, false);
+  if (!here)
+    return 0;
+  conn_apply_read(conn, want);
+  if (want && conn->held != NULL) {
+    /* Frames held while paused go first, from the pump. */
+    uv_mutex_lock(&conn->mu);
+    dpx_conn_schedule_locked(conn, true);
+    uv_mutex_unlock(&conn->mu);
+  }
   return 0;
+}
+
+int
+duplex_conn_pause(duplex_conn *conn)
+{
+  return conn_want_read(conn, false);
 }
 
 int
 duplex_conn_resume(duplex_conn *conn)
 {
-  if (conn == NULL)
-    return DUPLEX_EINVAL;
-  uv_mutex_lock(&conn->mu);
-  if (conn->state == DPX_CS_CLOSED) {
-    uv_mutex_unlock(&conn->mu);
-    return DUPLEX_ECLOSED;
-  }
-  conn->want_read = true;
-  bool here = dpx_on_loop(conn->loop);
-  if (!here)
-    dpx_conn_schedule_locked(conn, true);
-  uv_mutex_unlock(&conn->mu);
-  if (here) {
-    conn_apply_read(conn, true); /* starts reading; no callback runs now */
-    if (conn->held != NULL) {
-      /* Frames held while paused go first, from the pump. */
-      uv_mutex_lock(&conn->mu);
-      dpx_conn_schedule_locked(conn, true);
-      uv_mutex_unlock(&conn->mu);
-    }
-  }
-  return 0;
+  return conn_want_read(conn, true);
 }
 
 /* ---- opening ---------------------------------------------------------------- */
