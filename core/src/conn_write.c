@@ -158,7 +158,7 @@ batch_done(duplex_conn *c, int status)
     case DPX_ENT_SHUTDOWN:
       shutdown = true;
       shut = *e;
-      e->kind = DPX_ENT_CLOSE; /* handled below, not by dpx_conn_complete */
+      e->done = NULL; /* its callback is ours to call below */
       break;
     case DPX_ENT_CLOSE:
       close = true;

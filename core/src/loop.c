@@ -301,27 +301,21 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
   if (loop == NULL)
     return DUPLEX_ENOMEM;
   loop->rbuf_size = o.read_buffer_size != 0 ? o.read_buffer_size : 65536;
-  r = uv_loop_init(&loop->uv);
-  if (r != 0) {
-    free(loop);
-    return dpx_err(r);
-  }
-  r = uv_async_init(&loop->uv, &loop->wake, on_wake);
-  if (r != 0)
-    goto fail_loop;
-  uv_idle_init(&loop->uv, &loop->idle);
-  if (uv_mutex_init(&loop->mu) != 0) {
-    r = UV_ENOMEM;
-    goto fail_handles;
-  }
-  if (uv_cond_init(&loop->cv) != 0) {
-    r = UV_ENOMEM;
+  /* Locks first, uv last: each failure undoes exactly what came before. */
+  r = DUPLEX_ENOMEM;
+  if (uv_mutex_init(&loop->mu) != 0)
+    goto fail_alloc;
+  if (uv_cond_init(&loop->cv) != 0)
     goto fail_mu;
-  }
-  if (uv_mutex_init(&loop->pool_mu) != 0) {
-    r = UV_ENOMEM;
+  if (uv_mutex_init(&loop->pool_mu) != 0)
     goto fail_cv;
-  }
+  r = dpx_err(uv_loop_init(&loop->uv));
+  if (r != 0)
+    goto fail_pool;
+  r = dpx_err(uv_async_init(&loop->uv, &loop->wake, on_wake));
+  if (r != 0)
+    goto fail_uv;
+  uv_idle_init(&loop->uv, &loop->idle); /* cannot fail */
   dpx_link_init(&loop->conns);
   dpx_link_init(&loop->listeners);
   dpx_link_init(&loop->channels);
@@ -330,19 +324,17 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
   *out = loop;
   return 0;
 
+fail_uv:
+  uv_loop_close(&loop->uv);
+fail_pool:
+  uv_mutex_destroy(&loop->pool_mu);
 fail_cv:
   uv_cond_destroy(&loop->cv);
 fail_mu:
   uv_mutex_destroy(&loop->mu);
-fail_handles:
-  uv_close((uv_handle_t *)&loop->idle, NULL);
-fail_loop:
-  if (r != 0 && uv_is_active((uv_handle_t *)&loop->wake))
-    uv_close((uv_handle_t *)&loop->wake, NULL);
-  uv_run(&loop->uv, UV_RUN_NOWAIT);
-  uv_loop_close(&loop->uv);
+fail_alloc:
   free(loop);
-  return dpx_err(r);
+  return r;
 }
 
 /* ---- run / start / stop ------------------------------------------------ */

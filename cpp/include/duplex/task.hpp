@@ -7,6 +7,7 @@
 #include <exception>
 #include <optional>
 #include <utility>
+#include <type_traits>
 #include <variant>
 
 namespace duplex {
@@ -38,19 +39,14 @@ template <class T> struct promise_base {
 
 } // namespace detail
 
-template <class T> class [[nodiscard]] task {
+namespace detail {
+
+/// What task<T> and task<void> share: owning the frame and starting it
+/// with the awaiter as its continuation.
+template <class Promise> class task_frame {
 public:
-  struct promise_type : detail::promise_base<T> {
-    std::optional<T> value;
-    task get_return_object() noexcept {
-      return task(std::coroutine_handle<promise_type>::from_promise(*this));
-    }
-    template <class U> void return_value(U &&v) {
-      value.emplace(std::forward<U>(v));
-    }
-  };
-  task(task &&o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  task &operator=(task &&o) noexcept {
+  task_frame(task_frame &&o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  task_frame &operator=(task_frame &&o) noexcept {
     if (this != &o) {
       if (h_)
         h_.destroy();
@@ -58,7 +54,7 @@ public:
     }
     return *this;
   }
-  ~task() {
+  ~task_frame() {
     if (h_)
       h_.destroy();
   }
@@ -67,52 +63,54 @@ public:
     h_.promise().continuation = c;
     return h_;
   }
+
+protected:
+  explicit task_frame(std::coroutine_handle<Promise> h) : h_(h) {}
+  void rethrow_if_failed() const {
+    if (h_.promise().error)
+      std::rethrow_exception(h_.promise().error);
+  }
+  std::coroutine_handle<Promise> h_;
+};
+
+template <class T> struct task_promise : promise_base<T> {
+  std::optional<T> value;
+  task<T> get_return_object() noexcept;
+  template <class U> void return_value(U &&v) {
+    value.emplace(std::forward<U>(v));
+  }
+};
+
+template <> struct task_promise<void> : promise_base<void> {
+  task<void> get_return_object() noexcept;
+  void return_void() noexcept {}
+};
+
+} // namespace detail
+
+template <class T>
+class [[nodiscard]] task : public detail::task_frame<detail::task_promise<T>> {
+public:
+  using promise_type = detail::task_promise<T>;
   T await_resume() {
-    if (h_.promise().error)
-      std::rethrow_exception(h_.promise().error);
-    return std::move(*h_.promise().value);
+    this->rethrow_if_failed();
+    if constexpr (!std::is_void_v<T>)
+      return std::move(*this->h_.promise().value);
   }
 
 private:
-  explicit task(std::coroutine_handle<promise_type> h) : h_(h) {}
-  std::coroutine_handle<promise_type> h_;
+  friend promise_type;
+  explicit task(std::coroutine_handle<promise_type> h)
+      : detail::task_frame<promise_type>(h) {}
 };
 
-template <> class [[nodiscard]] task<void> {
-public:
-  struct promise_type : detail::promise_base<void> {
-    task get_return_object() noexcept {
-      return task(std::coroutine_handle<promise_type>::from_promise(*this));
-    }
-    void return_void() noexcept {}
-  };
-  task(task &&o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  task &operator=(task &&o) noexcept {
-    if (this != &o) {
-      if (h_)
-        h_.destroy();
-      h_ = std::exchange(o.h_, nullptr);
-    }
-    return *this;
-  }
-  ~task() {
-    if (h_)
-      h_.destroy();
-  }
-  bool await_ready() const noexcept { return false; }
-  std::coroutine_handle<> await_suspend(std::coroutine_handle<> c) noexcept {
-    h_.promise().continuation = c;
-    return h_;
-  }
-  void await_resume() {
-    if (h_.promise().error)
-      std::rethrow_exception(h_.promise().error);
-  }
+template <class T> task<T> detail::task_promise<T>::get_return_object() noexcept {
+  return task<T>(std::coroutine_handle<task_promise>::from_promise(*this));
+}
 
-private:
-  explicit task(std::coroutine_handle<promise_type> h) : h_(h) {}
-  std::coroutine_handle<promise_type> h_;
-};
+inline task<void> detail::task_promise<void>::get_return_object() noexcept {
+  return task<void>(std::coroutine_handle<task_promise>::from_promise(*this));
+}
 
 namespace detail {
 
