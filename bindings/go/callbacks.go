@@ -1,0 +1,65 @@
+package duplex
+
+// #include "shim.h"
+import "C"
+
+import (
+	"runtime/cgo"
+	"unsafe"
+)
+
+// Exported to shim.c. Each runs on the loop thread (or, for the teardown in
+// Loop.Close, on the goroutine calling it) and must not block.
+
+//export goOnOpen
+func goOnOpen(p *C.duplex_conn, user C.uintptr_t) {
+	switch v := cgo.Handle(user).Value().(type) {
+	case *Conn:
+		v.onOpen(p)
+	case *Listener:
+		v.onAccept(p)
+	}
+}
+
+//export goOnRead
+func goOnRead(p *C.duplex_conn, data unsafe.Pointer, n C.size_t, user C.uintptr_t) {
+	if c, ok := cgo.Handle(user).Value().(*Conn); ok {
+		// The view is borrowed for this callback only: copy it.
+		c.onRead(p, C.GoBytes(data, C.int(n)))
+	}
+}
+
+//export goOnEOF
+func goOnEOF(p *C.duplex_conn, user C.uintptr_t) {
+	if c, ok := cgo.Handle(user).Value().(*Conn); ok {
+		c.onEOF()
+	}
+}
+
+//export goOnWritable
+func goOnWritable(p *C.duplex_conn, user C.uintptr_t) {
+	if c, ok := cgo.Handle(user).Value().(*Conn); ok {
+		c.onWritable()
+	}
+}
+
+//export goOnClose
+func goOnClose(p *C.duplex_conn, reason C.int, user C.uintptr_t) {
+	// An accepted conn that closed before on_open would still carry its
+	// listener's handle; no such conn was handed to Go, so nothing to do.
+	if c, ok := cgo.Handle(user).Value().(*Conn); ok {
+		c.onClose(reason)
+	}
+}
+
+//export goWriteDone
+func goWriteDone(user C.uintptr_t, status C.int) {
+	h := cgo.Handle(user)
+	close(h.Value().(chan struct{}))
+	deleteHandle(h)
+}
+
+//export goListenerClosed
+func goListenerClosed(user C.uintptr_t, status C.int) {
+	cgo.Handle(user).Value().(*Listener).onClosed(status)
+}

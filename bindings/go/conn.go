@@ -1,0 +1,442 @@
+package duplex
+
+// #include <stdlib.h>
+// #include "shim.h"
+import "C"
+
+import (
+	"context"
+	"io"
+	"net"
+	"runtime/cgo"
+	"strconv"
+	"sync"
+	"unsafe"
+)
+
+// A Conn is one libduplex connection (TCP or UNIX socket). Incoming bytes
+// arrive on Recv(), a channel, so reading is a select case. Write,
+// WriteContext, CloseWrite, Close and Abort may be called from any
+// goroutine at any time, also after the conn has ended (they then return
+// an error wrapping ECLOSED).
+type Conn struct {
+	life sync.RWMutex   // read-held around every C call through ptr
+	ptr  *C.duplex_conn // our reference; nil once the conn has closed
+
+	h    cgo.Handle
+	recv chan []byte
+	open chan struct{} // closed by on_open
+	done chan struct{} // closed by on_close
+	quit chan struct{} // closed by Close/Abort: stop delivering reads
+	stop sync.Once
+
+	mu         sync.Mutex
+	pending    [][]byte // chunks that did not fit in recv; reading is paused
+	flushing   bool     // a goroutine is delivering pending
+	ended      bool     // EOF or closed: recv closes once pending is out
+	recvClosed bool
+	opened     bool
+	readErr    error         // why recv closed
+	reason     Errno         // why the conn closed (0: asked for, or finished)
+	writable   chan struct{} // closed and replaced at each on_writable
+	peer       string
+
+	rmu  sync.Mutex // Read's leftover
+	rbuf []byte
+}
+
+func newConn(cfg config) *Conn {
+	return &Conn{
+		recv:     make(chan []byte, cfg.recvQueue),
+		open:     make(chan struct{}),
+		done:     make(chan struct{}),
+		quit:     make(chan struct{}),
+		writable: make(chan struct{}),
+	}
+}
+
+func splitHostPort(addr string) (string, C.uint16_t, error) {
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.ParseUint(ps, 10, 16)
+	if err != nil {
+		return "", 0, &net.AddrError{Err: "invalid port", Addr: addr}
+	}
+	return host, C.uint16_t(port), nil
+}
+
+// Dial connects to addr: network "tcp" (also "tcp4", "tcp6") with
+// "host:port", where host is a name or an address that libduplex resolves
+// without blocking its loop, or "unix" with a socket path. It returns once
+// the conn is open, or with the reason it could not open (wrapping e.g.
+// ECONNREFUSED or EAI_NONAME), or ctx's error if ctx ends first.
+func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (*Conn, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+	}
+	cfg := newConfig(opts)
+	c := newConn(cfg)
+	var host string
+	var port C.uint16_t
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		var err error
+		if host, port, err = splitHostPort(addr); err != nil {
+			return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+		}
+	case "unix":
+		host = addr
+	default:
+		return nil, &OpError{Op: "dial", Addr: addr, Err: net.UnknownNetworkError(network)}
+	}
+	chost := C.CString(host)
+	defer C.free(unsafe.Pointer(chost))
+	c.h = newHandle(c)
+
+	l.mu.RLock()
+	if l.ptr == nil {
+		l.mu.RUnlock()
+		deleteHandle(c.h)
+		return nil, &OpError{Op: "dial", Addr: addr, Err: ECLOSED}
+	}
+	// Hold life so that on_close (which may come at once, e.g. for a name
+	// that does not resolve) sees ptr set; connecting never waits for the
+	// loop, so the loop thread waits here only briefly.
+	c.life.Lock()
+	var rc C.int
+	if network == "unix" {
+		rc = C.dpxgo_connect_unix(&c.ptr, l.ptr, chost, C.uintptr_t(c.h), cfg.lim)
+	} else {
+		rc = C.dpxgo_connect_tcp(&c.ptr, l.ptr, chost, port, C.uintptr_t(c.h), cfg.lim)
+	}
+	c.life.Unlock()
+	l.mu.RUnlock()
+	if rc != 0 {
+		deleteHandle(c.h) // no callback will come
+		return nil, opErr("dial", addr, rc)
+	}
+	select {
+	case <-c.open:
+		return c, nil
+	case <-c.done:
+		c.mu.Lock()
+		err := c.reason
+		c.mu.Unlock()
+		if err == 0 {
+			err = ECLOSED
+		}
+		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+	case <-ctx.Done():
+		c.Abort()
+		<-c.done
+		return nil, &OpError{Op: "dial", Addr: addr, Err: ctx.Err()}
+	}
+}
+
+// DialUnix connects to the UNIX-domain socket at path.
+func (l *Loop) DialUnix(ctx context.Context, path string, opts ...Option) (*Conn, error) {
+	return l.Dial(ctx, "unix", path, opts...)
+}
+
+// Recv returns the channel on which received bytes arrive, one chunk per
+// receive, in order; each chunk is the receiver's own copy. The channel is
+// closed when the peer finished sending (Err returns io.EOF) or the conn
+// ended (Err says why). If the chunks are not taken, the conn stops reading
+// from the socket once the channel is full, and goes on when there is room
+// again: memory stays bounded and the peer's sends are held back by TCP.
+func (c *Conn) Recv() <-chan []byte { return c.recv }
+
+// Err returns nil while Recv is open. Once it is closed: io.EOF if the
+// peer finished sending, net.ErrClosed (wrapping ECLOSED) if the conn was
+// closed on this side first, or the error that ended it (an *OpError
+// wrapping the Errno: ECONNRESET, ECANCELED when the loop was closed, ...).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.recvClosed {
+		return nil
+	}
+	return c.readErr
+}
+
+// Done returns a channel closed when the conn has closed completely: by
+// Close or Abort, by an error, when the loop was closed, or once both sides
+// have finished (CloseWrite was flushed and the peer's EOF arrived).
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// CloseErr returns, once Done is closed, nil if the conn closed as asked
+// or finished normally, or else the error that closed it.
+func (c *Conn) CloseErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reason == 0 {
+		return nil
+	}
+	return &OpError{Op: "conn", Addr: c.peer, Err: c.reason}
+}
+
+// Peer returns the peer's address ("1.2.3.4:80", "[::1]:80", a socket
+// path, or "" when the peer has no name).
+func (c *Conn) Peer() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peer
+}
+
+// Read reads from the same stream as Recv (io.Reader). Use either Read or
+// Recv on one conn, not both. It returns io.EOF after the peer's EOF.
+func (c *Conn) Read(p []byte) (int, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if len(c.rbuf) == 0 {
+		b, ok := <-c.recv
+		if !ok {
+			return 0, c.Err()
+		}
+		c.rbuf = b
+	}
+	n := copy(p, c.rbuf)
+	c.rbuf = c.rbuf[n:]
+	return n, nil
+}
+
+// call runs f with our reference, or returns ECLOSED once the conn closed.
+func (c *Conn) call(f func(p *C.duplex_conn) C.int) C.int {
+	c.life.RLock()
+	defer c.life.RUnlock()
+	if c.ptr == nil {
+		return C.int(ECLOSED)
+	}
+	return f(c.ptr)
+}
+
+// Write queues b whole (it is copied before Write returns) and returns
+// len(b). It is WriteContext without a deadline: when the write queue is
+// past its hard limit it waits until there is room or the conn closes.
+func (c *Conn) Write(b []byte) (int, error) {
+	return c.WriteContext(context.Background(), b)
+}
+
+// WriteContext queues b as one write: it is copied, never split, and
+// reaches the wire after every write this goroutine made before (writes of
+// different goroutines interleave only at write boundaries). If the queue
+// is past its hard limit (backpressure: the peer reads more slowly than we
+// write), it waits until the queue drains or ctx ends; then it returns 0
+// and an error wrapping ctx.Err(), and nothing of b was queued.
+func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
+	for {
+		if err := ctx.Err(); err != nil {
+			return 0, &OpError{Op: "write", Err: err}
+		}
+		c.mu.Lock()
+		writable := c.writable
+		c.mu.Unlock()
+		rc := c.call(func(p *C.duplex_conn) C.int {
+			var data unsafe.Pointer
+			if len(b) > 0 {
+				data = unsafe.Pointer(&b[0]) // borrowed for the call only
+			}
+			return C.duplex_conn_write(p, data, C.size_t(len(b)), nil, nil)
+		})
+		if rc == 0 {
+			return len(b), nil
+		}
+		if Errno(rc) != EWOULDBLOCK {
+			return 0, opErr("write", "", rc)
+		}
+		// Wake at the low watermark (on_writable), or at the latest once
+		// everything queued so far has been written (a flush marker): a
+		// write larger than hard-high may be refused while the queue is
+		// below the high watermark, and then on_writable never comes.
+		flushed, err := c.flushMarker()
+		if err != nil {
+			return 0, err
+		}
+		select {
+		case <-writable:
+		case <-flushed:
+		case <-c.done:
+		case <-ctx.Done():
+		}
+	}
+}
+
+// flushMarker queues a zero-length write whose completion closes the
+// returned channel (also when canceled).
+func (c *Conn) flushMarker() (<-chan struct{}, error) {
+	ch := make(chan struct{})
+	h := newHandle(ch)
+	rc := c.call(func(p *C.duplex_conn) C.int {
+		return C.dpxgo_flush_marker(p, C.uintptr_t(h))
+	})
+	if rc != 0 {
+		deleteHandle(h) // no completion will come
+		return nil, opErr("write", "", rc)
+	}
+	return ch, nil
+}
+
+// CloseWrite half-closes: once every write queued before it is flushed,
+// the write side is shut down and the peer sees EOF. Receiving goes on
+// until the peer's EOF. Later writes fail with ESHUTDOWN.
+func (c *Conn) CloseWrite() error {
+	return opErr("close write", "", c.call(func(p *C.duplex_conn) C.int {
+		return C.duplex_conn_shutdown(p, nil, nil)
+	}))
+}
+
+// Close closes the conn after flushing the writes queued before it. It does
+// not wait: Done is closed when the conn has closed. Chunks received but
+// not yet taken from Recv are dropped, and Recv closes. A second Close
+// returns an error wrapping ECLOSED.
+func (c *Conn) Close() error {
+	c.stopReading()
+	return opErr("close", "", c.call(func(p *C.duplex_conn) C.int {
+		return C.duplex_conn_close(p, C.DUPLEX_CLOSE_GRACEFUL)
+	}))
+}
+
+// Abort closes the conn now: pending writes are discarded.
+func (c *Conn) Abort() error {
+	c.stopReading()
+	return opErr("abort", "", c.call(func(p *C.duplex_conn) C.int {
+		return C.duplex_conn_close(p, C.DUPLEX_CLOSE_ABORT)
+	}))
+}
+
+func (c *Conn) stopReading() {
+	c.stop.Do(func() { close(c.quit) })
+}
+
+// ---- from the loop thread ---------------------------------------------------
+
+// The callbacks below run on the loop thread and must not block: they copy,
+// do non-blocking channel operations and take mutexes that are only ever
+// held briefly.
+
+func (c *Conn) onOpen(p *C.duplex_conn) {
+	var buf [256]C.char
+	c.mu.Lock()
+	if C.duplex_conn_get_peer(p, &buf[0], C.size_t(len(buf))) == 0 {
+		c.peer = C.GoString(&buf[0])
+	}
+	if !c.opened {
+		c.opened = true
+		close(c.open)
+	}
+	c.mu.Unlock()
+}
+
+func (c *Conn) onRead(p *C.duplex_conn, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ended || isClosed(c.quit) {
+		return // Close asked not to deliver any more
+	}
+	if !c.flushing {
+		select {
+		case c.recv <- b:
+			return
+		default:
+		}
+		// recv is full: keep this chunk, stop reading (on the loop thread
+		// this takes effect at once), and let a goroutine deliver it and
+		// resume once the receiver has made room.
+		c.flushing = true
+		go c.flush()
+	}
+	c.pending = append(c.pending, b)
+	C.duplex_conn_pause(p)
+}
+
+// flush delivers pending chunks in order, then resumes reading.
+func (c *Conn) flush() {
+	for {
+		c.mu.Lock()
+		if len(c.pending) == 0 || isClosed(c.quit) {
+			c.pending = nil
+			c.flushing = false
+			c.closeRecvLocked()
+			resume := !c.ended && !isClosed(c.quit)
+			c.mu.Unlock()
+			if resume {
+				c.call(func(p *C.duplex_conn) C.int { return C.duplex_conn_resume(p) })
+			}
+			return
+		}
+		b := c.pending[0]
+		c.mu.Unlock()
+		select {
+		case c.recv <- b:
+		case <-c.quit:
+		}
+		c.mu.Lock()
+		c.pending = c.pending[1:]
+		c.mu.Unlock()
+	}
+}
+
+// closeRecvLocked closes recv once the conn has ended and nothing waits to
+// be delivered.
+func (c *Conn) closeRecvLocked() {
+	if c.ended && !c.flushing && !c.recvClosed {
+		c.recvClosed = true
+		close(c.recv)
+	}
+}
+
+func (c *Conn) onEOF() {
+	c.mu.Lock()
+	if !c.ended {
+		c.ended = true
+		c.readErr = io.EOF
+		c.closeRecvLocked()
+	}
+	c.mu.Unlock()
+}
+
+func (c *Conn) onWritable() {
+	c.mu.Lock()
+	close(c.writable)
+	c.writable = make(chan struct{})
+	c.mu.Unlock()
+}
+
+func (c *Conn) onClose(reason C.int) {
+	c.mu.Lock()
+	c.reason = Errno(reason)
+	if !c.ended {
+		c.ended = true
+		if reason != 0 {
+			c.readErr = &OpError{Op: "read", Addr: c.peer, Err: c.reason}
+		} else {
+			c.readErr = &OpError{Op: "read", Err: ECLOSED}
+		}
+		c.closeRecvLocked()
+	}
+	c.mu.Unlock()
+
+	// Drop our reference; later calls return ECLOSED. Memory goes after
+	// this callback returns at the earliest.
+	c.life.Lock()
+	if c.ptr != nil {
+		C.duplex_conn_unref(c.ptr)
+		c.ptr = nil
+	}
+	c.life.Unlock()
+	close(c.done)
+	deleteHandle(c.h) // on_close is the last callback with this handle
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+var _ io.ReadWriter = (*Conn)(nil)

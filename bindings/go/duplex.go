@@ -1,0 +1,163 @@
+// Package duplex is the Go binding of libduplex: connections owned by an
+// event loop running on its own thread, read through a Go channel and
+// written from any goroutine.
+//
+//	loop, _ := duplex.NewLoop()
+//	defer loop.Close()
+//	conn, _ := loop.Dial(ctx, "tcp", "localhost:7000")
+//	defer conn.Close()
+//	for {
+//		select {
+//		case msg := <-outgoing:
+//			conn.Write(msg)
+//		case b, ok := <-conn.Recv():
+//			if !ok {
+//				return conn.Err() // io.EOF, or why the conn ended
+//			}
+//			os.Stdout.Write(b)
+//		}
+//	}
+//
+// Threading: the loop's thread (started by libduplex) runs every callback;
+// the binding's callbacks copy data into Go and never block it. Every
+// exported method may be called from any goroutine. See docs/go.md.
+package duplex
+
+// #cgo LDFLAGS: -lduplex
+// #include "shim.h"
+import "C"
+
+import (
+	"runtime/cgo"
+	"sync"
+	"sync/atomic"
+)
+
+// Version returns the version string of the loaded libduplex.
+func Version() string { return C.GoString(C.duplex_version_string()) }
+
+// ---- handles ---------------------------------------------------------------
+
+// liveHandles counts cgo handles not yet deleted: each conn, listener and
+// pending flush marker owns one, deleted exactly once by its last callback.
+var liveHandles atomic.Int64
+
+func newHandle(v any) cgo.Handle {
+	liveHandles.Add(1)
+	return cgo.NewHandle(v)
+}
+
+func deleteHandle(h cgo.Handle) {
+	h.Delete()
+	liveHandles.Add(-1)
+}
+
+// ---- options ----------------------------------------------------------------
+
+type config struct {
+	recvQueue int
+	backlog   int
+	lim       C.dpxgo_limits
+}
+
+func newConfig(opts []Option) config {
+	cfg := config{recvQueue: 16, backlog: 128}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return cfg
+}
+
+// An Option changes how Dial and Listen set up connections.
+type Option func(*config)
+
+// WithRecvQueue sets how many received chunks (each at most the loop's
+// 64 KiB read buffer) wait in Recv() before the conn stops reading from its
+// socket. Default 16; at least 1.
+func WithRecvQueue(n int) Option {
+	return func(c *config) {
+		if n < 1 {
+			n = 1
+		}
+		c.recvQueue = n
+	}
+}
+
+// WithWatermarks sets the write queue limits in bytes (0 keeps the
+// library's default): high and low watermarks, and the hard limit past
+// which a write waits (see Conn.WriteContext).
+func WithWatermarks(high, low, hard int) Option {
+	return func(c *config) {
+		c.lim = C.dpxgo_limits{high: C.size_t(high), low: C.size_t(low), hard: C.size_t(hard)}
+	}
+}
+
+// WithBacklog sets, for Listen, the listen backlog and how many accepted
+// conns wait for Accept before newer ones are refused (default 128).
+func WithBacklog(n int) Option {
+	return func(c *config) {
+		if n < 1 {
+			n = 1
+		}
+		c.backlog = n
+	}
+}
+
+// ---- loop --------------------------------------------------------------------
+
+// A Loop is one libduplex event loop running on a thread of its own. Every
+// conn and listener belongs to one loop. Close frees it.
+type Loop struct {
+	mu  sync.RWMutex // held for reading by every use of ptr; Close writes
+	ptr *C.duplex_loop
+
+	lmu       sync.Mutex
+	listeners map[*Listener]struct{}
+}
+
+// NewLoop creates a loop and starts its thread.
+func NewLoop() (*Loop, error) {
+	var p *C.duplex_loop
+	if rc := C.duplex_loop_new(&p, nil); rc != 0 {
+		return nil, opErr("new loop", "", rc)
+	}
+	if rc := C.duplex_loop_start(p); rc != 0 {
+		C.duplex_loop_free(p)
+		return nil, opErr("start loop", "", rc)
+	}
+	return &Loop{ptr: p, listeners: map[*Listener]struct{}{}}, nil
+}
+
+// Close stops the loop and closes everything on it: every conn ends (its
+// Recv channel closes, Err reports ECANCELED unless it had ended before),
+// pending writes are canceled, listeners close. It returns when all of
+// that is done; later calls on the loop's conns return ECLOSED. A second
+// Close returns an error wrapping ECLOSED.
+func (l *Loop) Close() error {
+	l.mu.Lock()
+	p := l.ptr
+	if p == nil {
+		l.mu.Unlock()
+		return &OpError{Op: "close loop", Err: ECLOSED}
+	}
+	// The teardown callbacks run on this goroutine's thread, inside this
+	// call; none of them takes l.mu.
+	rc := C.duplex_loop_free(p)
+	if rc == 0 {
+		l.ptr = nil
+	}
+	l.mu.Unlock()
+	if rc != 0 {
+		return opErr("close loop", "", rc)
+	}
+	l.lmu.Lock()
+	rest := make([]*Listener, 0, len(l.listeners))
+	for ln := range l.listeners {
+		rest = append(rest, ln)
+	}
+	l.lmu.Unlock()
+	for _, ln := range rest {
+		ln.finish()
+	}
+	return nil
+}

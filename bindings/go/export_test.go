@@ -1,0 +1,14 @@
+package duplex
+
+// Test hooks.
+
+// LiveHandles is the number of cgo handles not yet deleted.
+func LiveHandles() int64 { return liveHandles.Load() }
+
+// ReadPaused reports whether c has stopped reading because Recv is full,
+// and how many chunks wait besides the channel's.
+func (c *Conn) ReadPaused() (bool, int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.flushing, len(c.pending)
+}

@@ -1,0 +1,3 @@
+module libduplex.dev/duplex
+
+go 1.19

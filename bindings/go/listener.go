@@ -1,0 +1,204 @@
+package duplex
+
+// #include <stdlib.h>
+// #include "shim.h"
+import "C"
+
+import (
+	"context"
+	"net"
+	"runtime/cgo"
+	"sync"
+	"unsafe"
+)
+
+// A Listener accepts conns on a TCP address or a UNIX socket path. Accepted
+// conns queue (up to the backlog, WithBacklog) until Accept takes them;
+// beyond that, new ones are aborted. Accepted conns start reading at once;
+// what they receive waits in their Recv channel (flow control as for Dial).
+type Listener struct {
+	loop     *Loop
+	h        cgo.Handle
+	cfg      config
+	addr     string
+	accepted chan *Conn
+	closed   chan struct{} // closed once the listener is gone
+
+	mu       sync.Mutex
+	ptr      *C.duplex_listener // nil once finished
+	closing  bool
+	finished bool
+}
+
+// Listen listens on network "tcp" (also "tcp4", "tcp6") at "host:port",
+// where host is a numeric address, "localhost", or empty for every IPv4
+// address, and port 0 picks a free port (see Addr); or on network "unix" at
+// a socket path (a stale socket file is replaced, and the file is removed
+// on Close). The socket is listening when Listen returns.
+func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
+	cfg := newConfig(opts)
+	var host string
+	var port C.uint16_t
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		var err error
+		if host, port, err = splitHostPort(addr); err != nil {
+			return nil, &OpError{Op: "listen", Addr: addr, Err: err}
+		}
+	case "unix":
+		host = addr
+	default:
+		return nil, &OpError{Op: "listen", Addr: addr, Err: net.UnknownNetworkError(network)}
+	}
+	chost := C.CString(host)
+	defer C.free(unsafe.Pointer(chost))
+
+	ln := &Listener{
+		loop:     l,
+		cfg:      cfg,
+		accepted: make(chan *Conn, cfg.backlog),
+		closed:   make(chan struct{}),
+	}
+	ln.h = newHandle(ln)
+	l.mu.RLock()
+	if l.ptr == nil {
+		l.mu.RUnlock()
+		deleteHandle(ln.h)
+		return nil, &OpError{Op: "listen", Addr: addr, Err: ECLOSED}
+	}
+	// The loop may accept (and call back with ln.h) before this returns:
+	// hold ln.mu so that it finds ptr set.
+	ln.mu.Lock()
+	var rc C.int
+	if network == "unix" {
+		rc = C.dpxgo_listen_unix(&ln.ptr, l.ptr, chost, C.int(cfg.backlog), C.uintptr_t(ln.h), cfg.lim)
+	} else {
+		rc = C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, C.int(cfg.backlog), C.uintptr_t(ln.h), cfg.lim)
+	}
+	if rc == 0 {
+		var buf [1024]C.char
+		if C.duplex_listener_get_address(ln.ptr, &buf[0], C.size_t(len(buf))) == 0 {
+			ln.addr = C.GoString(&buf[0])
+		}
+		l.lmu.Lock()
+		l.listeners[ln] = struct{}{}
+		l.lmu.Unlock()
+	}
+	ln.mu.Unlock()
+	l.mu.RUnlock()
+	if rc != 0 {
+		deleteHandle(ln.h)
+		return nil, opErr("listen", addr, rc)
+	}
+	return ln, nil
+}
+
+// Addr returns the bound address: "127.0.0.1:4000", "[::1]:4000", or the
+// socket path. After listening on port 0 it has the chosen port.
+func (ln *Listener) Addr() string { return ln.addr }
+
+// Accept waits for the next conn. After Close it returns an error wrapping
+// ECLOSED (errors.Is(err, net.ErrClosed) holds).
+func (ln *Listener) Accept() (*Conn, error) {
+	return ln.AcceptContext(context.Background())
+}
+
+// AcceptContext is Accept that gives up when ctx ends.
+func (ln *Listener) AcceptContext(ctx context.Context) (*Conn, error) {
+	select {
+	case c, ok := <-ln.accepted:
+		if !ok {
+			return nil, &OpError{Op: "accept", Addr: ln.addr, Err: ECLOSED}
+		}
+		return c, nil
+	case <-ctx.Done():
+		return nil, &OpError{Op: "accept", Addr: ln.addr, Err: ctx.Err()}
+	}
+}
+
+// Close stops listening and waits until the loop has closed the socket.
+// Conns accepted but not yet taken by Accept are aborted; conns already
+// taken are not affected. A second Close returns an error wrapping ECLOSED.
+func (ln *Listener) Close() error {
+	ln.mu.Lock()
+	if ln.closing || ln.finished {
+		ln.mu.Unlock()
+		return &OpError{Op: "close", Addr: ln.addr, Err: ECLOSED}
+	}
+	ln.closing = true
+	ln.mu.Unlock()
+
+	ln.loop.mu.RLock()
+	var rc C.int
+	if ln.loop.ptr != nil {
+		// Close on the loop thread: there no accept can follow, so the
+		// handle can go right after (from another thread the library
+		// only queues the close, and an accept could still come).
+		rc = C.dpxgo_post_listener_close(ln.loop.ptr, C.uintptr_t(ln.h))
+	}
+	ln.loop.mu.RUnlock()
+	if rc != 0 {
+		ln.mu.Lock()
+		ln.closing = false
+		ln.mu.Unlock()
+		return opErr("close", ln.addr, rc)
+	}
+	<-ln.closed // the loop was freed meanwhile: Loop.Close finished us
+	return nil
+}
+
+// onAccept runs on the loop thread for each accepted conn.
+func (ln *Listener) onAccept(p *C.duplex_conn) {
+	c := newConn(ln.cfg)
+	C.duplex_conn_ref(p)
+	c.ptr = p
+	c.h = newHandle(c)
+	C.dpxgo_set_user(p, C.uintptr_t(c.h)) // later callbacks go to c
+	c.onOpen(p)
+
+	ln.mu.Lock()
+	ok := !ln.closing && !ln.finished
+	if ok {
+		select {
+		case ln.accepted <- c:
+		default:
+			ok = false // backlog full
+		}
+	}
+	ln.mu.Unlock()
+	if !ok {
+		c.Abort() // on_close will come for c and free it
+	}
+}
+
+// onClosed runs on the loop thread (status 0) or in Loop.Close (ECANCELED)
+// after Close posted it.
+func (ln *Listener) onClosed(status C.int) {
+	ln.mu.Lock()
+	if status == 0 && ln.ptr != nil {
+		C.duplex_listener_close(ln.ptr) // on the loop thread: immediate
+	}
+	ln.mu.Unlock()
+	ln.finish()
+}
+
+// finish retires the listener exactly once: no accept can come any more.
+func (ln *Listener) finish() {
+	ln.mu.Lock()
+	if ln.finished {
+		ln.mu.Unlock()
+		return
+	}
+	ln.finished = true
+	ln.ptr = nil
+	close(ln.accepted)
+	ln.mu.Unlock()
+	for c := range ln.accepted {
+		c.Abort()
+	}
+	ln.loop.lmu.Lock()
+	delete(ln.loop.listeners, ln)
+	ln.loop.lmu.Unlock()
+	deleteHandle(ln.h)
+	close(ln.closed)
+}

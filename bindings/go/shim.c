@@ -1,0 +1,142 @@
+/* Trampolines from libduplex's callbacks (loop thread) into the exported
+ * Go functions in callbacks.go. Definitions live here, not in a cgo
+ * preamble, because a file with //export may only declare in its
+ * preamble. */
+#include "shim.h"
+#include "_cgo_export.h"
+
+static void
+on_open(duplex_conn *c, void *user)
+{
+  goOnOpen(c, (uintptr_t)user);
+}
+
+static void
+on_read(duplex_conn *c, const void *data, size_t len, void *user)
+{
+  goOnRead(c, (void *)data, len, (uintptr_t)user);
+}
+
+static void
+on_eof(duplex_conn *c, void *user)
+{
+  goOnEOF(c, (uintptr_t)user);
+}
+
+static void
+on_writable(duplex_conn *c, void *user)
+{
+  goOnWritable(c, (uintptr_t)user);
+}
+
+static void
+on_close(duplex_conn *c, int reason, void *user)
+{
+  goOnClose(c, reason, (uintptr_t)user);
+}
+
+static void
+on_write_done(duplex_conn *c, int status, void *user)
+{
+  (void)c;
+  goWriteDone((uintptr_t)user, status);
+}
+
+static void
+on_listener_close(duplex_loop *loop, int status, void *arg)
+{
+  (void)loop;
+  goListenerClosed((uintptr_t)arg, status);
+}
+
+static void
+fill_opts(duplex_conn_opts *opts, duplex_conn_cbs *cbs, uintptr_t user,
+          dpxgo_limits lim)
+{
+  duplex_conn_cbs c = DUPLEX_CONN_CBS_INIT;
+  c.on_open = on_open;
+  c.on_read = on_read;
+  c.on_eof = on_eof;
+  c.on_writable = on_writable;
+  c.on_close = on_close;
+  *cbs = c;
+  duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+  o.cbs = cbs;
+  o.user = (void *)user;
+  o.high_watermark = lim.high;
+  o.low_watermark = lim.low;
+  o.hard_limit = lim.hard;
+  *opts = o;
+}
+
+int
+dpxgo_connect_tcp(duplex_conn **out, duplex_loop *loop, const char *host,
+                  uint16_t port, uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  fill_opts(&opts, &cbs, user, lim);
+  return duplex_conn_connect_tcp(out, loop, host, port, &opts);
+}
+
+int
+dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
+                   uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  fill_opts(&opts, &cbs, user, lim);
+  return duplex_conn_connect_unix(out, loop, path, &opts);
+}
+
+static void
+fill_listener_opts(duplex_listener_opts *lo, duplex_conn_opts *opts,
+                   duplex_conn_cbs *cbs, int backlog, uintptr_t user,
+                   dpxgo_limits lim)
+{
+  fill_opts(opts, cbs, user, lim);
+  duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+  o.conn_opts = opts;
+  o.backlog = backlog;
+  *lo = o;
+}
+
+int
+dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
+                 uint16_t port, int backlog, uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  duplex_listener_opts lo;
+  fill_listener_opts(&lo, &opts, &cbs, backlog, user, lim);
+  return duplex_listener_tcp(out, loop, host, port, &lo);
+}
+
+int
+dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop, const char *path,
+                  int backlog, uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  duplex_listener_opts lo;
+  fill_listener_opts(&lo, &opts, &cbs, backlog, user, lim);
+  return duplex_listener_unix(out, loop, path, &lo);
+}
+
+int
+dpxgo_set_user(duplex_conn *conn, uintptr_t user)
+{
+  return duplex_conn_set_user(conn, (void *)user);
+}
+
+int
+dpxgo_flush_marker(duplex_conn *conn, uintptr_t user)
+{
+  return duplex_conn_write(conn, NULL, 0, on_write_done, (void *)user);
+}
+
+int
+dpxgo_post_listener_close(duplex_loop *loop, uintptr_t user)
+{
+  return duplex_loop_post(loop, on_listener_close, (void *)user);
+}

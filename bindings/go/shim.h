@@ -1,0 +1,30 @@
+/* C side of the Go binding: the callback table and small wrappers, so that
+ * Go never hands C a Go pointer it would keep. User data is always a
+ * runtime/cgo.Handle value carried as an integer. */
+#ifndef DUPLEX_GO_SHIM_H
+#define DUPLEX_GO_SHIM_H
+
+#include <duplex.h>
+#include <stdint.h>
+
+typedef struct dpxgo_limits {
+  size_t high, low, hard;
+} dpxgo_limits;
+
+int dpxgo_connect_tcp(duplex_conn **out, duplex_loop *loop, const char *host,
+                      uint16_t port, uintptr_t user, dpxgo_limits lim);
+int dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
+                       uintptr_t user, dpxgo_limits lim);
+int dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop,
+                     const char *host, uint16_t port, int backlog,
+                     uintptr_t user, dpxgo_limits lim);
+int dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop,
+                      const char *path, int backlog, uintptr_t user,
+                      dpxgo_limits lim);
+int dpxgo_set_user(duplex_conn *conn, uintptr_t user);
+/* A zero-length write whose completion calls goWriteDone(user, status). */
+int dpxgo_flush_marker(duplex_conn *conn, uintptr_t user);
+/* Post goListenerClosed(user, status) to the loop thread. */
+int dpxgo_post_listener_close(duplex_loop *loop, uintptr_t user);
+
+#endif
