@@ -1,0 +1,75 @@
+/* echo_duplex: TCP echo server on libduplex (C API), for the benchmarks.
+ * Usage: echo_duplex PORT   (listens on 127.0.0.1; prints nothing)
+ *
+ * The idiomatic server: on_read writes the borrowed bytes back with
+ * duplex_conn_write() (written at once when nothing is queued, copied
+ * otherwise); pause/resume on backpressure; half-close after the peer's EOF.
+ */
+#include <duplex.h>
+
+#include <stdio.h>
+
+#include "common.h"
+
+static void
+on_read(duplex_conn *conn, const void *data, size_t len, void *user)
+{
+  (void)user;
+  if (duplex_conn_write(conn, data, len, NULL, NULL) != 0)
+    duplex_conn_close(conn, DUPLEX_CLOSE_ABORT);
+}
+
+static void
+on_backpressure(duplex_conn *conn, size_t queued, void *user)
+{
+  (void)queued;
+  (void)user;
+  duplex_conn_pause(conn);
+}
+
+static void
+on_writable(duplex_conn *conn, void *user)
+{
+  (void)user;
+  duplex_conn_resume(conn);
+}
+
+static void
+on_eof(duplex_conn *conn, void *user)
+{
+  (void)user;
+  duplex_conn_shutdown(conn, NULL, NULL);
+}
+
+int
+main(int argc, char **argv)
+{
+  int port = bench_port(argc, argv, NULL);
+  duplex_loop *loop;
+  duplex_listener *listener;
+  int rc = duplex_loop_new(&loop, NULL);
+  if (rc != 0) {
+    fprintf(stderr, "loop: %s\n", duplex_strerror(rc));
+    return 1;
+  }
+  duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
+  cbs.on_read = on_read;
+  cbs.on_eof = on_eof;
+  cbs.on_backpressure = on_backpressure;
+  cbs.on_writable = on_writable;
+  duplex_conn_opts copts = DUPLEX_CONN_OPTS_INIT;
+  copts.cbs = &cbs;
+  duplex_listener_opts lopts = DUPLEX_LISTENER_OPTS_INIT;
+  lopts.conn_opts = &copts;
+  lopts.backlog = 4096;
+  rc = duplex_listener_tcp(&listener, loop, "127.0.0.1", (uint16_t)port,
+                           &lopts);
+  if (rc != 0) {
+    fprintf(stderr, "listen on port %d: %s\n", port, duplex_strerror(rc));
+    return 1;
+  }
+  rc = duplex_loop_run(loop, DUPLEX_RUN_DEFAULT); /* until killed */
+  duplex_listener_close(listener);
+  duplex_loop_free(loop);
+  return rc == 0 ? 0 : 1;
+}
