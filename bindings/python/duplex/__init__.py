@@ -1,0 +1,41 @@
+"""libduplex for Python: duplex connections owned by an event loop, written
+from any thread. Pure ctypes over libduplex.so (set DUPLEX_LIBRARY to its
+path, or install it where the dynamic loader finds it).
+
+    import duplex
+    with duplex.Loop() as loop:                      # the loop's own thread
+        conn = duplex.connect_tcp(loop, "localhost", 7000,
+                                  on_read=lambda c, data: print(data))
+        conn.write(b"hello\\n")                       # from any thread
+        conn.shutdown()
+        conn.wait_closed()
+
+Callbacks run on the loop thread and take the GIL: keep them short. See
+docs/python.md for the whole story, and duplex.aio for asyncio.
+"""
+from . import _ffi
+from ._core import (Channel, Conn, Listener, Loop, Timer, adopt, adopt_pair,
+                    connect_tcp, connect_unix, listen_tcp, listen_unix)
+from .errors import DuplexError, WouldBlock, err_name, strerror
+
+__all__ = ["Loop", "Conn", "Listener", "Timer", "Channel", "connect_tcp",
+           "connect_unix", "adopt", "adopt_pair", "listen_tcp",
+           "listen_unix", "DuplexError", "WouldBlock", "strerror",
+           "err_name", "version", "version_string", "errors", "aio"]
+
+
+def version():
+    """The loaded library's version as a (major, minor, patch) tuple."""
+    v = _ffi.version()
+    return (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
+
+
+def version_string():
+    return _ffi.version_string().decode()
+
+
+def __getattr__(name):
+    if name == "aio":  # imported lazily: asyncio is not needed otherwise
+        from . import aio
+        return aio
+    raise AttributeError(f"module 'duplex' has no attribute {name!r}")

@@ -1,0 +1,1185 @@
+"""The Pythonic layer over duplex._ffi: Loop, Conn, Listener, Timer, Channel.
+
+How C reaches Python (see docs/abi.md and docs/python.md):
+
+- Every C callback goes through one of the module-level trampolines below.
+  They are created once and referenced from this module for its whole
+  life, so the C function pointers never dangle.
+- The `user` pointer given to C is never a Python object address: it is an
+  integer key into `_handles`, a table that holds a strong reference to the
+  Python object (conn, channel, timer, pending write, channel message,
+  posted function) for exactly as long as C may still hand the key back.
+  Each key is removed by the callback the header promises to run exactly
+  once (on_close, write done, release, post), so nothing leaks and nothing
+  is used after it is gone.
+- A trampoline never lets an exception escape into C: an exception from a
+  user callback is stored on its Loop, which stops (run mode) or wakes its
+  waiters (started mode), and is re-raised by Loop.run(), Loop.join(),
+  Conn.wait_closed(), Channel.wait_closed() and Loop.close().
+"""
+import atexit
+import ctypes
+import math
+import sys
+import threading
+import traceback
+from ctypes import byref, c_size_t, c_uint16, c_void_p
+
+from . import _ffi
+from .errors import CODES, WouldBlock, error, check
+
+_ECLOSED = CODES["ECLOSED"]
+_EINVAL = CODES["EINVAL"]
+_EDEADLK = CODES["EDEADLK"]
+_ETIMEDOUT = CODES["ETIMEDOUT"]
+_ENOBUFS = CODES["ENOBUFS"]
+_ENOTSUP = CODES["ENOTSUP"]
+
+
+# ---- the handle table ---------------------------------------------------------
+
+class _Handles:
+    """Integer keys passed to C as `void *user`, each holding one object."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items = {}
+        self._next = 1  # never 0: NULL is not a valid channel message
+
+    def add(self, obj):
+        with self._lock:
+            key = self._next
+            self._next += 1
+            self._items[key] = obj
+        return key
+
+    def get(self, key):
+        return self._items.get(key)
+
+    def pop(self, key):
+        with self._lock:
+            return self._items.pop(key, None)
+
+    def __len__(self):
+        return len(self._items)
+
+
+_handles = _Handles()
+
+
+def _err_or_none(status):
+    return error(status) if status < 0 else None
+
+
+def _ms(seconds, none=-1):
+    """Seconds (float) -> milliseconds for C; None -> `none`."""
+    if seconds is None:
+        return none
+    if seconds < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return min(int(math.ceil(seconds * 1000)), 2**31 - 1)
+
+
+def _cstr(text, what):
+    if text is None:
+        return None
+    b = text.encode() if isinstance(text, str) else bytes(text)
+    if b"\0" in b:
+        raise error(_EINVAL, what + ": NUL in string")
+    return b
+
+
+def _buffer(data):
+    """(argument for a `const void *`, length) for any bytes-like object.
+    bytes are passed as they are; writable buffers without a copy; other
+    read-only buffers (e.g. a memoryview of bytes) are copied once."""
+    if isinstance(data, bytes):
+        return data, len(data)
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")
+    n = mv.nbytes
+    if n == 0:
+        return None, 0
+    if mv.readonly:
+        return mv.tobytes(), n
+    return (ctypes.c_char * n).from_buffer(mv), n
+
+
+def _address(arg):
+    if arg is None:
+        return None
+    if isinstance(arg, bytes):
+        return ctypes.cast(ctypes.c_char_p(arg), c_void_p).value
+    return ctypes.addressof(arg)
+
+
+def _report_internal(exc):
+    # A bug in the binding itself, outside any user callback: never let it
+    # reach C; print it the way Python reports unraisable exceptions.
+    try:
+        sys.stderr.write("duplex: internal error in a callback trampoline:\n")
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    except BaseException:  # noqa: B036 - nothing may escape into C
+        pass
+
+
+def _trampoline(kind):
+    """Wrap a trampoline body: nothing, ever, propagates into C."""
+    def wrap(fn):
+        def body(*args):
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: B036
+                _report_internal(e)
+        return kind(body)
+    return wrap
+
+
+# ---- trampolines --------------------------------------------------------------
+
+@_trampoline(_ffi.post_cb)
+def _t_post(_loop_p, status, arg):
+    item = _handles.pop(arg)
+    if item is not None and status == 0:
+        loop, fn, args = item
+        loop._invoke(fn, *args)
+
+
+def _conn_of(conn_p, user):
+    obj = _handles.get(user)
+    if isinstance(obj, Conn):
+        if obj._p is None and not obj._dead:
+            obj._p = conn_p  # callback raced the constructor's return
+        return obj
+    return None
+
+
+@_trampoline(_ffi.open_cb)
+def _t_open(conn_p, user):
+    obj = _handles.get(user)
+    if isinstance(obj, _AcceptSpec):
+        conn = Conn._accepted(obj, conn_p)
+    else:
+        conn = _conn_of(conn_p, user)
+        if conn is None:
+            return
+    conn._opened = True
+    if conn.on_open is not None:
+        conn._loop._invoke(conn.on_open, conn)
+    if isinstance(obj, _AcceptSpec) and obj.on_accept is not None:
+        conn._loop._invoke(obj.on_accept, conn)
+
+
+@_trampoline(_ffi.read_cb)
+def _t_read(conn_p, data, length, user):
+    conn = _conn_of(conn_p, user)
+    if conn is not None and conn.on_read is not None:
+        # The view is borrowed for this call only: copy it into bytes.
+        payload = ctypes.string_at(data, length) if length else b""
+        conn._loop._invoke(conn.on_read, conn, payload)
+
+
+@_trampoline(_ffi.eof_cb)
+def _t_eof(conn_p, user):
+    conn = _conn_of(conn_p, user)
+    if conn is not None:
+        conn._eof = True
+        if conn.on_eof is not None:
+            conn._loop._invoke(conn.on_eof, conn)
+
+
+@_trampoline(_ffi.backpressure_cb)
+def _t_backpressure(conn_p, queued, user):
+    conn = _conn_of(conn_p, user)
+    if conn is not None and conn.on_backpressure is not None:
+        conn._loop._invoke(conn.on_backpressure, conn, queued)
+
+
+@_trampoline(_ffi.writable_cb)
+def _t_writable(conn_p, user):
+    conn = _conn_of(conn_p, user)
+    if conn is not None and conn.on_writable is not None:
+        conn._loop._invoke(conn.on_writable, conn)
+
+
+@_trampoline(_ffi.close_cb)
+def _t_close(conn_p, reason, user):
+    conn = _conn_of(conn_p, user)
+    if conn is None:
+        return  # an accepted conn that closed before on_open: never seen
+    _handles.pop(user)  # on_close is the last callback: drop the key
+    conn._set_closed(reason)
+    if conn.on_close is not None:
+        conn._loop._invoke(conn.on_close, conn, _err_or_none(reason))
+
+
+@_trampoline(_ffi.write_cb)
+def _t_write_done(_conn_p, status, user):
+    item = _handles.pop(user)
+    if item is not None:
+        conn, done = item
+        conn._loop._invoke(done, _err_or_none(status))
+
+
+@_trampoline(_ffi.release_cb)
+def _t_release_zc(_data, _len, status, user):
+    item = _handles.pop(user)  # drops our reference to the bytes
+    if item is not None:
+        conn, _data_ref, done = item
+        if done is not None:
+            conn._loop._invoke(done, _err_or_none(status))
+
+
+@_trampoline(_ffi.listen_error_cb)
+def _t_listen_error(_l, status, user):
+    spec = _handles.get(user)
+    if isinstance(spec, _AcceptSpec) and spec.listener is not None:
+        fn = spec.listener.on_error
+        if fn is not None:
+            spec.loop._invoke(fn, spec.listener, error(status))
+
+
+@_trampoline(_ffi.channel_cb)
+def _t_channel_message(_ch, data, _len, user):
+    msg = _handles.pop(data)  # ownership passes to us: exactly once
+    chan = _handles.get(user)
+    if msg is not None and isinstance(chan, Channel):
+        chan._loop._invoke(chan.on_message, msg[0])
+
+
+@_trampoline(_ffi.release_cb)
+def _t_channel_release(data, _len, status, user):
+    msg = _handles.pop(data)  # never delivered: drop it, exactly once
+    chan = _handles.get(user)
+    if msg is not None and isinstance(chan, Channel):
+        if chan.on_undelivered is not None:
+            chan._loop._invoke(chan.on_undelivered, msg[0], error(status))
+
+
+@_trampoline(_ffi.channel_close_cb)
+def _t_channel_close(_ch, reason, user):
+    chan = _handles.pop(user)
+    if isinstance(chan, Channel):
+        chan._set_closed(reason)
+        if chan.on_close is not None:
+            chan._loop._invoke(chan.on_close, _err_or_none(reason))
+
+
+@_trampoline(_ffi.timer_cb)
+def _t_timer(_t, user):
+    timer = _handles.get(user)
+    if isinstance(timer, Timer) and timer.callback is not None:
+        timer._loop._invoke(timer.callback)
+
+
+# One callback table for every conn; the `user` key selects the object.
+_CBS = _ffi.conn_cbs(on_open=_t_open, on_read=_t_read, on_eof=_t_eof,
+                     on_backpressure=_t_backpressure,
+                     on_writable=_t_writable, on_close=_t_close)
+_CBS_PTR = ctypes.pointer(_CBS)
+_NO_WRITE_CB = _ffi.write_cb()  # NULL function pointer
+
+
+# ---- Loop ------------------------------------------------------------------------
+
+_live_loops = set()
+
+
+class Loop:
+    """A libduplex loop.
+
+    ``Loop()`` starts the loop on a thread the library owns
+    (duplex_loop_start); that is the normal mode. ``Loop(start=False)``
+    leaves it idle until you call :meth:`run` on a thread of yours.
+
+    Use it as a context manager: leaving the block calls :meth:`close`,
+    which frees the loop (closing every conn, channel, listener and timer on
+    it) and re-raises an exception a callback raised, if nothing reported it
+    yet. A loop still open at interpreter exit is closed by an atexit hook.
+    """
+
+    def __init__(self, *, start=True, read_buffer_size=0):
+        opts = _ffi.loop_opts(read_buffer_size=read_buffer_size)
+        out = c_void_p()
+        check(_ffi.loop_new(byref(out), byref(opts)), "Loop")
+        self._p = out.value
+        self._cond = threading.Condition()
+        self._users = 0          # calls in flight that use the loop pointer
+        self._closing = False
+        self._started = False
+        self._stop_requested = False
+        self._failure = None     # first exception raised by a callback
+        self._failure_reported = False
+        self._owned = {}         # handle -> Timer/_AcceptSpec, dropped on free
+        _live_loops.add(self)
+        if start:
+            self.start()
+
+    # -- guarded access to the loop pointer (never used after free) --
+    class _Use:
+        __slots__ = ("loop", "what")
+
+        def __init__(self, loop, what):
+            self.loop, self.what = loop, what
+
+        def __enter__(self):
+            loop = self.loop
+            with loop._cond:
+                if loop._p is None or loop._closing:
+                    raise error(_ECLOSED, self.what)
+                loop._users += 1
+                return loop._p
+
+        def __exit__(self, *exc):
+            loop = self.loop
+            with loop._cond:
+                loop._users -= 1
+                if loop._users == 0:
+                    loop._cond.notify_all()
+
+    def _use(self, what):
+        return Loop._Use(self, what)
+
+    # -- callbacks --
+    def _invoke(self, fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: B036 - never into C
+            self._fail(e)
+
+    def _fail(self, exc):
+        with self._cond:
+            if self._failure is None:
+                self._failure = exc
+            self._stop_requested = True
+            self._cond.notify_all()
+            p = None if (self._started or self._closing) else self._p
+        if p is not None:
+            _ffi.loop_stop(p)  # run mode, on the loop thread: run() returns
+
+    def _raise_failure(self):
+        with self._cond:
+            exc = self._failure
+            if exc is None:
+                return
+            self._failure_reported = True
+        raise exc
+
+    @property
+    def failure(self):
+        """The first exception a callback raised, or None."""
+        return self._failure
+
+    # -- running --
+    def start(self):
+        """Run the loop on a thread owned by the library until close()."""
+        with self._use("Loop.start") as p:
+            check(_ffi.loop_start(p), "Loop.start")
+            self._started = True
+
+    def run(self):
+        """Run the loop on this thread until stop() (or a callback raises;
+        the exception is re-raised here). Ctrl-C is seen only once it
+        returns: prefer the started mode plus join() in a main thread."""
+        return self._run(_ffi.RUN_DEFAULT)
+
+    def run_once(self, wait=True):
+        """One loop iteration on this thread (waiting for events if
+        ``wait``)."""
+        return self._run(_ffi.RUN_ONCE if wait else _ffi.RUN_NOWAIT)
+
+    def _run(self, mode):
+        self._raise_failure()
+        with self._cond:
+            if self._p is None or self._closing:
+                raise error(_ECLOSED, "Loop.run")
+            p = self._p
+        # Not counted as a use: Loop.close() from another thread must be
+        # able to stop a loop that runs here (duplex_loop_free does that).
+        rc = _ffi.loop_run(p, mode)
+        with self._cond:
+            self._stop_requested = False
+        self._raise_failure()
+        check(rc, "Loop.run")
+
+    def stop(self):
+        """Make run() return; in the started mode, wake join(). Any
+        thread. The started loop itself keeps running until close()."""
+        with self._cond:
+            self._stop_requested = True
+            self._cond.notify_all()
+            p = None if self._closing else self._p
+        if p is not None:
+            _ffi.loop_stop(p)
+
+    def join(self, timeout=None):
+        """Wait (not on the loop thread) until stop() is called or a
+        callback raised (then raise it). Returns False on timeout."""
+        if self.on_thread():
+            raise error(_EDEADLK, "Loop.join")
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: self._stop_requested or self._failure is not None
+                or self._p is None, timeout)
+        self._raise_failure()
+        return done
+
+    def post(self, fn, *args):
+        """Run fn(*args) on the loop thread, in the order this thread posted.
+        Any thread. If the loop is freed first, fn is dropped uncalled."""
+        key = _handles.add((self, fn, args))
+        try:
+            with self._use("Loop.post") as p:
+                rc = _ffi.loop_post(p, _t_post, key)
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, "Loop.post")
+
+    def on_thread(self):
+        """True on the loop thread (inside a callback)."""
+        with self._cond:
+            p = self._p
+        return p is not None and _ffi.loop_on_thread(p) == 1
+
+    @property
+    def closed(self):
+        return self._p is None
+
+    def close(self):
+        """Free the loop: stop it, then close everything on it; pending
+        callbacks run with DUPLEX_ECANCELED on this thread before it returns
+        (channel messages still queued are released exactly once). Not on
+        the loop thread (DUPLEX_EDEADLK). Idempotent. Re-raises the first
+        exception a callback raised, unless it was already raised by run(),
+        join() or a wait_closed()."""
+        with self._cond:
+            if self._p is None or self._closing:
+                return
+            if _ffi.loop_on_thread(self._p) == 1:
+                raise error(_EDEADLK, "Loop.close")
+            self._closing = True
+            while self._users:
+                self._cond.wait()
+            p = self._p
+        rc = _ffi.loop_free(p)
+        with self._cond:
+            self._p = None
+            owned, self._owned = self._owned, {}
+            self._cond.notify_all()
+        for key, obj in owned.items():  # loop-owned: invalid from now on
+            _handles.pop(key)
+            obj._loop_freed()
+        _live_loops.discard(self)
+        check(rc, "Loop.close")
+        if not self._failure_reported:
+            self._raise_failure()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and exc is self._failure:
+            self._failure_reported = True
+        self.close()
+        return False
+
+    def __repr__(self):
+        state = "closed" if self._p is None else (
+            "started" if self._started else "idle")
+        return f"<duplex.Loop {state}>"
+
+
+@atexit.register
+def _close_live_loops():
+    # A started loop's thread must not call into an interpreter that is
+    # finalizing: free every loop the program left open.
+    for loop in list(_live_loops):
+        try:
+            loop.close()
+        except BaseException:  # noqa: B036 - best effort at exit
+            pass
+
+
+# ---- Conn ------------------------------------------------------------------------
+
+_CONN_CALLBACKS = ("on_open", "on_read", "on_eof", "on_backpressure",
+                   "on_writable", "on_close")
+
+
+def _conn_opts(user, *, high_watermark=0, low_watermark=0, hard_limit=0,
+               nagle=False, keepalive=False, start_paused=False,
+               connect_timeout=None, idle_timeout=None, read_timeout=None,
+               flush_timeout=None):
+    flags = ((_ffi.CONN_NAGLE if nagle else 0)
+             | (_ffi.CONN_KEEPALIVE if keepalive else 0)
+             | (_ffi.CONN_START_PAUSED if start_paused else 0))
+    return _ffi.conn_opts(
+        cbs=_CBS_PTR, user=user, high_watermark=high_watermark,
+        low_watermark=low_watermark, hard_limit=hard_limit, flags=flags,
+        connect_timeout_ms=_ms(connect_timeout, 0),
+        idle_timeout_ms=_ms(idle_timeout, 0),
+        read_timeout_ms=_ms(read_timeout, 0),
+        flush_timeout_ms=_ms(flush_timeout, 0))
+
+
+def _split_callbacks(kw):
+    cbs = {name: kw.pop(name) for name in _CONN_CALLBACKS if name in kw}
+    return cbs, kw
+
+
+class Conn:
+    """One duplex byte stream owned by a loop.
+
+    Created by connect_tcp(), connect_unix(), adopt(), adopt_pair() or a
+    listener. Every method may be called from any Python thread (except the
+    waiting ones, not on the loop thread). The callbacks are attributes and
+    may be replaced at any time; each runs on the loop thread:
+
+    - ``on_open(conn)``, ``on_eof(conn)``, ``on_writable(conn)``
+    - ``on_read(conn, data)``: ``data`` is a bytes copy of the borrowed view
+    - ``on_backpressure(conn, queued)``
+    - ``on_close(conn, error)``: ``error`` is None or a DuplexError; last.
+
+    The object holds its own reference to the C conn, so it is safe to use
+    after the conn closed: calls then raise DuplexError(ECLOSED).
+    """
+
+    on_open = on_read = on_eof = on_backpressure = on_writable = None
+    on_close = None
+
+    def __init__(self):
+        raise TypeError("use duplex.connect_tcp(), connect_unix(), adopt() "
+                        "or a listener to get a Conn")
+
+    @classmethod
+    def _blank(cls, loop, callbacks):
+        self = object.__new__(cls)
+        self._loop = loop
+        self._p = None
+        self._dead = False
+        self._opened = False
+        self._eof = False
+        self._closed = False
+        self._close_reason = None
+        for name, fn in callbacks.items():
+            setattr(self, name, fn)
+        return self
+
+    @classmethod
+    def _create(cls, loop, what, call, kw):
+        callbacks, rest = _split_callbacks(dict(kw))
+        self = cls._blank(loop, callbacks)
+        key = _handles.add(self)
+        try:
+            opts = _conn_opts(key, **rest)
+            out = c_void_p()
+            with loop._use(what) as lp:
+                rc = call(lp, byref(out), byref(opts))
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            self._dead = True
+            raise error(rc, what)
+        self._p = out.value
+        return self
+
+    @classmethod
+    def _accepted(cls, spec, conn_p):
+        # Loop thread, in on_open of a conn a listener accepted: give it a
+        # Python object, a reference of its own and its own user key.
+        self = cls._blank(spec.loop, spec.callbacks)
+        _ffi.conn_ref(conn_p)
+        self._p = conn_p
+        key = _handles.add(self)
+        _ffi.conn_set_user(conn_p, key)
+        return self
+
+    def _set_closed(self, reason):
+        loop = self._loop
+        with loop._cond:
+            self._closed = True
+            self._close_reason = reason
+            loop._cond.notify_all()
+
+    def _ptr(self, what):
+        p = self._p
+        if p is None:
+            raise error(_ECLOSED, what)
+        return p
+
+    # -- writing (any thread) --
+    def write(self, data, done=None):
+        """Queue a copy of ``data`` (bytes, bytearray, memoryview, any
+        bytes-like object). Never blocks. Writes one thread makes arrive in
+        call order and are never split by another thread's write.
+        ``done(error)`` (optional) runs once on the loop thread: error is
+        None once the bytes went to the kernel, else a DuplexError
+        (ECANCELED if the conn closed first). Raises WouldBlock when the
+        conn is past its hard limit (nothing was queued: retry after
+        wait_writable(), or use sendall()), DuplexError ECLOSED /
+        ESHUTDOWN after close / shutdown."""
+        arg, n = _buffer(data)
+        if done is None:
+            rc = _ffi.conn_write(self._ptr("write"), arg, n, _NO_WRITE_CB,
+                                 None)
+        else:
+            key = _handles.add((self, done))
+            rc = _ffi.conn_write(self._ptr("write"), arg, n, _t_write_done,
+                                 key)
+            if rc != 0:
+                _handles.pop(key)
+        if rc != 0:
+            raise error(rc, "write")
+
+    def writev(self, buffers, done=None):
+        """Write several buffers as one unsplittable write (copied)."""
+        parts = [_buffer(b) for b in buffers]
+        arr = (_ffi.buf * max(len(parts), 1))()
+        for i, (arg, n) in enumerate(parts):
+            arr[i].base = _address(arg)
+            arr[i].len = n
+        key = None if done is None else _handles.add((self, done))
+        rc = _ffi.conn_writev(self._ptr("writev"), arr, len(parts),
+                              _NO_WRITE_CB if done is None else _t_write_done,
+                              key)
+        if rc != 0:
+            if key is not None:
+                _handles.pop(key)
+            raise error(rc, "writev")
+
+    def write_zc(self, data, done=None):
+        """Zero-copy write of a ``bytes`` object: the conn keeps a reference
+        to it until the library releases the buffer (exactly once), then
+        ``done(error)`` runs. Otherwise as write()."""
+        if not isinstance(data, bytes):
+            raise TypeError("write_zc needs bytes (immutable)")
+        key = _handles.add((self, data, done))
+        rc = _ffi.conn_write_zc(self._ptr("write_zc"), _address(data),
+                                len(data), _t_release_zc, key)
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, "write_zc")
+
+    def sendall(self, data, timeout=None, done=None):
+        """write(), but when the conn is past its hard limit wait until it
+        is writable and retry. Not on the loop thread (DUPLEX_EDEADLK).
+        Raises TimeoutError (a DuplexError, ETIMEDOUT) after ``timeout``
+        seconds; None waits as long as it takes."""
+        while True:
+            try:
+                return self.write(data, done)
+            except WouldBlock:
+                if not self.wait_writable(timeout):
+                    raise error(_ETIMEDOUT, "sendall") from None
+
+    def shutdown(self, done=None):
+        """Half-close: after every write queued before it is flushed, close
+        the write side; reading goes on until the peer's EOF. Later writes
+        raise ESHUTDOWN. ``done(error)`` as for write()."""
+        key = None if done is None else _handles.add((self, done))
+        rc = _ffi.conn_shutdown(self._ptr("shutdown"),
+                                _NO_WRITE_CB if done is None
+                                else _t_write_done, key)
+        if rc != 0:
+            if key is not None:
+                _handles.pop(key)
+            raise error(rc, "shutdown")
+
+    def close(self, abort=False):
+        """Close the conn: gracefully (writes queued before are flushed
+        first) or, with ``abort=True``, at once (pending writes complete
+        with ECANCELED). Idempotent; on_close runs once."""
+        p = self._p
+        if p is None:
+            return
+        rc = _ffi.conn_close(p, _ffi.CLOSE_ABORT if abort
+                             else _ffi.CLOSE_GRACEFUL)
+        if rc not in (0, _ECLOSED):
+            raise error(rc, "close")
+
+    # -- flow control --
+    def pause(self):
+        """Stop reading (from another thread, a read already being
+        delivered may still arrive)."""
+        check(_ffi.conn_pause(self._ptr("pause")), "pause")
+
+    def resume(self):
+        """Resume reading after pause() or start_paused=True."""
+        check(_ffi.conn_resume(self._ptr("resume")), "resume")
+
+    def wait_writable(self, timeout=None):
+        """Block until the conn is writable (below its high watermark, or
+        back at the low watermark). True when writable, False on timeout.
+        Raises ECLOSED if the conn closes, EDEADLK on the loop thread."""
+        rc = _ffi.conn_wait_writable(self._ptr("wait_writable"), _ms(timeout))
+        if rc == _ETIMEDOUT:
+            return False
+        check(rc, "wait_writable")
+        return True
+
+    def set_timeout(self, kind, seconds):
+        """Change a deadline: kind is "connect", "idle", "read" or "flush";
+        seconds None or 0 turns it off."""
+        if kind not in _ffi.TIMEOUT_KINDS:
+            raise ValueError(f"unknown timeout kind {kind!r}")
+        check(_ffi.conn_set_timeout(self._ptr("set_timeout"),
+                                    _ffi.TIMEOUT_KINDS[kind],
+                                    _ms(seconds, 0)), "set_timeout")
+
+    # -- state --
+    @property
+    def queued(self):
+        """Bytes accepted for writing and not yet handed to the kernel."""
+        out = c_size_t()
+        check(_ffi.conn_get_queued(self._ptr("queued"), byref(out)), "queued")
+        return out.value
+
+    @property
+    def peer(self):
+        """The peer's address: "1.2.3.4:80", "[::1]:80", a socket path, or
+        "" for unnamed peers. Raises ENOTCONN before the conn opened."""
+        size = 128
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            rc = _ffi.conn_get_peer(self._ptr("peer"), buf, size)
+            if rc != _ENOBUFS or size > 65536:
+                check(rc, "peer")
+                return buf.value.decode(errors="surrogateescape")
+            size *= 4
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @property
+    def opened(self):
+        return self._opened
+
+    @property
+    def eof(self):
+        """True once the peer's EOF arrived."""
+        return self._eof
+
+    @property
+    def closed(self):
+        """True once on_close ran."""
+        return self._closed
+
+    @property
+    def close_error(self):
+        """None while open or after a clean close, else the DuplexError."""
+        r = self._close_reason
+        return _err_or_none(r) if r else None
+
+    def wait_closed(self, timeout=None):
+        """Block (not on the loop thread) until on_close ran; return the
+        close error (None for a clean close). Raises TimeoutError after
+        ``timeout`` seconds, and re-raises an exception a callback of the
+        loop raised meanwhile."""
+        return _wait(self._loop, lambda: self._closed, timeout,
+                     "Conn.wait_closed", lambda: self.close_error)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        p, self._p = getattr(self, "_p", None), None
+        if p is not None:
+            try:
+                _ffi.conn_unref(p)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __repr__(self):
+        state = ("closed" if self._closed else
+                 "open" if self._opened else "opening")
+        return f"<duplex.Conn {state}>"
+
+
+def _wait(loop, pred, timeout, what, result):
+    if loop.on_thread():
+        raise error(_EDEADLK, what)
+    with loop._cond:
+        ok = loop._cond.wait_for(
+            lambda: pred() or loop._failure is not None or loop._p is None,
+            timeout)
+    if not pred():
+        loop._raise_failure()
+        if not ok:
+            raise error(_ETIMEDOUT, what)
+    return result()
+
+
+def _port(port, what):
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise error(_EINVAL, f"{what}: port {port!r}")
+    return port
+
+
+def connect_tcp(loop, host, port, **kw):
+    """Connect over TCP to ``host`` (a name, IPv4 or IPv6 address) and
+    ``port``. Returns a Conn at once; ``on_open`` runs when connected, and
+    a failure (ECONNREFUSED, EAI_NONAME, ...) arrives as ``on_close(conn,
+    error)`` / ``wait_closed()``. Writes made before it opens are queued.
+
+    Keyword arguments: the callbacks (on_open, on_read, on_eof,
+    on_backpressure, on_writable, on_close), high_watermark,
+    low_watermark, hard_limit (bytes), nagle, keepalive, start_paused
+    (bools), connect_timeout, idle_timeout, read_timeout, flush_timeout
+    (seconds). Bad arguments raise DuplexError(EINVAL)."""
+    h = _cstr(host, "connect_tcp")
+    _port(port, "connect_tcp")
+    return Conn._create(loop, "connect_tcp",
+                        lambda lp, out, o: _ffi.conn_connect_tcp(
+                            out, lp, h, port, o), kw)
+
+
+def connect_unix(loop, path, **kw):
+    """Connect to a UNIX-domain socket; otherwise as connect_tcp()."""
+    p = _cstr(path, "connect_unix")
+    return Conn._create(loop, "connect_unix",
+                        lambda lp, out, o: _ffi.conn_connect_unix(
+                            out, lp, p, o), kw)
+
+
+def adopt(loop, sock, **kw):
+    """Adopt a connected stream: a socket object (detached from Python on
+    success) or an fd (owned by the conn on success, still yours on
+    failure). Keyword arguments as connect_tcp()."""
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    conn = Conn._create(loop, "adopt",
+                        lambda lp, out, o: _ffi.conn_adopt(out, lp, fd, o),
+                        kw)
+    if not isinstance(sock, int):
+        sock.detach()
+    return conn
+
+
+def adopt_pair(loop, read_fd, write_fd, **kw):
+    """Adopt two one-way fds (e.g. 0 and 1) as one conn; shutdown() closes
+    write_fd. Both are owned by the conn on success."""
+    return Conn._create(loop, "adopt_pair",
+                        lambda lp, out, o: _ffi.conn_adopt_pair(
+                            out, lp, read_fd, write_fd, o), kw)
+
+
+# ---- Listener --------------------------------------------------------------------
+
+class _AcceptSpec:
+    """What a listener's accepted conns start with; its key is the `user`
+    of the listener's conn options, so it lives until the loop is freed
+    (an accepted conn may open after the listener closed)."""
+
+    def __init__(self, loop, on_accept, callbacks):
+        self.loop = loop
+        self.on_accept = on_accept
+        self.callbacks = callbacks
+        self.listener = None
+
+    def _loop_freed(self):
+        if self.listener is not None:
+            self.listener._p = None
+
+
+class Listener:
+    """Accepts conns on TCP or a UNIX path; owned by the loop.
+
+    ``on_accept(conn)`` runs on the loop thread for each accepted conn,
+    which already has the callbacks given to listen_*() (set others on it
+    there). ``on_error(listener, error)`` reports a failed accept."""
+
+    def __init__(self):
+        raise TypeError("use duplex.listen_tcp() or listen_unix()")
+
+    @classmethod
+    def _create(cls, loop, what, call, on_accept, on_error, backlog, flags,
+                mode, kw):
+        callbacks, rest = _split_callbacks(dict(kw))
+        spec = _AcceptSpec(loop, on_accept, callbacks)
+        key = _handles.add(spec)
+        try:
+            copts = _conn_opts(key, **rest)
+            lopts = _ffi.listener_opts(conn_opts=ctypes.pointer(copts),
+                                       on_error=_t_listen_error, user=key,
+                                       backlog=backlog, flags=flags,
+                                       mode=mode)
+            out = c_void_p()
+            with loop._use(what) as lp:
+                rc = call(lp, byref(out), byref(lopts))
+                if rc == 0:
+                    with loop._cond:
+                        loop._owned[key] = spec
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, what)
+        self = object.__new__(cls)
+        self._loop = loop
+        self._p = out.value
+        self.on_error = on_error
+        spec.listener = self
+        return self
+
+    def _ptr(self, what):
+        if self._p is None:
+            raise error(_ECLOSED, what)
+        return self._p
+
+    @property
+    def port(self):
+        """The bound TCP port (None for a UNIX listener)."""
+        out = c_uint16()
+        with self._loop._use("Listener.port"):
+            rc = _ffi.listener_get_port(self._ptr("Listener.port"),
+                                        byref(out))
+        if rc == _ENOTSUP:
+            return None
+        check(rc, "Listener.port")
+        return out.value
+
+    @property
+    def address(self):
+        """The bound address: "127.0.0.1:4000", "[::1]:4000" or the path."""
+        buf = ctypes.create_string_buffer(1024)
+        with self._loop._use("Listener.address"):
+            check(_ffi.listener_get_address(self._ptr("Listener.address"),
+                                            buf, len(buf)),
+                  "Listener.address")
+        return buf.value.decode(errors="surrogateescape")
+
+    @property
+    def closed(self):
+        return self._p is None
+
+    def close(self):
+        """Stop accepting (conns already accepted stay open). Idempotent."""
+        try:
+            with self._loop._use("Listener.close"):
+                p, self._p = self._p, None
+                if p is not None:
+                    check(_ffi.listener_close(p), "Listener.close")
+        except Exception as e:
+            if getattr(e, "code", None) != _ECLOSED:
+                raise
+            self._p = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def listen_tcp(loop, host, port=0, *, on_accept=None, on_error=None,
+               backlog=0, ipv6only=False, **kw):
+    """Listen on TCP. ``host``: a numeric IPv4/IPv6 address, "localhost",
+    or None for every IPv4 address. Port 0 picks a free port (see
+    Listener.port). Bound and listening when this returns. Other keyword
+    arguments (callbacks, limits) apply to every accepted conn, as for
+    connect_tcp()."""
+    h = _cstr(host, "listen_tcp")
+    _port(port, "listen_tcp")
+    return Listener._create(
+        loop, "listen_tcp",
+        lambda lp, out, o: _ffi.listener_tcp(out, lp, h, port, o),
+        on_accept, on_error, backlog,
+        _ffi.LISTEN_IPV6ONLY if ipv6only else 0, 0, kw)
+
+
+def listen_unix(loop, path, *, on_accept=None, on_error=None, backlog=0,
+                mode=0, **kw):
+    """Listen on a UNIX-domain socket path (removed on close); ``mode``
+    sets its permission bits. Otherwise as listen_tcp()."""
+    p = _cstr(path, "listen_unix")
+    return Listener._create(
+        loop, "listen_unix",
+        lambda lp, out, o: _ffi.listener_unix(out, lp, p, o),
+        on_accept, on_error, backlog, 0, mode, kw)
+
+
+# ---- Timer -----------------------------------------------------------------------
+
+class Timer:
+    """A one-shot or repeating ``callback()`` on the loop thread; owned by
+    the loop (closed with it). Times are in seconds."""
+
+    def __init__(self, loop, callback):
+        self._loop = loop
+        self.callback = callback
+        self._p = None
+        key = _handles.add(self)
+        try:
+            out = c_void_p()
+            with loop._use("Timer") as lp:
+                rc = _ffi.timer_new(byref(out), lp, _t_timer, key)
+                if rc == 0:
+                    self._p = out.value
+                    self._key = key
+                    with loop._cond:
+                        loop._owned[key] = self
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, "Timer")
+
+    def _loop_freed(self):
+        self._p = None
+
+    def _call(self, fn, what, *args):
+        with self._loop._use(what):
+            if self._p is None:
+                raise error(_ECLOSED, what)
+            check(fn(self._p, *args), what)
+
+    def start(self, timeout, repeat=0):
+        """Fire after ``timeout`` seconds, then every ``repeat`` seconds
+        (0: once). Restarting resets it."""
+        self._call(_ffi.timer_start, "Timer.start", _ms(timeout), _ms(repeat))
+
+    def stop(self):
+        """Stop. From another thread an expiry being delivered may still
+        run once."""
+        self._call(_ffi.timer_stop, "Timer.stop")
+
+    def close(self):
+        """Destroy the timer; its callback never starts again. Idempotent.
+        From another thread it waits for a running callback."""
+        try:
+            with self._loop._use("Timer.close"):
+                p, self._p = self._p, None
+                if p is None:
+                    return
+                check(_ffi.timer_close(p), "Timer.close")
+                with self._loop._cond:
+                    self._loop._owned.pop(self._key, None)
+                _handles.pop(self._key)
+        except Exception as e:
+            if getattr(e, "code", None) != _ECLOSED:
+                raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# ---- Channel ---------------------------------------------------------------------
+
+class Channel:
+    """A multi-producer queue of Python objects, delivered on the loop
+    thread: ``on_message(obj)`` runs once per object, in per-thread send
+    order. Any thread may send(). ``on_close(error)`` runs last: error is
+    None after close() (every queued object was delivered first), or
+    DuplexError(ECANCELED) when the loop was freed. Objects never delivered
+    (loop freed) are dropped exactly once, after
+    ``on_undelivered(obj, error)`` if given. ``capacity`` bounds the queue
+    (0: unbounded)."""
+
+    def __init__(self, loop, on_message, on_close=None, *, capacity=0,
+                 on_undelivered=None):
+        if on_message is None:
+            raise error(_EINVAL, "Channel: on_message is required")
+        self._loop = loop
+        self.on_message = on_message
+        self.on_close = on_close
+        self.on_undelivered = on_undelivered
+        self._p = None
+        self._closed = False
+        self._close_reason = None
+        key = _handles.add(self)
+        try:
+            opts = _ffi.channel_opts(on_message=_t_channel_message,
+                                     on_close=_t_channel_close, user=key,
+                                     capacity=capacity)
+            out = c_void_p()
+            with loop._use("Channel") as lp:
+                rc = _ffi.channel_new(byref(out), lp, byref(opts))
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, "Channel")
+        self._key = key
+        self._p = out.value
+
+    def _ptr(self, what):
+        if self._p is None:
+            raise error(_ECLOSED, what)
+        return self._p
+
+    def send(self, obj, timeout=None):
+        """Send any Python object. When the channel is full: wait for room
+        (timeout None), raise WouldBlock at once (0), or raise TimeoutError
+        after ``timeout`` seconds. Waiting is refused on the loop thread
+        (EDEADLK). Raises ECLOSED after close()."""
+        msg = _handles.add((obj,))  # before the send: delivery may be at once
+        rc = _ffi.channel_send_ptr(self._ptr("Channel.send"), msg, 0,
+                                   _t_channel_release, self._key, _ms(timeout))
+        if rc != 0:
+            _handles.pop(msg)  # the library did not take it
+            raise error(rc, "Channel.send")
+
+    def close(self):
+        """Stop accepting; what is queued is still delivered, then
+        on_close(None). Idempotent."""
+        rc = _ffi.channel_close(self._ptr("Channel.close"))
+        if rc not in (0, _ECLOSED):
+            raise error(rc, "Channel.close")
+
+    @property
+    def pending(self):
+        out = c_size_t()
+        check(_ffi.channel_get_pending(self._ptr("Channel.pending"),
+                                       byref(out)), "Channel.pending")
+        return out.value
+
+    def _set_closed(self, reason):
+        with self._loop._cond:
+            self._closed = True
+            self._close_reason = reason
+            self._loop._cond.notify_all()
+
+    @property
+    def closed(self):
+        """True once on_close ran."""
+        return self._closed
+
+    def wait_closed(self, timeout=None):
+        """As Conn.wait_closed(), for the channel's on_close."""
+        return _wait(self._loop, lambda: self._closed, timeout,
+                     "Channel.wait_closed",
+                     lambda: _err_or_none(self._close_reason or 0))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self.close()
+        return False
+
+    def __del__(self):
+        p, self._p = getattr(self, "_p", None), None
+        if p is not None:
+            try:
+                _ffi.channel_unref(p)
+            except Exception:
+                pass

@@ -1,0 +1,179 @@
+"""Raw ctypes declarations of libduplex 0.1 (core/include/duplex.h).
+
+Nothing here is Pythonic: the classes in duplex._core wrap it. The
+structures mirror the header field for field; each carries its own
+ctypes.sizeof() in `size`, so the library can tell which version we were
+written against (see docs/abi.md). We never call the *_opts_init()
+functions: they write the library's own sizeof, which could be larger
+than the structure declared here.
+"""
+import ctypes
+import ctypes.util
+import os
+from ctypes import (CFUNCTYPE, POINTER, Structure, c_char_p, c_int,
+                    c_longlong, c_size_t, c_ubyte, c_uint, c_uint16,
+                    c_uint32, c_uint64, c_void_p)
+
+
+def _load():
+    path = os.environ.get("DUPLEX_LIBRARY")
+    if path:
+        return ctypes.CDLL(path)
+    names = [ctypes.util.find_library("duplex"), "libduplex.so.0",
+             "libduplex.so", "libduplex.0.dylib", "duplex.dll"]
+    errors = []
+    for name in names:
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError as e:
+            errors.append(str(e))
+    raise ImportError("libduplex not found; set DUPLEX_LIBRARY to the path "
+                      "of libduplex.so (" + "; ".join(errors) + ")")
+
+
+lib = _load()
+
+# ---- callback types (all run on the loop thread) ---------------------------
+# Pointers arrive as plain ints (or None for NULL): c_void_p arguments.
+post_cb = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
+open_cb = CFUNCTYPE(None, c_void_p, c_void_p)
+read_cb = CFUNCTYPE(None, c_void_p, c_void_p, c_size_t, c_void_p)
+eof_cb = CFUNCTYPE(None, c_void_p, c_void_p)
+backpressure_cb = CFUNCTYPE(None, c_void_p, c_size_t, c_void_p)
+writable_cb = CFUNCTYPE(None, c_void_p, c_void_p)
+close_cb = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
+write_cb = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
+release_cb = CFUNCTYPE(None, c_void_p, c_size_t, c_int, c_void_p)
+frame_fn = CFUNCTYPE(c_longlong, c_void_p, c_size_t, POINTER(c_size_t),
+                     c_void_p)
+listen_error_cb = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
+channel_cb = CFUNCTYPE(None, c_void_p, c_void_p, c_size_t, c_void_p)
+channel_close_cb = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
+timer_cb = CFUNCTYPE(None, c_void_p, c_void_p)
+
+
+class _Versioned(Structure):
+    """A versioned struct: zero-filled, `size` set to our sizeof."""
+
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        self.size = ctypes.sizeof(self)
+
+
+class loop_opts(_Versioned):
+    _fields_ = [("size", c_size_t), ("flags", c_uint),
+                ("read_buffer_size", c_uint32)]
+
+
+class buf(Structure):
+    _fields_ = [("base", c_void_p), ("len", c_size_t)]
+
+
+class conn_cbs(_Versioned):
+    _fields_ = [("size", c_size_t), ("on_open", open_cb),
+                ("on_read", read_cb), ("on_eof", eof_cb),
+                ("on_backpressure", backpressure_cb),
+                ("on_writable", writable_cb), ("on_close", close_cb)]
+
+
+class framing(_Versioned):
+    _fields_ = [("size", c_size_t), ("kind", c_int), ("flags", c_uint),
+                ("delimiter", c_ubyte * 4), ("delimiter_len", c_uint),
+                ("prefix_bytes", c_uint), ("max_frame", c_size_t),
+                ("custom", frame_fn), ("custom_user", c_void_p)]
+
+
+class conn_opts(_Versioned):
+    _fields_ = [("size", c_size_t), ("cbs", POINTER(conn_cbs)),
+                ("user", c_void_p), ("high_watermark", c_size_t),
+                ("low_watermark", c_size_t), ("hard_limit", c_size_t),
+                ("flags", c_uint), ("framing", POINTER(framing)),
+                ("connect_timeout_ms", c_uint32),
+                ("idle_timeout_ms", c_uint32),
+                ("read_timeout_ms", c_uint32),
+                ("flush_timeout_ms", c_uint32)]
+
+
+class listener_opts(_Versioned):
+    _fields_ = [("size", c_size_t), ("conn_opts", POINTER(conn_opts)),
+                ("on_error", listen_error_cb), ("user", c_void_p),
+                ("backlog", c_int), ("flags", c_uint), ("mode", c_uint)]
+
+
+class channel_opts(_Versioned):
+    _fields_ = [("size", c_size_t), ("on_message", channel_cb),
+                ("on_close", channel_close_cb), ("user", c_void_p),
+                ("capacity", c_size_t), ("flags", c_uint)]
+
+
+# ---- constants from the header ----------------------------------------------
+RUN_DEFAULT, RUN_ONCE, RUN_NOWAIT = 0, 1, 2
+CONN_NAGLE, CONN_START_PAUSED, CONN_KEEPALIVE = 0x1, 0x2, 0x4
+CLOSE_GRACEFUL, CLOSE_ABORT = 0, 1
+LISTEN_IPV6ONLY = 0x1
+TIMEOUT_KINDS = {"connect": 0, "idle": 1, "read": 2, "flush": 3}
+WRITE_MAX = 1 << 30
+
+# ---- prototypes ---------------------------------------------------------------
+_vp, _pp = c_void_p, POINTER(c_void_p)
+_PROTOS = {
+    "duplex_strerror": (c_char_p, [c_int]),
+    "duplex_err_name": (c_char_p, [c_int]),
+    "duplex_version": (c_uint, []),
+    "duplex_version_string": (c_char_p, []),
+    "duplex_loop_new": (c_int, [_pp, POINTER(loop_opts)]),
+    "duplex_loop_run": (c_int, [_vp, c_uint]),
+    "duplex_loop_start": (c_int, [_vp]),
+    "duplex_loop_stop": (c_int, [_vp]),
+    "duplex_loop_post": (c_int, [_vp, post_cb, _vp]),
+    "duplex_loop_on_thread": (c_int, [_vp]),
+    "duplex_loop_free": (c_int, [_vp]),
+    "duplex_conn_connect_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
+                                        POINTER(conn_opts)]),
+    "duplex_conn_connect_unix": (c_int, [_pp, _vp, c_char_p,
+                                         POINTER(conn_opts)]),
+    "duplex_conn_adopt": (c_int, [_pp, _vp, c_int, POINTER(conn_opts)]),
+    "duplex_conn_adopt_pair": (c_int, [_pp, _vp, c_int, c_int,
+                                       POINTER(conn_opts)]),
+    "duplex_conn_ref": (c_int, [_vp]),
+    "duplex_conn_unref": (c_int, [_vp]),
+    "duplex_conn_write": (c_int, [_vp, _vp, c_size_t, write_cb, _vp]),
+    "duplex_conn_writev": (c_int, [_vp, POINTER(buf), c_size_t, write_cb,
+                                   _vp]),
+    "duplex_conn_write_zc": (c_int, [_vp, _vp, c_size_t, release_cb, _vp]),
+    "duplex_conn_shutdown": (c_int, [_vp, write_cb, _vp]),
+    "duplex_conn_close": (c_int, [_vp, c_uint]),
+    "duplex_conn_set_timeout": (c_int, [_vp, c_int, c_uint32]),
+    "duplex_conn_pause": (c_int, [_vp]),
+    "duplex_conn_resume": (c_int, [_vp]),
+    "duplex_conn_wait_writable": (c_int, [_vp, c_int]),
+    "duplex_conn_get_queued": (c_int, [_vp, POINTER(c_size_t)]),
+    "duplex_conn_set_user": (c_int, [_vp, _vp]),
+    "duplex_conn_get_peer": (c_int, [_vp, c_char_p, c_size_t]),
+    "duplex_listener_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
+                                    POINTER(listener_opts)]),
+    "duplex_listener_unix": (c_int, [_pp, _vp, c_char_p,
+                                     POINTER(listener_opts)]),
+    "duplex_listener_get_port": (c_int, [_vp, POINTER(c_uint16)]),
+    "duplex_listener_get_address": (c_int, [_vp, c_char_p, c_size_t]),
+    "duplex_listener_close": (c_int, [_vp]),
+    "duplex_channel_new": (c_int, [_pp, _vp, POINTER(channel_opts)]),
+    "duplex_channel_send_ptr": (c_int, [_vp, _vp, c_size_t, release_cb, _vp,
+                                        c_int]),
+    "duplex_channel_close": (c_int, [_vp]),
+    "duplex_channel_get_pending": (c_int, [_vp, POINTER(c_size_t)]),
+    "duplex_channel_unref": (c_int, [_vp]),
+    "duplex_timer_new": (c_int, [_pp, _vp, timer_cb, _vp]),
+    "duplex_timer_start": (c_int, [_vp, c_uint64, c_uint64]),
+    "duplex_timer_stop": (c_int, [_vp]),
+    "duplex_timer_close": (c_int, [_vp]),
+}
+
+for _name, (_res, _args) in _PROTOS.items():
+    _fn = getattr(lib, _name)
+    _fn.restype = _res
+    _fn.argtypes = _args
+    globals()[_name[len("duplex_"):]] = _fn
+del _name, _res, _args, _fn

@@ -1,0 +1,105 @@
+"""Errors: DuplexError and the library's codes.
+
+Every libduplex function returns 0 or a negative code. The binding turns a
+negative code into a DuplexError (an OSError) carrying:
+
+- ``code``     the library's negative code, e.g. -111 (compare with
+               ``duplex.errors.ECONNREFUSED``);
+- ``name``     ``duplex_err_name(code)``, e.g. ``"DUPLEX_ECONNREFUSED"``;
+- ``strerror`` ``duplex_strerror(code)``, e.g. ``"connection refused"``;
+- ``errno``    the positive errno for system codes, None for library and
+               name-resolution codes.
+
+Codes with an obvious built-in counterpart also derive from it, so
+``except ConnectionRefusedError`` and ``except BlockingIOError`` work.
+``DUPLEX_EWOULDBLOCK`` raises :class:`WouldBlock` (a BlockingIOError): the
+write was refused whole and the caller keeps its bytes.
+
+The code constants (``EINVAL``, ``ECLOSED``, ...) are read from the loaded
+library at import, so they are the library's own values on every platform.
+"""
+import os
+
+from . import _ffi
+
+
+def strerror(code):
+    """duplex_strerror(): a description for every int."""
+    return _ffi.strerror(code).decode()
+
+
+def err_name(code):
+    """duplex_err_name(): e.g. "DUPLEX_ECLOSED" (DUPLEX_UNKNOWN if none)."""
+    return _ffi.err_name(code).decode()
+
+
+def _scan():
+    # Every code lies in libuv's errno range, libuv's EAI range (-3000s) or
+    # the library's own range (-30000 and below); ask the library for names.
+    found = {}
+    for rng in (range(-1, -4200, -1), range(-30001, -30100, -1)):
+        for code in rng:
+            name = err_name(code)
+            if name != "DUPLEX_UNKNOWN":
+                found[name[len("DUPLEX_"):]] = code
+    return found
+
+
+CODES = _scan()
+"""Short name ("ECLOSED") -> code, for every code the library knows."""
+globals().update(CODES)
+EAGAIN = CODES["EWOULDBLOCK"]
+
+
+class DuplexError(OSError):
+    """A libduplex error code as an exception (see the module docstring)."""
+
+    def __init__(self, code, what=None):
+        self.code = code
+        self.name = err_name(code)
+        self.what = what
+        sys_errno = -code if os.name == "posix" and -3000 < code < 0 else None
+        super().__init__(sys_errno, strerror(code))
+
+    def __str__(self):
+        where = f"{self.what}: " if self.what else ""
+        return f"{where}{self.strerror} ({self.name})"
+
+    def __reduce__(self):
+        return (error, (self.code, self.what))
+
+
+class WouldBlock(DuplexError, BlockingIOError):
+    """DUPLEX_EWOULDBLOCK: the queue is full and nothing was taken; the
+    caller keeps its data (wait with Conn.wait_writable() and retry)."""
+
+
+_BUILTIN = {
+    "ECONNREFUSED": ConnectionRefusedError,
+    "ECONNRESET": ConnectionResetError,
+    "ECONNABORTED": ConnectionAbortedError,
+    "EPIPE": BrokenPipeError,
+    "ETIMEDOUT": TimeoutError,
+    "ENOENT": FileNotFoundError,
+    "EACCES": PermissionError,
+    "EPERM": PermissionError,
+    "EINTR": InterruptedError,
+}
+_CLASSES = {CODES["EWOULDBLOCK"]: WouldBlock}
+for _short, _base in _BUILTIN.items():
+    if _short in CODES:
+        _CLASSES[CODES[_short]] = type(
+            "DuplexError_" + _short, (DuplexError, _base),
+            {"__module__": __name__, "__doc__": f"DUPLEX_{_short}"})
+
+
+def error(code, what=None):
+    """The DuplexError (or its subclass) for a negative code."""
+    return _CLASSES.get(code, DuplexError)(code, what)
+
+
+def check(rc, what=None):
+    """Raise for a negative return code, else return it."""
+    if rc < 0:
+        raise error(rc, what)
+    return rc

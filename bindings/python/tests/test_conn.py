@@ -1,0 +1,244 @@
+import os
+import tempfile
+import threading
+import unittest
+
+import duplex
+from duplex import errors
+
+from helpers import (GUARD, Reader, echo_listener, handle_count, socketpair,
+                     wait)
+
+
+class ConcurrentWriteTest(unittest.TestCase):
+    def test_writes_from_many_threads_keep_order_and_are_never_split(self):
+        threads_n, per_thread = 6, 1500
+        a, b = socketpair()
+        peer = Reader(b)  # a plain blocking socket checks what arrives
+        peer.start()
+        start = threading.Barrier(threads_n)
+        kinds = (bytes, bytearray, memoryview)
+
+        def producer(conn, t):
+            start.wait()
+            for i in range(per_thread):
+                body = b"%d:%d:" % (t, i) + b"x" * ((i * 7 + t) % 300)
+                line = kinds[i % 3](bytes(body) + b"\n")
+                conn.sendall(line)  # waits if past the hard limit
+
+        with duplex.Loop() as loop:
+            # Small limits so that backpressure really happens.
+            conn = duplex.adopt(loop, a, high_watermark=16 << 10,
+                                hard_limit=64 << 10)
+            threads = [threading.Thread(target=producer, args=(conn, t))
+                       for t in range(threads_n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            conn.shutdown()  # after every write above is flushed
+            data = peer.result()
+            conn.close()
+            self.assertIsNone(conn.wait_closed(GUARD))
+        b.close()
+
+        lines = data.split(b"\n")
+        self.assertEqual(lines.pop(), b"")  # ends with a whole line
+        self.assertEqual(len(lines), threads_n * per_thread)
+        next_seq = [0] * threads_n
+        for line in lines:
+            t, i, pad = line.split(b":")  # a split write would break this
+            t, i = int(t), int(i)
+            self.assertEqual(i, next_seq[t])  # per-thread call order
+            self.assertEqual(pad, b"x" * ((i * 7 + t) % 300))
+            next_seq[t] += 1
+        self.assertEqual(next_seq, [per_thread] * threads_n)
+
+
+class HalfCloseTest(unittest.TestCase):
+    def test_shutdown_then_peer_sees_eof_while_we_still_read(self):
+        a, b = socketpair()
+        got, events = [], []
+        shut = threading.Event()
+        with duplex.Loop() as loop:
+            conn = duplex.adopt(
+                loop, a, on_read=lambda c, d: got.append(d),
+                on_eof=lambda c: events.append("eof"),
+                on_close=lambda c, e: events.append(("close", e)))
+            conn.write(b"request")
+            conn.shutdown(done=lambda err: (events.append(("shut", err)),
+                                            shut.set()))
+            # The peer reads our request up to EOF, then still answers.
+            self.assertEqual(Reader(b).run() or None, None)
+            wait(shut, "shutdown done")
+            b.sendall(b"reply after your EOF")
+            b.close()
+            self.assertIsNone(conn.wait_closed(GUARD))  # both ways done
+        self.assertEqual(b"".join(got), b"reply after your EOF")
+        self.assertEqual(events, [("shut", None), "eof", ("close", None)])
+        self.assertTrue(conn.eof)
+
+    def test_peer_request_response_ending(self):
+        with duplex.Loop() as loop:
+            server = echo_listener(loop)
+            got = []
+            conn = duplex.connect_tcp(loop, "localhost", server.port,
+                                      on_read=lambda c, d: got.append(d))
+            conn.write(b"ping")  # queued before the conn opens
+            conn.shutdown()
+            self.assertIsNone(conn.wait_closed(GUARD))
+            self.assertEqual(b"".join(got), b"ping")
+            self.assertEqual(conn.peer, f"127.0.0.1:{server.port}")
+
+
+class ConnFeatureTest(unittest.TestCase):
+    def setUp(self):
+        self.loop = duplex.Loop()
+        self.handles = handle_count()
+
+    def tearDown(self):
+        self.loop.close()
+        self.assertEqual(handle_count(), self.handles)
+
+    def test_start_paused_and_resume(self):
+        a, b = socketpair()
+        got = []
+        conn = duplex.adopt(self.loop, a, start_paused=True,
+                            on_read=lambda c, d: got.append(d))
+        b.sendall(b"held until resume")
+        b.shutdown(1)
+        conn.resume()
+        conn.shutdown()
+        self.assertIsNone(conn.wait_closed(GUARD))
+        self.assertEqual(b"".join(got), b"held until resume")
+        b.close()
+
+    def test_pause_on_the_loop_thread_stops_reads_until_resume(self):
+        a, b = socketpair()
+        got = []
+        paused_at = []
+
+        def on_read(c, data):
+            got.append(data)
+            if len(got) == 1:
+                c.pause()  # on the loop thread: no read callback after it
+                paused_at.append(len(got))
+                self.loop.post(lambda: (paused_at.append(len(got)),
+                                        c.resume()))
+        conn = duplex.adopt(self.loop, a, on_read=on_read)
+        b.sendall(b"first")
+        b.sendall(b"second")
+        b.shutdown(1)
+        conn.shutdown()
+        self.assertIsNone(conn.wait_closed(GUARD))
+        self.assertEqual(b"".join(got), b"firstsecond")
+        self.assertEqual(paused_at[0], paused_at[1])
+        b.close()
+
+    def test_write_zc_and_writev_complete_exactly_once(self):
+        a, b = socketpair()
+        peer = Reader(b)
+        peer.start()
+        done = []
+        conn = duplex.adopt(self.loop, a)
+        conn.write_zc(b"zero-copy|", done=lambda e: done.append(("zc", e)))
+        conn.writev([b"head|", bytearray(b"body|"), memoryview(b"tail")],
+                    done=lambda e: done.append(("v", e)))
+        conn.write(b"", done=lambda e: done.append(("flush", e)))
+        with self.assertRaises(TypeError):
+            conn.write_zc(bytearray(b"mutable"))
+        conn.shutdown()
+        self.assertEqual(peer.result(), b"zero-copy|head|body|tail")
+        conn.close()
+        conn.wait_closed(GUARD)
+        self.assertEqual(done, [("zc", None), ("v", None), ("flush", None)])
+        b.close()
+
+    def test_backpressure_would_block_and_wait_writable(self):
+        a, b = socketpair(bufsize=16 << 10)
+        events = []
+        conn = duplex.adopt(self.loop, a, high_watermark=64 << 10,
+                            hard_limit=128 << 10,
+                            on_backpressure=lambda c, q: events.append("bp"),
+                            on_writable=lambda c: events.append("writable"))
+        self.assertTrue(conn.wait_writable(0))
+        chunk = b"y" * (16 << 10)
+        sent = 0
+        with self.assertRaises(duplex.WouldBlock) as cm:
+            while sent < (64 << 20):  # bounded: the peer never reads
+                conn.write(chunk)
+                sent += len(chunk)
+        self.assertIsInstance(cm.exception, BlockingIOError)
+        self.assertEqual(cm.exception.code, errors.EWOULDBLOCK)
+        self.assertLess(sent, 64 << 20)
+        self.assertGreater(conn.queued, 64 << 10)
+        self.assertFalse(conn.wait_writable(0))  # polls: not writable yet
+        peer = Reader(b)
+        peer.start()  # now the peer drains everything
+        self.assertTrue(conn.wait_writable(GUARD))
+        conn.sendall(chunk)  # the refused write, retried
+        sent += len(chunk)
+        conn.shutdown()
+        self.assertEqual(len(peer.result()), sent)
+        b.close()  # our read side sees EOF: both directions are done
+        self.assertIsNone(conn.wait_closed(GUARD))
+        self.assertEqual(events[:2], ["bp", "writable"])
+
+    def test_unix_socket_listener(self):
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "sock")
+        got = []
+        server = duplex.listen_unix(self.loop, path, on_read=lambda c, d:
+                                    (c.write(d.upper())),
+                                    on_eof=lambda c: c.shutdown())
+        self.assertIsNone(server.port)
+        self.assertEqual(server.address, path)
+        conn = duplex.connect_unix(self.loop, path,
+                                   on_read=lambda c, d: got.append(d))
+        conn.write(b"over unix")
+        conn.shutdown()
+        self.assertIsNone(conn.wait_closed(GUARD))
+        self.assertEqual(b"".join(got), b"OVER UNIX")
+        self.assertEqual(conn.peer, path)
+        server.close()
+        server.close()
+        # The close completes on the loop; freeing the loop completes it
+        # for sure (the header gives no completion callback).
+        self.loop.close()
+        self.assertFalse(os.path.exists(path))
+        os.rmdir(d)
+
+    def test_timer_and_post_run_on_the_loop_thread(self):
+        fired = []
+        done = threading.Event()
+
+        def tick():
+            fired.append(self.loop.on_thread())
+            if len(fired) == 3:
+                timer.close()  # from its own callback
+                done.set()
+        timer = duplex.Timer(self.loop, tick)
+        timer.start(0.001, repeat=0.001)
+        wait(done, "three timer ticks")
+        self.assertEqual(fired, [True, True, True])
+        timer.close()
+        order = []
+        posted = threading.Event()
+        for i in range(100):
+            self.loop.post(order.append, i)
+        self.loop.post(posted.set)
+        wait(posted)
+        self.assertEqual(order, list(range(100)))
+        self.assertFalse(self.loop.on_thread())
+
+    def test_context_managers_close(self):
+        a, b = socketpair()
+        with duplex.adopt(self.loop, a) as conn:
+            conn.write(b"bye")
+        self.assertIsNone(conn.wait_closed(GUARD))
+        self.assertEqual(b.recv(16), b"bye")
+        b.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
