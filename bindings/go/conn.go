@@ -288,9 +288,11 @@ func (c *Conn) CloseWrite() error {
 }
 
 // Close closes the conn after flushing the writes queued before it. It does
-// not wait: Done is closed when the conn has closed. Chunks received but
-// not yet taken from Recv are dropped, and Recv closes. A second Close
-// returns an error wrapping ECLOSED.
+// not wait: Done is closed when the conn has closed (against a peer that
+// never reads, the flush never ends: use Abort). Reading stops: chunks
+// already in Recv can still be taken, later ones are dropped, and Recv
+// closes once the conn has closed. A second Close returns an error
+// wrapping ECLOSED.
 func (c *Conn) Close() error {
 	c.stopReading()
 	return opErr("close", "", c.call(func(p *C.duplex_conn) C.int {
