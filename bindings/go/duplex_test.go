@@ -261,6 +261,7 @@ func TestCloseWriteThenPeerSeesEOFWhileWeKeepReceiving(t *testing.T) {
 	loop := newLoop(t)
 	ln := peer(t)
 	peerGot := make(chan []byte, 1)
+	reply := make(chan struct{})
 	go func() {
 		c, err := ln.Accept()
 		if err != nil {
@@ -270,6 +271,7 @@ func TestCloseWriteThenPeerSeesEOFWhileWeKeepReceiving(t *testing.T) {
 		defer c.Close()
 		b, _ := io.ReadAll(c) // until our half-close
 		peerGot <- b
+		<-reply
 		c.Write([]byte("reply after your EOF"))
 	}()
 	conn := dial(t, loop, ln.Addr().String())
@@ -283,6 +285,7 @@ func TestCloseWriteThenPeerSeesEOFWhileWeKeepReceiving(t *testing.T) {
 	if _, err := conn.Write([]byte("late")); !errors.Is(err, duplex.ESHUTDOWN) {
 		t.Fatalf("write after CloseWrite: %v, want ESHUTDOWN", err)
 	}
+	close(reply)
 	got, err := recvAll(conn)
 	if string(got) != "reply after your EOF" || err != io.EOF {
 		t.Fatalf("received %q, %v", got, err)
