@@ -368,28 +368,41 @@ TEST_CASE("fault: peer half-closes; we keep writing from 4 threads, then shut do
 }
 
 namespace {
-// Writes queued before a connect that fails: copy, writev, zero-copy, a
-// flush marker and a shutdown. All must complete once, none with 0.
+// Requests made right after a connect that will fail: copy, writev, a
+// flush marker, zero-copy and a shutdown. The connect fails on the loop
+// thread, possibly while these are being made: each is either taken (rc 0,
+// then it completes exactly once, never with 0) or refused with ECLOSED once
+// the failure is known (no callback; a zero-copy buffer stays ours) -- and
+// once refused, every later one is refused too.
 struct DoomedConn {
   ConnEvents ev;
   duplex_conn *conn = nullptr;
   WriteCounter w;
   ZcCounter z;
-  int queued_w = 0, queued_z = 0;
+  int queued_w = 0, queued_z = 0, refused = 0, bad_rc = 0, out_of_order = 0;
+  void take(int rc, int &counter) {
+    if (rc == 0) {
+      counter++;
+      if (refused > 0)
+        out_of_order++;
+    } else if (rc == DUPLEX_ECLOSED) {
+      refused++;
+    } else {
+      bad_rc++;
+    }
+  }
   void queue_writes() {
     static const char msg[] = "queued before open";
     duplex_buf v[2] = {{msg, 6}, {msg + 6, sizeof msg - 6}};
-    if (duplex_conn_write(conn, msg, sizeof msg, WriteCounter::cb, &w) == 0)
-      queued_w++;
-    if (duplex_conn_writev(conn, v, 2, WriteCounter::cb, &w) == 0)
-      queued_w++;
-    if (duplex_conn_write(conn, nullptr, 0, WriteCounter::cb, &w) == 0)
-      queued_w++;
-    if (duplex_conn_write_zc(conn, ZcCounter::alloc_copy(msg, sizeof msg), sizeof msg,
-                             ZcCounter::release, &z) == 0)
-      queued_z++;
-    if (duplex_conn_shutdown(conn, WriteCounter::cb, &w) == 0)
-      queued_w++;
+    take(duplex_conn_write(conn, msg, sizeof msg, WriteCounter::cb, &w), queued_w);
+    take(duplex_conn_writev(conn, v, 2, WriteCounter::cb, &w), queued_w);
+    take(duplex_conn_write(conn, nullptr, 0, WriteCounter::cb, &w), queued_w);
+    void *p = ZcCounter::alloc_copy(msg, sizeof msg);
+    int rc = duplex_conn_write_zc(conn, p, sizeof msg, ZcCounter::release, &z);
+    take(rc, queued_z);
+    if (rc != 0)
+      std::free(p); // refused: still ours
+    take(duplex_conn_shutdown(conn, WriteCounter::cb, &w), queued_w);
   }
 };
 
@@ -409,13 +422,13 @@ void connect_failure_storm(const char *host, uint16_t port, unsigned n,
       return c.w.total.load() == uint64_t(c.queued_w) && c.z.released.load() == uint64_t(c.queued_z);
     }));
   }
-  int first = kUnset;
+  int first = kUnset, queued_total = 0;
   for (auto &c : cs) {
     g_totals.faults++;
-    // Writes made before open are queued whatever happens (the connect has
-    // not failed yet when they are made; it fails on the loop).
-    CHECK(c.queued_w == 4);
-    CHECK(c.queued_z == 1);
+    CHECK(c.queued_w + c.queued_z + c.refused == 5);
+    CHECK(c.bad_rc == 0);
+    CHECK(c.out_of_order == 0);
+    queued_total += c.queued_w + c.queued_z;
     CHECK(c.ev.opens.load() == 0);
     CHECK(c.ev.closes.load() == 1);
     CHECK(c.ev.order_errors.load() == 0);
@@ -425,16 +438,18 @@ void connect_failure_storm(const char *host, uint16_t port, unsigned n,
     CHECK(c.ev.close_reason.load() == first); // the same failure for all
     CHECK(c.w.ok.load() == 0);
     CHECK(c.z.ok.load() == 0);
-    CHECK(c.w.total.load() == 4);
-    CHECK(c.z.released.load() == 1);
-    g_totals.writes += 5;
+    CHECK(c.w.total.load() == uint64_t(c.queued_w));
+    CHECK(c.z.released.load() == uint64_t(c.queued_z));
+    g_totals.writes += c.queued_w + c.queued_z;
     g_totals.completions += c.w.total.load() + c.z.released.load();
     g_totals.canceled += c.w.canceled.load() + c.z.canceled.load();
     g_totals.failed += c.w.failed.load() + c.z.failed.load();
     check_closed_conn(c.conn);
     CHECK(duplex_conn_unref(c.conn) == 0);
   }
-  MESSAGE((std::string(host) + ": on_close reason " + err_str(first)));
+  MESSAGE((std::string(host) + ": on_close reason " + err_str(first) + "; " +
+           std::to_string(queued_total) + " of " + std::to_string(5 * n) +
+           " requests taken before the failure was known"));
   CHECK(loop.free() == 0);
 }
 } // namespace
