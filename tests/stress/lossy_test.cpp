@@ -102,6 +102,10 @@ struct Netns {
         return false;
       }
     }
+    // Best effort: no segmentation offload, so that loss hits MTU-sized
+    // segments rather than 64 KiB super-packets (more drops per MiB).
+    for (auto &n : {std::make_pair(a, va), std::make_pair(b, vb)})
+      sh("ip -n " + n.first + " link set dev " + n.second + " gso_max_size 1500 gro_max_size 1500");
     return true;
   }
   // Packets the rule dropped in namespace @p ns.
