@@ -1,4 +1,5 @@
-// Out of file descriptors at accept.
+// Out of file descriptors at accept. (Skipped, exit 77, under valgrind,
+// which refuses setrlimit(RLIMIT_NOFILE).)
 //
 // Injects: RLIMIT_NOFILE lowered for this process (its own executable, so no
 //          other test shares the limit) and every free descriptor below it
@@ -100,6 +101,13 @@ int outcome(int fd, const std::string &msg, int guard_ms) {
 } // namespace
 
 TEST_CASE("fault: out of descriptors at accept: no busy loop, serving resumes") {
+  if (under_valgrind()) {
+    // valgrind refuses setrlimit(RLIMIT_NOFILE) from the program (it keeps
+    // descriptors of its own above the limit): nothing to measure here.
+    std::fprintf(stderr, "SKIP emfile: valgrind does not let the test lower RLIMIT_NOFILE\n");
+    std::fflush(stderr);
+    std::_Exit(77); // meson: skipped
+  }
   const int kStormClients = 48;
   const auto kStorm = std::chrono::milliseconds(pick(1500, 1500, 10000));
 
