@@ -22,6 +22,7 @@ import ctypes
 import math
 import sys
 import threading
+import time
 import traceback
 from ctypes import byref, c_size_t, c_uint16, c_void_p
 
@@ -668,15 +669,34 @@ class Conn:
 
     def sendall(self, data, timeout=None, done=None):
         """write(), but when the conn is past its hard limit wait until it
-        is writable and retry. Not on the loop thread (DUPLEX_EDEADLK).
+        has room and retry. Not on the loop thread (DUPLEX_EDEADLK).
         Raises TimeoutError (a DuplexError, ETIMEDOUT) after ``timeout``
         seconds; None waits as long as it takes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = True
         while True:
             try:
                 return self.write(data, done)
             except WouldBlock:
-                if not self.wait_writable(timeout):
+                left = (None if deadline is None
+                        else max(0.0, deadline - time.monotonic()))
+                # wait_writable() only knows the watermarks: below the high
+                # watermark it returns at once even when this write still
+                # does not fit under the hard limit. Then wait for the queue
+                # to empty instead (a write into an empty queue always
+                # fits), or this would spin.
+                if drained:
+                    ok = self.wait_writable(left)
+                else:
+                    ok = self._wait_flushed(left)
+                drained = not drained
+                if not ok:
                     raise error(_ETIMEDOUT, "sendall") from None
+
+    def _wait_flushed(self, timeout):
+        flushed = threading.Event()
+        self.write(b"", done=lambda err: flushed.set())  # a flush marker
+        return flushed.wait(timeout)
 
     def shutdown(self, done=None):
         """Half-close: after every write queued before it is flushed, close

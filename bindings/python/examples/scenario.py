@@ -14,8 +14,9 @@ def echo(conn):  # the peer: send back what arrives, finish when we do
 
 with duplex.Loop() as loop:
     server = duplex.listen_tcp(loop, "127.0.0.1", 0, on_accept=echo)
-    sock = duplex.connect_tcp(loop, "127.0.0.1", server.port,
-                              on_read=lambda c, data: print(data.decode(), end=""))
+    sock = duplex.connect_tcp(
+        loop, "127.0.0.1", server.port,
+        on_read=lambda conn, data: print(data.decode(), end=""))
     chan = duplex.Channel(loop, on_message=sock.write, capacity=16,
                           on_close=lambda error: sock.shutdown())
 
