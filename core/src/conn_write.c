@@ -1,14 +1,17 @@
 /* The write path: intake, batches, completions, shutdown, backpressure.
  *
- * Producers (any thread) append entries to conn->intake under conn->mu.
+ * Producers (any thread) append entries to the intake under the conn lock.
  * Copied bytes go into 64 KiB chunks from the loop's pool; consecutive
  * small writes extend one entry, so a burst of writes becomes a handful of
- * iovecs. The loop swaps the whole intake into conn->batch and writes it
+ * iovecs. The loop swaps the whole intake into the batch and writes it
  * with uv_try_write (writev), handing any remainder to uv_write. While a
  * batch is in flight producers never wake the loop: its completion pumps
  * the conn and takes whatever arrived meanwhile. Completion callbacks,
  * zero-copy releases, shutdown and close are entries in the same FIFO, so
- * they happen exactly in the order they were asked for. */
+ * they happen exactly in the order they were asked for. All of this lives
+ * in the conn's write state (dpx_wstate), which exists only while
+ * something is queued or in flight: a write the kernel takes whole from
+ * the loop thread touches none of it. */
 #include "internal.h"
 #include "framing.h"
 
@@ -47,12 +50,13 @@ dpx_entvec_free(dpx_entvec *v)
 
 /* ---- chunks -------------------------------------------------------------- */
 
-/* Under conn->mu: @p n chunk bytes were written; recycle emptied chunks. */
+/* Under the conn lock: @p n chunk bytes were written; recycle emptied chunks. */
 static void
 chunks_consume_locked(duplex_conn *c, size_t n)
 {
-  while (n > 0 && c->chunk_head != NULL) {
-    dpx_chunk *h = c->chunk_head;
+  dpx_wstate *ws = dpx_conn_w(c);
+  while (n > 0 && ws->chunk_head != NULL) {
+    dpx_chunk *h = ws->chunk_head;
     size_t take = h->used - h->done;
     if (take > n)
       take = n;
@@ -60,11 +64,11 @@ chunks_consume_locked(duplex_conn *c, size_t n)
     n -= take;
     if (h->done < h->used)
       break;
-    if (h == c->chunk_tail) {
+    if (h == ws->chunk_tail) {
       if (c->queued == 0) {
         /* Nothing queued at all: give the chunk back, so an idle conn
          * holds no write buffer. */
-        c->chunk_head = c->chunk_tail = NULL;
+        ws->chunk_head = ws->chunk_tail = NULL;
         dpx_chunk_put(c->loop, h);
       } else {
         /* Every appended byte is written: start the chunk over. */
@@ -72,7 +76,7 @@ chunks_consume_locked(duplex_conn *c, size_t n)
       }
       break;
     }
-    c->chunk_head = h->next;
+    ws->chunk_head = h->next;
     dpx_chunk_put(c->loop, h);
   }
 }
@@ -80,13 +84,16 @@ chunks_consume_locked(duplex_conn *c, size_t n)
 void
 dpx_conn_release_chunks_locked(duplex_conn *c)
 {
-  dpx_chunk *h = c->chunk_head;
+  dpx_wstate *ws = dpx_conn_w(c);
+  if (ws == NULL)
+    return;
+  dpx_chunk *h = ws->chunk_head;
   while (h != NULL) {
     dpx_chunk *next = h->next;
     dpx_chunk_put(c->loop, h);
     h = next;
   }
-  c->chunk_head = c->chunk_tail = NULL;
+  ws->chunk_head = ws->chunk_tail = NULL;
 }
 
 /* ---- completing entries --------------------------------------------------- */
@@ -137,15 +144,25 @@ is_data(const dpx_ent *e)
          e->len > 0;
 }
 
+/* Loop thread: the time of the last byte written (deadlines only). */
+static inline void
+stamp_write(duplex_conn *c)
+{
+  dpx_conn_extra *x = dpx_conn_x(c);
+  if (x != NULL)
+    x->t_write = uv_now(&c->loop->uv);
+}
+
 /* The batch is over with @p status: account, complete, act on markers. */
 static void
 batch_done(duplex_conn *c, int status)
 {
+  dpx_wstate *ws = dpx_conn_w(c);
   size_t total = 0, chunk_bytes = 0;
   bool shutdown = false, close = false;
   dpx_ent shut = { 0 };
-  for (size_t i = 0; i < c->batch.n; i++) {
-    dpx_ent *e = &c->batch.v[i];
+  for (size_t i = 0; i < ws->batch.n; i++) {
+    dpx_ent *e = &ws->batch.v[i];
     switch (e->kind) {
     case DPX_ENT_CHUNK:
       chunk_bytes += e->len;
@@ -168,10 +185,10 @@ batch_done(duplex_conn *c, int status)
     }
   }
   bool writable = false;
-  uv_mutex_lock(&c->mu);
+  dpx_conn_lock(c);
   c->queued -= total;
   chunks_consume_locked(c, chunk_bytes);
-  if (c->congested && c->queued <= c->low) {
+  if (c->congested && c->queued <= c->cfg->low) {
     c->congested = false;
     dpx_conn_wake_waiters_locked(c);
     if (c->events & DPX_EV_BACKPRESSURE)
@@ -179,36 +196,36 @@ batch_done(duplex_conn *c, int status)
     else
       writable = true;
   }
-  uv_mutex_unlock(&c->mu);
+  dpx_conn_unlock(c);
   c->writing = false;
 
   /* Writes completed directly before this batch come first. */
-  if (c->completed.n > 0)
-    dpx_conn_complete(c, &c->completed, c->completed.n, 0);
+  if (ws->completed.n > 0)
+    dpx_conn_complete(c, &ws->completed, ws->completed.n, 0);
   /* Every entry before the first data entry not wholly written went out:
    * those complete with 0 whatever happened to the rest. */
-  dpx_conn_complete(c, &c->batch, status == 0 ? c->batch.n : c->bpos, status);
+  dpx_conn_complete(c, &ws->batch, status == 0 ? ws->batch.n : ws->bpos, status);
 
   if (status < 0) {
     if (shutdown && shut.done != NULL)
       shut.done(c, status, shut.user);
-    dpx_conn_begin_close(c, status == DUPLEX_ECANCELED ? c->close_reason
+    dpx_conn_begin_close(c, status == DUPLEX_ECANCELED ? c->reason
                                                        : status);
   } else {
     if (shutdown && !c->closing) {
-      c->shut_ent = shut;
-      c->shut_pending = true;
+      ws->shut_ent = shut;
+      ws->shut_pending = true;
       dpx_conn_start_shutdown(c);
     } else if (shutdown && shut.done != NULL) {
       shut.done(c, DUPLEX_ECANCELED, shut.user);
     }
-    if (close && shutdown && c->shut_pending)
-      c->close_after_shut = true; /* close once the write side is shut */
+    if (close && shutdown && ws->shut_pending)
+      ws->close_after_shut = true; /* close once the write side is shut */
     else if (close && !c->closing)
       dpx_conn_begin_close(c, 0);
   }
-  if (writable && !c->closing && c->cbs.on_writable != NULL)
-    c->cbs.on_writable(c, atomic_load(&c->user));
+  if (writable && !c->closing && c->cfg->cbs.on_writable != NULL)
+    c->cfg->cbs.on_writable(c, atomic_load(&c->user));
 }
 
 static void batch_continue(duplex_conn *c);
@@ -217,20 +234,21 @@ static void batch_continue(duplex_conn *c);
 static void
 batch_advance(duplex_conn *c, size_t n)
 {
+  dpx_wstate *ws = dpx_conn_w(c);
   if (n > 0)
-    c->t_write = uv_now(&c->loop->uv);
+    stamp_write(c);
   while (n > 0) {
-    dpx_ent *e = &c->batch.v[c->bpos];
-    size_t left = e->len - c->boff;
+    dpx_ent *e = &ws->batch.v[ws->bpos];
+    size_t left = e->len - ws->boff;
     if (n < left) {
-      c->boff += n;
+      ws->boff += n;
       return;
     }
     n -= left;
-    c->boff = 0;
-    c->bpos++;
-    while (c->bpos < c->batch.n && !is_data(&c->batch.v[c->bpos]))
-      c->bpos++;
+    ws->boff = 0;
+    ws->bpos++;
+    while (ws->bpos < ws->batch.n && !is_data(&ws->batch.v[ws->bpos]))
+      ws->bpos++;
   }
 }
 
@@ -240,7 +258,7 @@ on_write(uv_write_t *req, int status)
   duplex_conn *c = req->data;
   if (status == 0) {
     /* The request carried the next piece of the entry at bpos. */
-    batch_advance(c, c->wpiece);
+    batch_advance(c, dpx_conn_w(c)->wpiece);
     batch_continue(c);
   } else {
     batch_done(c, dpx_err(status));
@@ -255,24 +273,25 @@ on_write(uv_write_t *req, int status)
 static void
 batch_continue(duplex_conn *c)
 {
+  dpx_wstate *ws = dpx_conn_w(c);
   for (;;) {
-    while (c->bpos < c->batch.n && !is_data(&c->batch.v[c->bpos]))
-      c->bpos++;
-    if (c->bpos == c->batch.n) {
+    while (ws->bpos < ws->batch.n && !is_data(&ws->batch.v[ws->bpos]))
+      ws->bpos++;
+    if (ws->bpos == ws->batch.n) {
       batch_done(c, 0);
       c->pump_again = true;
       return;
     }
     size_t nb = 0, total = 0;
-    for (size_t i = c->bpos; i < c->batch.n && nb < c->bufs_cap; i++) {
-      dpx_ent *e = &c->batch.v[i];
+    for (size_t i = ws->bpos; i < ws->batch.n && nb < ws->bufs_cap; i++) {
+      dpx_ent *e = &ws->batch.v[i];
       if (!is_data(e))
         continue;
-      size_t off = i == c->bpos ? c->boff : 0;
-      c->bufs[nb++] = uv_buf_init(e->base + off, (unsigned)(e->len - off));
+      size_t off = i == ws->bpos ? ws->boff : 0;
+      ws->bufs[nb++] = uv_buf_init(e->base + off, (unsigned)(e->len - off));
       total += e->len - off;
     }
-    int r = uv_try_write(&c->wr->stream, c->bufs, (unsigned)nb);
+    int r = uv_try_write(&dpx_conn_wr(c)->stream, ws->bufs, (unsigned)nb);
     if (r == UV_EAGAIN || r == UV_ENOSYS)
       r = 0;
     if (r < 0) {
@@ -286,14 +305,14 @@ batch_continue(duplex_conn *c)
     /* The kernel is full: wait for it with one request for the next piece
      * of this entry. Pieces are bounded so progress (and with it the flush
      * deadline and each write's status) is seen while a big write drains. */
-    dpx_ent *e = &c->batch.v[c->bpos];
-    size_t piece = e->len - c->boff;
+    dpx_ent *e = &ws->batch.v[ws->bpos];
+    size_t piece = e->len - ws->boff;
     if (piece > DPX_WRITE_PIECE)
       piece = DPX_WRITE_PIECE;
-    c->wpiece = piece;
-    uv_buf_t rest = uv_buf_init(e->base + c->boff, (unsigned)piece);
-    c->wreq.data = c;
-    r = uv_write(&c->wreq, &c->wr->stream, &rest, 1, on_write);
+    ws->wpiece = piece;
+    uv_buf_t rest = uv_buf_init(e->base + ws->boff, (unsigned)piece);
+    ws->wreq.data = c;
+    r = uv_write(&ws->wreq, &dpx_conn_wr(c)->stream, &rest, 1, on_write);
     if (r < 0) {
       batch_done(c, dpx_err(r));
       c->pump_again = true;
@@ -305,28 +324,30 @@ batch_continue(duplex_conn *c)
 void
 dpx_conn_batch_start(duplex_conn *c)
 {
+  dpx_wstate *ws = dpx_conn_w(c);
   size_t ndata = 0;
-  for (size_t i = 0; i < c->batch.n; i++)
-    if (is_data(&c->batch.v[i]))
+  for (size_t i = 0; i < ws->batch.n; i++)
+    if (is_data(&ws->batch.v[i]))
       ndata++;
   if (ndata > DPX_MAX_BUFS)
     ndata = DPX_MAX_BUFS;
-  if (ndata > c->bufs_cap) {
-    uv_buf_t *nb = realloc(c->bufs, ndata * sizeof(uv_buf_t));
+  if (ndata > ws->bufs_cap) {
+    uv_buf_t *nb = realloc(ws->bufs, ndata * sizeof(uv_buf_t));
     if (nb == NULL) {
-      c->bpos = 0;
+      ws->bpos = 0;
       batch_done(c, DUPLEX_ENOMEM);
       c->pump_again = true;
       return;
     }
-    c->bufs = nb;
-    c->bufs_cap = ndata;
+    ws->bufs = nb;
+    ws->bufs_cap = ndata;
   }
-  c->bpos = 0;
-  c->boff = 0;
-  if (c->timeout[DUPLEX_TIMEOUT_FLUSH] != 0) {
+  ws->bpos = 0;
+  ws->boff = 0;
+  dpx_conn_extra *x = dpx_conn_x(c);
+  if (x != NULL && x->timeout[DUPLEX_TIMEOUT_FLUSH] != 0) {
     /* Writes are pending from now: the flush deadline applies. */
-    c->t_write = uv_now(&c->loop->uv);
+    x->t_write = uv_now(&c->loop->uv);
     dpx_conn_deadline_touch(c);
   }
   batch_continue(c);
@@ -337,19 +358,25 @@ dpx_conn_batch_start(duplex_conn *c)
 static void
 shutdown_finished(duplex_conn *c, int status)
 {
-  c->shut_pending = false;
+  dpx_wstate *ws = dpx_conn_w(c);
+  ws->shut_pending = false;
   if (status == 0)
     c->shut_done = true;
-  if (c->shut_ent.done != NULL)
-    c->shut_ent.done(c, status, c->shut_ent.user);
+  if (ws->shut_ent.done != NULL)
+    ws->shut_ent.done(c, status, ws->shut_ent.user);
   if (c->closing)
     return;
   if (status < 0)
     dpx_conn_begin_close(c, status);
-  else if (c->eof_seen || c->close_after_shut)
+  else if (c->eof_seen || ws->close_after_shut)
     dpx_conn_begin_close(c, 0);
-  else
-    dpx_conn_pump(c); /* a graceful close may wait in the intake */
+  else {
+    /* A graceful close may wait in the intake. Scheduled, not pumped
+     * here: a caller up the stack may still hold the write state. */
+    dpx_conn_lock(c);
+    dpx_conn_schedule_locked(c, true);
+    dpx_conn_unlock(c);
+  }
 }
 
 static void
@@ -362,7 +389,7 @@ on_shutdown(uv_shutdown_t *req, int status)
     /* A lone pipe or terminal cannot half-close: closing the fd is how
      * its write side ends (and it has no read side to keep). */
     status = 0;
-    c->close_after_shut = true;
+    dpx_conn_w(c)->close_after_shut = true;
   }
   shutdown_finished(c, dpx_err(status));
 }
@@ -371,7 +398,7 @@ static void
 on_write_side_closed(uv_handle_t *h)
 {
   duplex_conn *c = h->data;
-  c->wr = NULL;
+  c->wr_gone = true;
   if (c->closing) {
     /* A close began meanwhile: this was one of the handles it waits for. */
     dpx_conn_handle_closed(c);
@@ -384,19 +411,15 @@ on_write_side_closed(uv_handle_t *h)
 void
 dpx_conn_start_shutdown(duplex_conn *c)
 {
-  if (c->wr != c->rd) {
+  if (dpx_conn_wr(c) != dpx_conn_rd(c)) {
     /* Adopted pair: closing the write fd is the peer's EOF. */
     c->handles_open++;
-    uv_close(&c->wr->handle, on_write_side_closed);
+    uv_close(&dpx_conn_wr(c)->handle, on_write_side_closed);
     return;
   }
-  if (c->sreq == NULL)
-    c->sreq = malloc(sizeof *c->sreq);
-  int r = c->sreq ? 0 : UV_ENOMEM;
-  if (r == 0) {
-    c->sreq->data = c;
-    r = uv_shutdown(c->sreq, &c->wr->stream, on_shutdown);
-  }
+  dpx_wstate *ws = dpx_conn_w(c);
+  ws->sreq.data = c;
+  int r = uv_shutdown(&ws->sreq, &dpx_conn_wr(c)->stream, on_shutdown);
   if (r != 0)
     shutdown_finished(c, dpx_err(r));
 }
@@ -406,16 +429,19 @@ duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done, void *user)
 {
   if (conn == NULL)
     return DUPLEX_EINVAL;
-  uv_mutex_lock(&conn->mu);
+  dpx_conn_lock(conn);
   int r = 0;
+  dpx_wstate *ws = NULL;
   if (conn->state != DPX_CS_OPEN)
     r = DUPLEX_ECLOSED;
   else if (conn->shut_requested)
     r = DUPLEX_ESHUTDOWN;
+  else if ((ws = dpx_conn_w_get_locked(conn)) == NULL)
+    r = DUPLEX_ENOMEM;
   else
-    r = dpx_entvec_reserve(&conn->intake, 1);
+    r = dpx_entvec_reserve(&ws->intake, 1);
   if (r == 0) {
-    dpx_ent *e = &conn->intake.v[conn->intake.n++];
+    dpx_ent *e = &ws->intake.v[ws->intake.n++];
     memset(e, 0, sizeof *e);
     e->kind = DPX_ENT_SHUTDOWN;
     e->done = done;
@@ -423,7 +449,7 @@ duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done, void *user)
     conn->shut_requested = true;
     dpx_conn_schedule_locked(conn, false);
   }
-  uv_mutex_unlock(&conn->mu);
+  dpx_conn_unlock(conn);
   return r;
 }
 
@@ -439,11 +465,12 @@ typedef struct write_req {
   void *user;
 } write_req;
 
-/* Under conn->mu: make the tail chunk hold @p len more bytes. */
+/* Under the conn lock: make the tail chunk hold @p len more bytes. */
 static int
 chunk_room_locked(duplex_conn *c, size_t len)
 {
-  dpx_chunk *t = c->chunk_tail;
+  dpx_wstate *ws = dpx_conn_w(c);
+  dpx_chunk *t = ws->chunk_tail;
   if (t != NULL && DPX_CHUNK_SIZE - t->used >= len)
     return 0;
   dpx_chunk *n = dpx_chunk_get(c->loop);
@@ -452,23 +479,24 @@ chunk_room_locked(duplex_conn *c, size_t len)
   if (t != NULL)
     t->next = n;
   else
-    c->chunk_head = n;
-  c->chunk_tail = n;
+    ws->chunk_head = n;
+  ws->chunk_tail = n;
   return 0;
 }
 
-/* Under conn->mu: append @p w, skipping its first @p skip bytes (already
+/* Under the conn lock: append @p w, skipping its first @p skip bytes (already
  * written directly). Either everything is appended or nothing is. */
 static int
-append_locked(duplex_conn *c, const write_req *w, size_t skip)
+append_locked(duplex_conn *c, dpx_wstate *ws, const write_req *w,
+              size_t skip)
 {
   size_t remain = w->total - skip;
-  int r = dpx_entvec_reserve(&c->intake, 2);
+  int r = dpx_entvec_reserve(&ws->intake, 2);
   if (r != 0)
     return r;
-  dpx_ent *last = c->intake.n > 0 ? &c->intake.v[c->intake.n - 1] : NULL;
+  dpx_ent *last = ws->intake.n > 0 ? &ws->intake.v[ws->intake.n - 1] : NULL;
   if (w->zc != NULL) {
-    dpx_ent *e = &c->intake.v[c->intake.n++];
+    dpx_ent *e = &ws->intake.v[ws->intake.n++];
     memset(e, 0, sizeof *e);
     e->kind = DPX_ENT_ZC;
     e->base = (char *)w->zc + skip;
@@ -485,7 +513,7 @@ append_locked(duplex_conn *c, const write_req *w, size_t skip)
       dst = malloc(remain);
       if (dst == NULL)
         return DUPLEX_ENOMEM;
-      dpx_ent *e = &c->intake.v[c->intake.n++];
+      dpx_ent *e = &ws->intake.v[ws->intake.n++];
       memset(e, 0, sizeof *e);
       e->kind = DPX_ENT_OWNED;
       e->base = dst;
@@ -495,13 +523,13 @@ append_locked(duplex_conn *c, const write_req *w, size_t skip)
       r = chunk_room_locked(c, remain);
       if (r != 0)
         return r;
-      dpx_chunk *t = c->chunk_tail;
+      dpx_chunk *t = ws->chunk_tail;
       dst = t->data + t->used;
       if (last != NULL && last->kind == DPX_ENT_CHUNK &&
           last->base + last->len == dst) {
         last->len += remain;
       } else {
-        dpx_ent *e = &c->intake.v[c->intake.n++];
+        dpx_ent *e = &ws->intake.v[ws->intake.n++];
         memset(e, 0, sizeof *e);
         e->kind = DPX_ENT_CHUNK;
         e->base = dst;
@@ -526,7 +554,7 @@ append_locked(duplex_conn *c, const write_req *w, size_t skip)
     }
   }
   if (w->done != NULL) {
-    dpx_ent *e = &c->intake.v[c->intake.n++];
+    dpx_ent *e = &ws->intake.v[ws->intake.n++];
     memset(e, 0, sizeof *e);
     e->kind = DPX_ENT_DONE;
     e->done = w->done;
@@ -551,7 +579,7 @@ write_direct(duplex_conn *c, const write_req *w)
         bufs[n++] = uv_buf_init((char *)w->bufs[i].base,
                                 (unsigned)w->bufs[i].len);
   }
-  int r = uv_try_write(&c->wr->stream, bufs, n);
+  int r = uv_try_write(&dpx_conn_wr(c)->stream, bufs, n);
   return r > 0 ? (size_t)r : 0;
 }
 
@@ -559,37 +587,43 @@ static int
 conn_submit(duplex_conn *c, const write_req *w)
 {
   int r = 0;
-  uv_mutex_lock(&c->mu);
+  dpx_conn_lock(c);
   if (c->state != DPX_CS_OPEN) {
     r = DUPLEX_ECLOSED;
   } else if (c->shut_requested) {
     r = DUPLEX_ESHUTDOWN;
-  } else if (w->total > 0 && c->queued > 0 && c->queued + w->total > c->hard) {
+  } else if (w->total > 0 && c->queued > 0 &&
+             c->queued + w->total > c->cfg->hard) {
+    /* Refused: the writer waits (wait_writable, on_writable) until the
+     * queue drains to the low watermark, also when it never reached the
+     * high one (a big write against a partly full queue). */
     r = DUPLEX_EWOULDBLOCK;
+    c->congested = true;
   }
   if (r != 0) {
-    uv_mutex_unlock(&c->mu);
+    dpx_conn_unlock(c);
     return r;
   }
   size_t skip = 0;
+  dpx_wstate *ws = dpx_conn_w(c);
   /* Loop-thread fields are read only on the loop thread. */
   if (w->total > 0 && dpx_on_loop(c->loop) && c->opened && !c->writing &&
-      c->intake.n == 0 && !c->closing && w->nbufs <= DPX_DIRECT_BUFS) {
-    /* Reserve everything a partial write could need first, so that once
-     * bytes are on the wire the rest can always be queued. */
-    r = dpx_entvec_reserve(&c->intake, 2);
-    if (r == 0)
-      r = dpx_entvec_reserve(&c->completed, 1);
-    if (r == 0 && w->zc == NULL && w->total < DPX_LARGE_WRITE)
-      r = chunk_room_locked(c, w->total);
-    if (r != 0) {
-      uv_mutex_unlock(&c->mu);
-      return r;
-    }
+      (ws == NULL || ws->intake.n == 0) && !c->closing &&
+      w->nbufs <= DPX_DIRECT_BUFS) {
+    /* Nothing queued: straight to the socket. A write the kernel takes
+     * whole and that wants no callback leaves no trace (no write state). */
     skip = write_direct(c, w);
-    if (skip == w->total) {
-      if (w->done != NULL || (w->zc != NULL && w->release != NULL)) {
-        dpx_ent *e = &c->completed.v[c->completed.n++];
+    bool notify = w->done != NULL || (w->zc != NULL && w->release != NULL);
+    if (skip == w->total && !notify) {
+      dpx_conn_unlock(c);
+      return 0;
+    }
+    ws = dpx_conn_w_get_locked(c);
+    if (ws != NULL && skip == w->total) {
+      /* On the wire; the callback runs from the pump, never inside this
+       * call. */
+      if (dpx_entvec_reserve(&ws->completed, 1) == 0) {
+        dpx_ent *e = &ws->completed.v[ws->completed.n++];
         memset(e, 0, sizeof *e);
         e->kind = w->zc != NULL ? DPX_ENT_ZC : DPX_ENT_DONE;
         e->orig = w->zc;
@@ -598,35 +632,40 @@ conn_submit(duplex_conn *c, const write_req *w)
         e->release = w->release;
         e->user = w->user;
         dpx_conn_schedule_locked(c, true);
+        dpx_conn_unlock(c);
+        return 0;
       }
-      uv_mutex_unlock(&c->mu);
-      return 0;
+      ws = NULL; /* no memory for the completion: treated below */
     }
   }
-  r = append_locked(c, w, skip);
+  /* Queue the rest (or, without memory for a completion entry above, the
+   * completion alone: it then runs in order from the intake). */
+  if (ws == NULL)
+    ws = dpx_conn_w_get_locked(c);
+  r = ws != NULL ? append_locked(c, ws, w, skip) : DUPLEX_ENOMEM;
   if (r != 0 && skip > 0) {
-    /* Part of the write is on the wire and the rest cannot be kept (only
-     * a large copy's allocation can fail here): the stream is broken. */
+    /* Part of the write is on the wire and the rest cannot be kept (no
+     * memory for it): the stream is broken. */
     c->abort_requested = true;
-    c->abort_reason = r;
+    c->reason = r;
     dpx_conn_mark_closed_locked(c);
     dpx_conn_schedule_locked(c, true);
-    uv_mutex_unlock(&c->mu);
+    dpx_conn_unlock(c);
     return r;
   }
   if (r != 0) {
-    uv_mutex_unlock(&c->mu);
+    dpx_conn_unlock(c);
     return r;
   }
   c->queued += w->total - skip;
-  if (!c->congested && c->queued >= c->high) {
+  if (!c->congested && c->queued >= c->cfg->high) {
     c->congested = true;
     c->events |= DPX_EV_BACKPRESSURE;
     dpx_conn_schedule_locked(c, true);
   } else {
     dpx_conn_schedule_locked(c, false);
   }
-  uv_mutex_unlock(&c->mu);
+  dpx_conn_unlock(c);
   return 0;
 }
 
@@ -694,14 +733,15 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
 {
   if (conn == NULL || timeout_ms < -1)
     return DUPLEX_EINVAL;
-  uv_mutex_lock(&conn->mu);
+  dpx_conn_lock(conn);
   if (dpx_on_loop(conn->loop)) {
-    uv_mutex_unlock(&conn->mu);
+    dpx_conn_unlock(conn);
     return DUPLEX_EDEADLK;
   }
   uint64_t deadline =
       timeout_ms > 0 ? uv_hrtime() + (uint64_t)timeout_ms * 1000000u : 0;
   dpx_waiter w;
+  dpx_wstate *ws = NULL; /* kept while a waiter is linked to it */
   bool linked = false;
   int r;
   for (;;) {
@@ -722,29 +762,30 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
         r = DUPLEX_ENOMEM;
         break;
       }
-      w.next = conn->waiters;
-      conn->waiters = &w;
+      ws = dpx_conn_w(conn); /* congested: bytes are queued in it */
+      w.next = ws->waiters;
+      ws->waiters = &w;
       linked = true;
     }
     if (timeout_ms < 0) {
-      uv_cond_wait(&w.cv, &conn->mu);
+      uv_cond_wait(&w.cv, dpx_conn_mu(conn));
     } else {
       uint64_t now = uv_hrtime();
       if (now >= deadline) {
         r = DUPLEX_ETIMEDOUT;
         break;
       }
-      uv_cond_timedwait(&w.cv, &conn->mu, deadline - now);
+      uv_cond_timedwait(&w.cv, dpx_conn_mu(conn), deadline - now);
     }
   }
   if (linked) {
-    dpx_waiter **pp = &conn->waiters;
+    dpx_waiter **pp = &ws->waiters;
     while (*pp != &w)
       pp = &(*pp)->next;
     *pp = w.next;
     uv_cond_destroy(&w.cv);
   }
-  uv_mutex_unlock(&conn->mu);
+  dpx_conn_unlock(conn);
   return r;
 }
 
@@ -754,12 +795,13 @@ duplex_conn_write_frame(duplex_conn *conn, const void *data, size_t len,
 {
   if (conn == NULL || (data == NULL && len > 0))
     return DUPLEX_EINVAL;
-  if (conn->framer == NULL)
+  dpx_conn_extra *x = dpx_conn_x(conn);
+  if (x == NULL || x->framer == NULL)
     return duplex_conn_write(conn, data, len, done, user);
   unsigned char hdr[8];
   size_t hdr_len = 0, trail_len = 0;
   const unsigned char *trail = NULL;
-  int r = dpx_framer_encode(&conn->framer->cfg, data, len, hdr, &hdr_len,
+  int r = dpx_framer_encode(&x->framer->cfg, data, len, hdr, &hdr_len,
                             &trail, &trail_len);
   if (r != 0)
     return r;

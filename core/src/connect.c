@@ -57,14 +57,15 @@ dpx_conn_set_peer(duplex_conn *c)
 {
   char buf[1024];
   buf[0] = '\0';
-  if (c->rd->handle.type == UV_TCP) {
+  dpx_stream *rd = dpx_conn_rd(c);
+  if (rd->handle.type == UV_TCP) {
     struct sockaddr_storage ss;
     int len = sizeof ss;
-    if (uv_tcp_getpeername(&c->rd->tcp, (struct sockaddr *)&ss, &len) == 0)
+    if (uv_tcp_getpeername(&rd->tcp, (struct sockaddr *)&ss, &len) == 0)
       dpx_format_addr((struct sockaddr *)&ss, buf, sizeof buf);
-  } else if (c->rd->handle.type == UV_NAMED_PIPE) {
+  } else if (rd->handle.type == UV_NAMED_PIPE) {
     size_t len = sizeof buf;
-    if (uv_pipe_getpeername(&c->rd->pipe, buf, &len) != 0)
+    if (uv_pipe_getpeername(&rd->pipe, buf, &len) != 0)
       buf[0] = '\0';
     else if (len < sizeof buf)
       buf[len] = '\0';
@@ -74,10 +75,16 @@ dpx_conn_set_peer(duplex_conn *c)
   char *p = malloc(strlen(buf) + 1);
   if (p != NULL)
     memcpy(p, buf, strlen(buf) + 1);
-  uv_mutex_lock(&c->mu);
-  free(c->peer);
-  c->peer = p;
-  uv_mutex_unlock(&c->mu);
+  dpx_conn_lock(c);
+  dpx_conn_extra *x = dpx_conn_x_get_locked(c);
+  if (x != NULL) {
+    free(x->peer);
+    x->peer = p;
+    x->peer_known = p != NULL;
+    p = NULL;
+  }
+  dpx_conn_unlock(c);
+  free(p);
 }
 
 /* ---- TCP / UNIX connect ----------------------------------------------------- */
@@ -87,9 +94,10 @@ static void connect_next(duplex_conn *c);
 static void
 connect_failed(duplex_conn *c, int err)
 {
-  dpx_connect_state_free(c->connecting);
-  c->connecting = NULL;
-  if (c->rd != NULL)
+  dpx_conn_extra *x = dpx_conn_x(c);
+  dpx_connect_state_free(x->connecting);
+  x->connecting = NULL;
+  if (c->has_rd)
     dpx_conn_begin_close(c, err);
   else
     dpx_conn_fail_unopened(c, err);
@@ -122,12 +130,12 @@ on_attempt_closed(uv_handle_t *h)
 static void
 attempt_failed(duplex_conn *c, int err)
 {
-  dpx_connect_state *cs = c->connecting;
+  dpx_connect_state *cs = dpx_conn_x(c)->connecting;
   cs->last_err = err;
   connect_advance(cs);
-  c->rd = c->wr = NULL;
+  c->has_rd = false;
   c->handles_open++;
-  uv_close(&c->h[0].handle, on_attempt_closed);
+  uv_close(&dpx_conn_handle(c, 0)->handle, on_attempt_closed);
 }
 
 static void
@@ -137,8 +145,9 @@ on_connect(uv_connect_t *req, int status)
   if (c->closing)
     return; /* uv_close canceled it; the close callback finishes */
   if (status == 0) {
-    dpx_connect_state_free(c->connecting);
-    c->connecting = NULL;
+    dpx_conn_extra *x = dpx_conn_x(c);
+    dpx_connect_state_free(x->connecting);
+    x->connecting = NULL;
     dpx_conn_opened(c);
     return;
   }
@@ -148,7 +157,7 @@ on_connect(uv_connect_t *req, int status)
 static void
 connect_next(duplex_conn *c)
 {
-  dpx_connect_state *cs = c->connecting;
+  dpx_connect_state *cs = dpx_conn_x(c)->connecting;
   for (;;) {
     const struct sockaddr *sa = NULL;
     if (cs->have_numeric)
@@ -159,7 +168,7 @@ connect_next(duplex_conn *c)
       connect_failed(c, cs->last_err ? cs->last_err : DUPLEX_EAI_NODATA);
       return;
     }
-    dpx_stream *h = &c->h[0];
+    dpx_stream *h = dpx_conn_handle(c, 0);
     int r = uv_tcp_init(&c->loop->uv, &h->tcp);
     if (r != 0) {
       cs->last_err = dpx_err(r);
@@ -167,7 +176,7 @@ connect_next(duplex_conn *c)
       continue;
     }
     h->handle.data = c;
-    c->rd = c->wr = h;
+    c->has_rd = true;
     cs->creq.data = c;
     r = uv_tcp_connect(&cs->creq, &h->tcp, sa, on_connect);
     if (r != 0)
@@ -180,13 +189,14 @@ static void
 on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 {
   duplex_conn *c = req->data;
-  dpx_connect_state *cs = c->connecting;
+  dpx_conn_extra *x = dpx_conn_x(c);
+  dpx_connect_state *cs = x->connecting;
   cs->resolving = false;
-  c->lookup_pending = false;
+  x->lookup_pending = false;
   cs->res = res;
   if (c->closing) {
     /* Closed while resolving: finish now. */
-    dpx_conn_fail_unopened(c, c->close_reason);
+    dpx_conn_fail_unopened(c, c->reason);
     return;
   }
   if (status != 0) {
@@ -201,22 +211,23 @@ on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 void
 dpx_connect_cancel(duplex_conn *c)
 {
-  if (c->connecting != NULL && c->connecting->resolving)
-    uv_cancel((uv_req_t *)&c->connecting->gai);
+  dpx_conn_extra *x = dpx_conn_x(c);
+  if (x != NULL && x->connecting != NULL && x->connecting->resolving)
+    uv_cancel((uv_req_t *)&x->connecting->gai);
 }
 
 static void
 unix_connect_start(duplex_conn *c)
 {
-  dpx_connect_state *cs = c->connecting;
-  dpx_stream *h = &c->h[0];
+  dpx_connect_state *cs = dpx_conn_x(c)->connecting;
+  dpx_stream *h = dpx_conn_handle(c, 0);
   int r = uv_pipe_init(&c->loop->uv, &h->pipe, 0);
   if (r != 0) {
     connect_failed(c, dpx_err(r));
     return;
   }
   h->handle.data = c;
-  c->rd = c->wr = h;
+  c->has_rd = true;
   cs->creq.data = c;
   uv_pipe_connect(&cs->creq, &h->pipe, cs->path, on_connect);
 }
@@ -274,29 +285,31 @@ static void
 adopt_start(duplex_conn *c)
 {
   int n = c->kind == DPX_CONN_ADOPT ? 1 : 2;
-  int fds[2] = { c->fd_in, c->fd_out };
+  dpx_conn_extra *x = dpx_conn_x(c);
+  int fds[2] = { x->fd_in, x->fd_out };
   bool inited[2] = { false, false }, owned[2] = { false, false };
   int err = 0;
   for (int i = 0; i < n && err == 0; i++) {
-    err = adopt_handle(c, &c->h[i], fds[i], i == 0, &inited[i]);
+    err = adopt_handle(c, dpx_conn_handle(c, (unsigned)i), fds[i], i == 0,
+                       &inited[i]);
     owned[i] = err == 0; /* the handle closes the fd from now on */
   }
   for (int i = 0; i < n; i++)
     if (!owned[i])
       close_fd(c->loop, fds[i]);
-  c->fd_in = c->fd_out = -1;
+  x->fd_in = x->fd_out = -1;
   if (err != 0) {
     for (int i = 0; i < n; i++) {
       if (inited[i]) {
         c->handles_open++;
-        uv_close(&c->h[i].handle, on_adopt_failed_closed);
+        uv_close(&dpx_conn_handle(c, (unsigned)i)->handle,
+                 on_adopt_failed_closed);
       }
     }
     dpx_conn_fail_unopened(c, err);
     return;
   }
-  c->rd = &c->h[0];
-  c->wr = &c->h[n - 1];
+  c->has_rd = true;
   dpx_conn_opened(c);
 }
 
@@ -305,26 +318,28 @@ adopt_start(duplex_conn *c)
 void
 dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
 {
-  duplex_conn *c = DPX_CONTAINER_OF(op, duplex_conn, open_op);
+  duplex_conn *c = DPX_CONTAINER_OF(op, dpx_conn_extra, open_op)->conn;
+  dpx_conn_extra *x = dpx_conn_x(c);
   if (c->closing)
     return; /* cannot happen with one FIFO; never finish twice */
   dpx_link_insert(&loop->conns, &c->link);
   c->in_list = true;
-  uv_mutex_lock(&c->mu);
+  dpx_conn_lock(c);
   bool aborted = c->abort_requested;
-  uv_mutex_unlock(&c->mu);
+  int abort_reason = c->reason;
+  dpx_conn_unlock(c);
   if (status != 0 || aborted) {
     if (c->kind == DPX_CONN_ADOPT || c->kind == DPX_CONN_ADOPT_PAIR) {
-      close_fd(loop, c->fd_in);
-      close_fd(loop, c->fd_out);
-      c->fd_in = c->fd_out = -1;
+      close_fd(loop, x->fd_in);
+      close_fd(loop, x->fd_out);
+      x->fd_in = x->fd_out = -1;
     }
-    dpx_conn_fail_unopened(c, status != 0 ? status : c->abort_reason);
+    dpx_conn_fail_unopened(c, status != 0 ? status : abort_reason);
     return;
   }
-  c->t_start = uv_now(&loop->uv);
+  x->t_start = uv_now(&loop->uv);
   dpx_conn_deadline_touch(c);
-  dpx_connect_state *cs = c->connecting;
+  dpx_connect_state *cs = x->connecting;
   switch (c->kind) {
   case DPX_CONN_TCP_CONNECT:
     if (cs->have_numeric) {
@@ -344,7 +359,7 @@ dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
         connect_failed(c, dpx_err(r));
       } else {
         cs->resolving = true;
-        c->lookup_pending = true;
+        x->lookup_pending = true;
       }
     }
     break;
@@ -364,10 +379,11 @@ conn_launch(duplex_conn **out, duplex_conn *c)
 {
   if (out != NULL)
     duplex_conn_ref(c);
-  int r = dpx_loop_submit(c->loop, &c->open_op, true);
+  dpx_conn_extra *x = dpx_conn_x(c);
+  int r = dpx_loop_submit(c->loop, &x->open_op, true);
   if (r != 0) {
-    dpx_connect_state_free(c->connecting);
-    c->connecting = NULL;
+    dpx_connect_state_free(x->connecting);
+    x->connecting = NULL;
     if (out != NULL)
       duplex_conn_unref(c);
     duplex_conn_unref(c);
@@ -388,6 +404,21 @@ dup_str(const char *s)
   return p;
 }
 
+/* A new conn of @p kind with its own copy of @p opts. */
+static int
+conn_create(duplex_conn **out, duplex_loop *loop, int kind,
+            const duplex_conn_opts *opts, unsigned nhandles,
+            size_t handle_size)
+{
+  dpx_conn_cfg *cfg;
+  int r = dpx_conn_cfg_new(&cfg, opts);
+  if (r != 0)
+    return r;
+  *out = dpx_conn_new(loop, kind, cfg, nhandles, handle_size);
+  dpx_conn_cfg_unref(cfg); /* the conn holds its own reference */
+  return *out != NULL ? 0 : DUPLEX_ENOMEM;
+}
+
 int
 duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
                         const char *host, uint16_t port,
@@ -399,17 +430,17 @@ duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
     return DUPLEX_EINVAL;
   if (strlen(host) > 1024)
     return DUPLEX_ENAMETOOLONG;
-  int r = dpx_conn_opts_check(opts);
+  duplex_conn *c;
+  int r = conn_create(&c, loop, DPX_CONN_TCP_CONNECT, opts, 1,
+                      sizeof(uv_tcp_t));
   if (r != 0)
     return r;
-  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_TCP_CONNECT, opts, 1);
   dpx_connect_state *cs = calloc(1, sizeof *cs);
   char *h = dup_str(host);
-  if (c == NULL || cs == NULL || h == NULL) {
+  if (cs == NULL || h == NULL) {
     free(cs);
     free(h);
-    if (c != NULL)
-      dpx_conn_free(c);
+    dpx_conn_free(c);
     return DUPLEX_ENOMEM;
   }
   cs->host = h;
@@ -418,7 +449,7 @@ duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
   struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&cs->numeric;
   if (uv_ip4_addr(host, port, in) == 0 || uv_ip6_addr(host, port, in6) == 0)
     cs->have_numeric = true;
-  c->connecting = cs;
+  dpx_conn_x(c)->connecting = cs;
   return conn_launch(out, c);
 }
 
@@ -432,33 +463,39 @@ duplex_conn_connect_unix(duplex_conn **out, duplex_loop *loop,
     return DUPLEX_EINVAL;
   if (strlen(path) >= 108) /* sun_path on Linux; the smallest common size */
     return DUPLEX_ENAMETOOLONG;
-  int r = dpx_conn_opts_check(opts);
+  duplex_conn *c;
+  int r = conn_create(&c, loop, DPX_CONN_UNIX_CONNECT, opts, 1,
+                      sizeof(uv_pipe_t));
   if (r != 0)
     return r;
-  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_UNIX_CONNECT, opts, 1);
   dpx_connect_state *cs = calloc(1, sizeof *cs);
   char *p = dup_str(path);
-  if (c == NULL || cs == NULL || p == NULL) {
+  if (cs == NULL || p == NULL) {
     free(cs);
     free(p);
-    if (c != NULL)
-      dpx_conn_free(c);
+    dpx_conn_free(c);
     return DUPLEX_ENOMEM;
   }
   cs->path = p;
-  c->connecting = cs;
+  dpx_conn_x(c)->connecting = cs;
   return conn_launch(out, c);
 }
 
+/* 0 and the handle size for a stream fd, or a negative code. */
 static int
-check_stream_fd(int fd)
+check_stream_fd(int fd, size_t *handle_size)
 {
   if (fd < 0)
     return DUPLEX_EBADF;
   switch (uv_guess_handle(fd)) {
   case UV_TCP:
+    *handle_size = sizeof(uv_tcp_t);
+    return 0;
   case UV_NAMED_PIPE:
+    *handle_size = sizeof(uv_pipe_t);
+    return 0;
   case UV_TTY:
+    *handle_size = sizeof(uv_tty_t);
     return 0;
   case UV_UNKNOWN_HANDLE: {
     uv_fs_t req;
@@ -479,15 +516,15 @@ duplex_conn_adopt(duplex_conn **out, duplex_loop *loop, int fd,
     *out = NULL;
   if (loop == NULL)
     return DUPLEX_EINVAL;
-  int r = check_stream_fd(fd);
-  if (r == 0)
-    r = dpx_conn_opts_check(opts);
+  size_t hsize = 0;
+  int r = check_stream_fd(fd, &hsize);
   if (r != 0)
     return r;
-  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_ADOPT, opts, 1);
-  if (c == NULL)
-    return DUPLEX_ENOMEM;
-  c->fd_in = fd;
+  duplex_conn *c;
+  r = conn_create(&c, loop, DPX_CONN_ADOPT, opts, 1, hsize);
+  if (r != 0)
+    return r;
+  dpx_conn_x(c)->fd_in = fd;
   return conn_launch(out, c);
 }
 
@@ -499,19 +536,19 @@ duplex_conn_adopt_pair(duplex_conn **out, duplex_loop *loop, int read_fd,
     *out = NULL;
   if (loop == NULL)
     return DUPLEX_EINVAL;
-  int r = check_stream_fd(read_fd);
+  size_t hsize = 0;
+  int r = check_stream_fd(read_fd, &hsize);
   if (r == 0)
-    r = check_stream_fd(write_fd);
+    r = check_stream_fd(write_fd, &hsize);
   if (r == 0 && read_fd == write_fd)
     r = DUPLEX_EINVAL;
-  if (r == 0)
-    r = dpx_conn_opts_check(opts);
   if (r != 0)
     return r;
-  duplex_conn *c = dpx_conn_new(loop, DPX_CONN_ADOPT_PAIR, opts, 2);
-  if (c == NULL)
-    return DUPLEX_ENOMEM;
-  c->fd_in = read_fd;
-  c->fd_out = write_fd;
+  duplex_conn *c;
+  r = conn_create(&c, loop, DPX_CONN_ADOPT_PAIR, opts, 2, 0);
+  if (r != 0)
+    return r;
+  dpx_conn_x(c)->fd_in = read_fd;
+  dpx_conn_x(c)->fd_out = write_fd;
   return conn_launch(out, c);
 }

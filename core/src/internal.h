@@ -90,6 +90,8 @@ struct duplex_loop {
   uv_mutex_t pool_mu;
   dpx_chunk *pool;
   unsigned pool_len;
+  struct dpx_wstate *wpool; /* idle write states kept for reuse */
+  unsigned wpool_len;
 };
 
 /* The loop the calling thread runs right now, or NULL. */
@@ -160,7 +162,7 @@ enum dpx_conn_kind {
   DPX_CONN_ACCEPTED
 };
 
-/* Producer-visible state (under conn->mu). */
+/* Producer-visible state (under the conn lock). */
 enum dpx_conn_state {
   DPX_CS_OPEN,    /* accepting writes (also while connecting) */
   DPX_CS_CLOSING, /* graceful close requested */
@@ -184,83 +186,172 @@ typedef union dpx_stream {
   uv_tty_t tty;
 } dpx_stream;
 
-struct duplex_conn {
+/* What a conn is created with: immutable and shared (every conn a listener
+ * accepts points at the listener's). */
+typedef struct dpx_conn_cfg {
   atomic_uint refs;
-  _Atomic(void *) user;
-
-  uv_mutex_t mu;
-  /* ---- guarded by mu ---- */
-  duplex_loop *loop;   /* NULL once closed for good */
-  int state;           /* enum dpx_conn_state */
-  bool shut_requested; /* a SHUTDOWN entry was queued */
-  bool abort_requested;
-  int abort_reason;
-  bool scheduled; /* a pump is guaranteed without another wake-up */
-  bool op_queued; /* conn->op sits in the inbox or deferred list */
-  bool want_read;
-  bool congested;
-  unsigned events;    /* DPX_EV_* waiting for the loop */
-  size_t queued;      /* accepted, not yet completed */
-  dpx_entvec intake;  /* entries waiting for the next batch */
-  dpx_chunk *chunk_head; /* FIFO of chunks holding copied bytes */
-  dpx_chunk *chunk_tail;
-  dpx_waiter *waiters;
-  char *peer;
-  uint32_t timeout_req[4]; /* deadlines asked for, applied by the pump */
-  bool timeouts_dirty;
-
-  /* ---- immutable after creation ---- */
-  int kind;
-  duplex_conn_cbs cbs;
-  size_t high, low, hard;
   unsigned flags;
+  duplex_conn_cbs cbs;
+  void *user;
+  size_t high, low, hard;
+  uint32_t timeout[4];
+  bool framed;
+  duplex_framing framing;
+} dpx_conn_cfg;
 
+/* Validates @p opts (see dpx_conn_opts_check) and copies it. */
+int dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts);
+void dpx_conn_cfg_unref(dpx_conn_cfg *cfg);
+
+/* The write machinery. Exists while the conn has something queued, in
+ * flight or waiting to complete; an idle conn has none. Created under the
+ * conn lock by whoever queues first; freed only by the loop thread, under
+ * the lock, once everything below is empty. */
+typedef struct dpx_wstate {
+  struct dpx_wstate *next_free; /* in the loop's pool */
+  /* ---- guarded by the conn lock ---- */
+  dpx_entvec intake;      /* entries waiting for the next batch */
+  dpx_chunk *chunk_head;  /* FIFO of chunks holding copied bytes */
+  dpx_chunk *chunk_tail;
+  dpx_waiter *waiters;    /* threads in duplex_conn_wait_writable */
   /* ---- loop thread only ---- */
-  dpx_op op;      /* pump request (inbox or deferred) */
-  dpx_op open_op; /* creation request */
-  dpx_link link;  /* in loop->conns once opening */
-  dpx_stream *rd; /* read side */
-  dpx_stream *wr; /* write side: == rd except for adopted pairs */
-  dpx_connect_state *connecting;
-  int fd_in, fd_out; /* adopted fds until opened */
-  unsigned handles_open;
-  bool opened;
-  bool reading;
-  bool writing; /* a batch is in flight */
-  bool eof_seen;
-  bool shut_done;
-  bool closing; /* uv_close issued or teardown begun */
-  bool pumping;
-  bool pump_again;
-  bool in_list;
-  int close_reason;
   dpx_entvec batch;     /* entries being written */
   dpx_entvec completed; /* direct writes already on the wire */
   dpx_entvec cancelled; /* intake taken at close, completed after */
-  size_t bpos; /* first data entry of the batch not wholly written */
-  size_t boff; /* bytes of it already written */
+  size_t bpos;   /* first data entry of the batch not wholly written */
+  size_t boff;   /* bytes of it already written */
   size_t wpiece; /* bytes the uv_write in flight carries */
   uv_buf_t *bufs;
   size_t bufs_cap;
   uv_write_t wreq;
-  uv_shutdown_t *sreq;
+  uv_shutdown_t sreq;
   dpx_ent shut_ent; /* the SHUTDOWN entry being carried out */
   bool shut_pending;
   bool close_after_shut;
-  /* deadlines: one lazily created uv timer re-armed for the nearest */
+} dpx_wstate;
+
+/* Rarely needed state: opening (connect, adopted fds), deadlines, the peer
+ * name once asked for, frames held while paused. Created on demand under
+ * the conn lock (any thread) and published with release order; lives until
+ * the conn is freed. */
+typedef struct dpx_conn_extra {
+  /* ---- guarded by the conn lock ---- */
+  char *peer;              /* cached answer of duplex_conn_get_peer */
+  bool peer_known;
+  uint32_t timeout_req[4]; /* deadlines asked for, applied by the pump */
+  bool timeouts_dirty;
+  /* ---- loop thread only ---- */
+  dpx_op open_op; /* creation request (not for accepted conns) */
+  duplex_conn *conn;
+  dpx_connect_state *connecting;
+  int fd_in, fd_out; /* adopted fds until opened */
+  bool lookup_pending;
+  bool stamped; /* t_read / t_write hold real times */
   uint32_t timeout[4];
-  uv_timer_t *deadline;
+  uv_timer_t *deadline; /* one lazily created timer for the nearest */
   uint64_t deadline_due;
   uint64_t t_start, t_read, t_write;
-  bool lookup_pending;
-  struct dpx_framer *framer; /* NULL without framing */
+  struct dpx_framer *framer; /* framing state; set at creation */
   char *held; /* frames decoded while paused: [size_t len][bytes]... */
   size_t held_len, held_off, held_cap;
-  dpx_stream h[]; /* one handle, two for adopted pairs */
+} dpx_conn_extra;
+
+/* An idle accepted conn is this struct plus its libuv handle in one
+ * allocation: the write machinery, deadlines and framing state are
+ * allocated only while used, and the lock is one of a fixed set shared by
+ * address (dpx_conn_mu), so a server holds ~350 bytes per idle conn. */
+struct duplex_conn {
+  atomic_uint refs;
+  uint8_t kind;    /* enum dpx_conn_kind, immutable */
+  uint8_t nhandles;
+  /* ---- guarded by the conn lock ---- */
+  uint16_t state : 2; /* enum dpx_conn_state */
+  uint16_t shut_requested : 1; /* a SHUTDOWN entry was queued */
+  uint16_t abort_requested : 1;
+  uint16_t scheduled : 1; /* a pump is guaranteed without another wake-up */
+  uint16_t op_queued : 1; /* conn->op sits in the inbox or deferred list */
+  uint16_t want_read : 1;
+  uint16_t congested : 1;
+  uint16_t events : 2; /* DPX_EV_* waiting for the loop */
+  uint16_t : 0;
+  /* ---- loop thread only ---- */
+  uint16_t opened : 1;
+  uint16_t reading : 1;
+  uint16_t writing : 1; /* a batch is in flight */
+  uint16_t eof_seen : 1;
+  uint16_t shut_done : 1;
+  uint16_t closing : 1; /* uv_close issued or teardown begun */
+  uint16_t pumping : 1;
+  uint16_t pump_again : 1;
+  uint16_t in_list : 1;
+  uint16_t has_rd : 1; /* the first handle is initialised */
+  uint16_t wr_gone : 1; /* an adopted pair's write handle is closed */
+  uint16_t handles_open : 3;
+  /* Conn lock: an abort's reason until the close begins, then the close's
+   * (first reason wins); only the loop thread reads it after that. */
+  int reason;
+  _Atomic(void *) user;
+  duplex_loop *loop;  /* conn lock; NULL once closed for good */
+  dpx_conn_cfg *cfg;  /* immutable */
+  size_t queued;      /* conn lock: accepted, not yet completed */
+  _Atomic(dpx_wstate *) w;
+  _Atomic(dpx_conn_extra *) x;
+  dpx_op op;      /* pump request (inbox or deferred) */
+  dpx_link link;  /* loop thread: in loop->conns once opening */
+  uint64_t hs[];  /* the handle(s): exact size, or two dpx_streams */
 };
 
-duplex_conn *dpx_conn_new(duplex_loop *loop, int kind,
-                          const duplex_conn_opts *opts, unsigned nhandles);
+/* The lock guarding the conn's shared fields: one of a fixed set, picked
+ * by address. Never hold two conn locks at once. */
+uv_mutex_t *dpx_conn_mu(const duplex_conn *c);
+static inline void dpx_conn_lock(const duplex_conn *c) { uv_mutex_lock(dpx_conn_mu(c)); }
+static inline void dpx_conn_unlock(const duplex_conn *c) { uv_mutex_unlock(dpx_conn_mu(c)); }
+
+static inline dpx_wstate *
+dpx_conn_w(const duplex_conn *c)
+{
+  return atomic_load_explicit(&((duplex_conn *)c)->w, memory_order_acquire);
+}
+/* Under the lock: the write state, created if needed (NULL: no memory). */
+dpx_wstate *dpx_conn_w_get_locked(duplex_conn *c);
+/* Loop thread, under the lock: free the write state if nothing uses it. */
+void dpx_conn_w_trim_locked(duplex_conn *c);
+
+static inline dpx_conn_extra *
+dpx_conn_x(const duplex_conn *c)
+{
+  return atomic_load_explicit(&((duplex_conn *)c)->x, memory_order_acquire);
+}
+/* Under the lock: the extra state, created if needed (NULL: no memory). */
+dpx_conn_extra *dpx_conn_x_get_locked(duplex_conn *c);
+/* Any thread, not under the lock. */
+dpx_conn_extra *dpx_conn_x_get(duplex_conn *c);
+
+/* The read handle (NULL before it exists) and the write handle (NULL once
+ * an adopted pair's write side is closed). */
+static inline dpx_stream *
+dpx_conn_rd(const duplex_conn *c)
+{
+  return c->has_rd ? (dpx_stream *)(void *)((duplex_conn *)c)->hs : NULL;
+}
+static inline dpx_stream *
+dpx_conn_handle(const duplex_conn *c, unsigned i)
+{
+  return (dpx_stream *)(void *)((char *)((duplex_conn *)c)->hs +
+                                i * sizeof(dpx_stream));
+}
+static inline dpx_stream *
+dpx_conn_wr(const duplex_conn *c)
+{
+  if (c->nhandles == 2)
+    return c->wr_gone ? NULL : dpx_conn_handle(c, 1);
+  return dpx_conn_rd(c);
+}
+
+/* A conn holding a reference on @p cfg, with room for one handle of
+ * @p handle_size bytes, or two dpx_streams when @p nhandles is 2. */
+duplex_conn *dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
+                          unsigned nhandles, size_t handle_size);
 int dpx_conn_opts_check(const duplex_conn_opts *opts);
 void dpx_conn_free(duplex_conn *conn);
 /* Deadlines (loop thread): re-arm for the nearest one after an event
@@ -277,15 +368,17 @@ void dpx_conn_fail_unopened(duplex_conn *conn, int reason);
 /* Run the conn's state machine on the loop thread. */
 void dpx_conn_pump(duplex_conn *conn);
 void dpx_conn_pump_op(duplex_loop *loop, dpx_op *op, int status);
-/* Under conn->mu: make sure a pump will run. */
+/* Under the conn lock: make sure a pump will run. */
 void dpx_conn_schedule_locked(duplex_conn *conn, bool force);
-/* Under conn->mu: mark closed, wake waiters, move intake to `cancelled`. */
+/* Under the conn lock: mark closed, wake waiters, move intake to `cancelled`. */
 void dpx_conn_mark_closed_locked(duplex_conn *conn);
 /* Loop thread: complete entries of @p v with @p status, in order. */
 /* Entries before @p ok_before complete with 0, the rest with @p status. */
 void dpx_conn_complete(duplex_conn *conn, dpx_entvec *v, size_t ok_before,
                        int status);
 void dpx_conn_release_chunks_locked(duplex_conn *conn);
+/* Loop free: drop the pooled write states. */
+void dpx_wstate_pool_free(duplex_loop *loop);
 void dpx_conn_wake_waiters_locked(duplex_conn *conn);
 void dpx_conn_batch_start(duplex_conn *conn);
 /* Start a uv_shutdown / close of the write side for the SHUTDOWN entry. */

@@ -23,9 +23,7 @@ struct duplex_listener {
   uint16_t port;
   char *addr;
   char *path; /* UNIX socket file we created, removed on close */
-  duplex_conn_opts conn_opts;
-  duplex_conn_cbs cbs;
-  duplex_framing framing;
+  dpx_conn_cfg *cfg; /* shared by every conn it accepts */
   duplex_listen_error_cb on_error;
   void *user;
   int backlog;
@@ -49,6 +47,7 @@ listener_free(duplex_listener *l)
 {
   free(l->addr);
   free(l->path);
+  dpx_conn_cfg_unref(l->cfg);
   free(l);
 }
 
@@ -98,21 +97,24 @@ static void
 on_connection(uv_stream_t *server, int status)
 {
   duplex_listener *l = server->data;
-  if (l->closing)
+  /* Nothing is accepted once duplex_listener_close() has returned, even
+   * while the close itself still waits in the loop's queue. */
+  if (l->closing || atomic_load(&l->close_requested))
     return;
   if (status < 0) {
     if (l->on_error != NULL)
       l->on_error(l, dpx_err(status), l->user);
     return;
   }
-  duplex_conn *c =
-      dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, &l->conn_opts, 1);
+  duplex_conn *c = dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, l->cfg, 1,
+                                l->is_unix ? sizeof(uv_pipe_t)
+                                           : sizeof(uv_tcp_t));
   if (c == NULL) {
     if (l->on_error != NULL)
       l->on_error(l, DUPLEX_ENOMEM, l->user);
     return;
   }
-  dpx_stream *h = &c->h[0];
+  dpx_stream *h = dpx_conn_handle(c, 0);
   int r = l->is_unix ? uv_pipe_init(&l->loop->uv, &h->pipe, 0)
                      : uv_tcp_init(&l->loop->uv, &h->tcp);
   if (r != 0) {
@@ -129,7 +131,7 @@ on_connection(uv_stream_t *server, int status)
       l->on_error(l, dpx_err(r), l->user);
     return;
   }
-  c->rd = c->wr = h;
+  c->has_rd = true;
   dpx_link_insert(&l->loop->conns, &c->link);
   c->in_list = true;
   dpx_conn_opened(c);
@@ -155,29 +157,20 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
     if ((o.flags & ~DUPLEX_LISTEN_FLAGS_ALL) != 0 || o.backlog < 0 ||
         o.mode > 0777)
       return DUPLEX_EINVAL;
-    r = dpx_conn_opts_check(o.conn_opts);
-    if (r != 0)
-      return r;
   }
+  /* The conn options are borrowed for the call: one copy serves every
+   * accepted conn. */
+  dpx_conn_cfg *cfg;
+  int r = dpx_conn_cfg_new(&cfg, o.conn_opts);
+  if (r != 0)
+    return r;
   duplex_listener *l = calloc(1, sizeof *l);
-  if (l == NULL)
+  if (l == NULL) {
+    dpx_conn_cfg_unref(cfg);
     return DUPLEX_ENOMEM;
-  l->loop = loop;
-  duplex_conn_opts_init(&l->conn_opts);
-  duplex_conn_cbs_init(&l->cbs);
-  if (o.conn_opts != NULL) {
-    l->conn_opts = *o.conn_opts;
-    l->conn_opts.size = sizeof l->conn_opts;
-    if (o.conn_opts->cbs != NULL)
-      memcpy(&l->cbs, o.conn_opts->cbs, sizeof l->cbs);
-    if (o.conn_opts->framing != NULL) {
-      /* Borrowed for the call only: keep our own copy for every accept. */
-      l->framing = *o.conn_opts->framing;
-      l->conn_opts.framing = &l->framing;
-    }
   }
-  l->cbs.size = sizeof l->cbs;
-  l->conn_opts.cbs = &l->cbs;
+  l->loop = loop;
+  l->cfg = cfg;
   l->on_error = o.on_error;
   l->user = o.user;
   l->backlog = o.backlog > 0 ? o.backlog : 511;

@@ -608,6 +608,7 @@ duplex_loop_free(duplex_loop *loop)
     free(c);
     c = next;
   }
+  dpx_wstate_pool_free(loop);
   free(loop->rbuf);
   uv_mutex_destroy(&loop->pool_mu);
   uv_cond_destroy(&loop->cv);
