@@ -320,7 +320,8 @@ typedef void (*duplex_eof_cb)(duplex_conn *conn, void *user);
 /** Queued bytes crossed the high watermark. */
 typedef void (*duplex_backpressure_cb)(duplex_conn *conn, size_t queued,
                                        void *user);
-/** Queued bytes fell to the low watermark or below after backpressure. */
+/** Queued bytes fell to the low watermark or below after backpressure or
+ * after a write was refused with DUPLEX_EWOULDBLOCK. */
 typedef void (*duplex_writable_cb)(duplex_conn *conn, void *user);
 /**
  * The conn closed. @p reason is 0 for a requested close (duplex_conn_close)
@@ -424,7 +425,9 @@ DUPLEX_API int duplex_framing_init(duplex_framing *framing);
  * `on_backpressure`; falling to @ref low_watermark or below afterwards calls
  * `on_writable` and wakes duplex_conn_wait_writable(). A write is refused with
  * DUPLEX_EWOULDBLOCK when bytes are already queued and it would take the total
- * past @ref hard_limit (a write into an empty queue is always taken whole).
+ * past @ref hard_limit (a write into an empty queue is always taken whole);
+ * a refusal also counts as congestion, so `on_writable` and waiters are told
+ * once the queue is back at the low watermark.
  */
 typedef struct duplex_conn_opts {
   size_t size;                /**< sizeof(duplex_conn_opts) */
@@ -687,7 +690,9 @@ DUPLEX_API int duplex_conn_resume(duplex_conn *conn);
 
 /**
  * Block until the conn is writable: not past its high watermark, or back at
- * the low watermark after crossing it. For producers on other threads.
+ * the low watermark after crossing it or after refusing a write. For
+ * producers on other threads: `while (write(...) == DUPLEX_EWOULDBLOCK)
+ * wait_writable(...)` waits for the queue to drain, never spins.
  * @thread   any thread except the loop thread.
  * @param    timeout_ms  -1 waits for ever, 0 only polls.
  * @returns  0 (writable), DUPLEX_ETIMEDOUT, DUPLEX_ECLOSED (closed, or closed
@@ -718,11 +723,18 @@ DUPLEX_API int duplex_conn_set_user(duplex_conn *conn, void *user);
 
 /**
  * The peer's address as text: "1.2.3.4:80", "[::1]:80", a socket path, or
- * "" for unnamed peers (socketpair, pipes). Fixed when the conn opens.
- * @thread   any.
+ * "" for unnamed peers (socketpair, pipes). Conns the library connects
+ * learn it when they open; an accepted conn reads it off the socket the
+ * first time it is asked for (so idle servers store no names) and keeps
+ * it: ask while the conn is open (e.g. in on_open) if you need it later.
+ * @thread   any; off the loop thread the first call waits for the loop to
+ *           read the name (never call it first from inside a callback of
+ *           another loop that this loop waits on).
  * @owner    @p buf borrowed for the call; always NUL-terminated on success.
  * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOTCONN (not open yet),
- *           DUPLEX_ENOBUFS (@p len too small; @p buf holds "").
+ *           DUPLEX_ECLOSED (closed before anyone asked),
+ *           DUPLEX_ENOBUFS (@p len too small; @p buf holds ""),
+ *           DUPLEX_ENOMEM.
  * @since    0.1
  */
 DUPLEX_API int duplex_conn_get_peer(const duplex_conn *conn, char *buf,
