@@ -197,6 +197,42 @@ TEST_CASE("a write into an empty queue is taken whole, even past the limit") {
   CHECK(loop.free() == 0);
 }
 
+// A big write refused while the queue is below the high watermark must not
+// leave wait_writable() returning at once (a retry loop would spin): the
+// refusal counts as congestion until the queue is back at the low mark.
+TEST_CASE("after a refusal below the high watermark, wait_writable waits") {
+  ConnEvents ev;
+  Loop loop;
+  auto sp = socket_pair();
+  size_t prefill = fill_send_buffer(sp.ours.get());
+  auto opts = ev.opts(kHigh, kLow, kHard);
+  duplex_conn *conn = adopt(loop, sp.ours, &opts);
+  REQUIRE(ev.wait_open());
+  WriteCounter w;
+  std::vector<uint8_t> small(kLow + kChunk, 's'); // above low, below high
+  REQUIRE(duplex_conn_write(conn, small.data(), small.size(), WriteCounter::cb, &w) == 0);
+  std::vector<uint8_t> big(kHard, 'B'); // does not fit beside it
+  CHECK(duplex_conn_write(conn, big.data(), big.size(), WriteCounter::cb, &w) ==
+        DUPLEX_EWOULDBLOCK);
+  CHECK(big[0] == 'B'); // still the caller's
+  // The peer reads nothing: the queue cannot drain, so a waiter times out.
+  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_ETIMEDOUT);
+  CHECK(duplex_conn_wait_writable(conn, 20) == DUPLEX_ETIMEDOUT);
+  // Once the peer drains everything, the waiter returns and the retry fits.
+  Drainer d(sp.peer.get(), prefill + small.size() + big.size());
+  CHECK(duplex_conn_wait_writable(conn, -1) == 0);
+  CHECK(wait_until([&] { return ev.writables.load() == 1; }));
+  REQUIRE(duplex_conn_write(conn, big.data(), big.size(), WriteCounter::cb, &w) == 0);
+  d.done.wait();
+  CHECK(d.ok.load());
+  CHECK(wait_until([&] { return w.total.load() == 2; }));
+  CHECK(w.ok.load() == 2);
+  REQUIRE(duplex_conn_close(conn, DUPLEX_CLOSE_GRACEFUL) == 0);
+  CHECK(ev.wait_closed());
+  CHECK(duplex_conn_unref(conn) == 0);
+  CHECK(loop.free() == 0);
+}
+
 TEST_CASE("default limits: 16 MiB hard limit, 1 MiB high watermark") {
   ConnEvents ev;
   Loop loop;

@@ -624,6 +624,7 @@ struct ConnEvents {
   std::atomic<uint64_t> bytes_read{0};
   std::atomic<int> close_reason{kUnset};
   std::atomic<size_t> last_bp_queued{0};
+  std::atomic<bool> congested{false}; // between on_backpressure and on_writable
   std::atomic<int> order_errors{0};
   std::atomic<std::thread::id> close_thread{};
 
@@ -719,8 +720,9 @@ private:
   static void s_bp(duplex_conn *c, size_t queued, void *u) {
     auto *e = self(u);
     e->after_close_check();
-    // Strict alternation: backpressure, writable, backpressure, ...
-    if (e->backpressures.load() != e->writables.load())
+    // Never two backpressures without a writable between them (a writable
+    // may also come alone: after a refused write).
+    if (e->congested.exchange(true))
       e->order_errors++;
     e->last_bp_queued = queued;
     if (e->backpressure_hook)
@@ -730,8 +732,7 @@ private:
   static void s_writable(duplex_conn *c, void *u) {
     auto *e = self(u);
     e->after_close_check();
-    if (e->writables.load() + 1 != e->backpressures.load())
-      e->order_errors++;
+    e->congested = false;
     if (e->writable_hook)
       e->writable_hook(c);
     e->writables++;
