@@ -1,0 +1,84 @@
+/* Layout guards for every public struct on LP64 targets (Linux, macOS,
+ * the BSDs on 64-bit): a field that moves or a struct that changes size is
+ * an ABI break and fails this build. A deliberate, versioned change updates
+ * these numbers together with tests/abi/libduplex.abi (tools/abi-update).
+ * layout_check.py makes sure every public struct and field is listed. */
+#include <duplex.h>
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if UINTPTR_MAX == UINT64_MAX && !defined(_WIN32)
+#define SIZE_IS(T, n, a)                                                     \
+  _Static_assert(sizeof(T) == (n) && _Alignof(T) == (a), #T " size")
+#define AT(T, f, off)                                                        \
+  _Static_assert(offsetof(T, f) == (off), #T "." #f " offset")
+
+
+SIZE_IS(duplex_buf, 16, 8);
+AT(duplex_buf, base, 0);
+AT(duplex_buf, len, 8);
+
+SIZE_IS(duplex_loop_opts, 16, 8);
+AT(duplex_loop_opts, size, 0);
+AT(duplex_loop_opts, flags, 8);
+AT(duplex_loop_opts, read_buffer_size, 12);
+
+SIZE_IS(duplex_conn_cbs, 56, 8);
+AT(duplex_conn_cbs, size, 0);
+AT(duplex_conn_cbs, on_open, 8);
+AT(duplex_conn_cbs, on_read, 16);
+AT(duplex_conn_cbs, on_eof, 24);
+AT(duplex_conn_cbs, on_backpressure, 32);
+AT(duplex_conn_cbs, on_writable, 40);
+AT(duplex_conn_cbs, on_close, 48);
+
+SIZE_IS(duplex_framing, 56, 8);
+AT(duplex_framing, size, 0);
+AT(duplex_framing, kind, 8);
+AT(duplex_framing, flags, 12);
+AT(duplex_framing, delimiter, 16);
+AT(duplex_framing, delimiter_len, 20);
+AT(duplex_framing, prefix_bytes, 24);
+AT(duplex_framing, max_frame, 32);
+AT(duplex_framing, custom, 40);
+AT(duplex_framing, custom_user, 48);
+
+SIZE_IS(duplex_conn_opts, 80, 8);
+AT(duplex_conn_opts, size, 0);
+AT(duplex_conn_opts, cbs, 8);
+AT(duplex_conn_opts, user, 16);
+AT(duplex_conn_opts, high_watermark, 24);
+AT(duplex_conn_opts, low_watermark, 32);
+AT(duplex_conn_opts, hard_limit, 40);
+AT(duplex_conn_opts, flags, 48);
+AT(duplex_conn_opts, framing, 56);
+AT(duplex_conn_opts, connect_timeout_ms, 64);
+AT(duplex_conn_opts, idle_timeout_ms, 68);
+AT(duplex_conn_opts, read_timeout_ms, 72);
+AT(duplex_conn_opts, flush_timeout_ms, 76);
+
+SIZE_IS(duplex_listener_opts, 48, 8);
+AT(duplex_listener_opts, size, 0);
+AT(duplex_listener_opts, conn_opts, 8);
+AT(duplex_listener_opts, on_error, 16);
+AT(duplex_listener_opts, user, 24);
+AT(duplex_listener_opts, backlog, 32);
+AT(duplex_listener_opts, flags, 36);
+AT(duplex_listener_opts, mode, 40);
+
+SIZE_IS(duplex_channel_opts, 48, 8);
+AT(duplex_channel_opts, size, 0);
+AT(duplex_channel_opts, on_message, 8);
+AT(duplex_channel_opts, on_close, 16);
+AT(duplex_channel_opts, user, 24);
+AT(duplex_channel_opts, capacity, 32);
+AT(duplex_channel_opts, flags, 40);
+
+#endif
+
+int
+main(void)
+{
+  return 0;
+}
