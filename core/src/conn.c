@@ -105,26 +105,21 @@ dpx_conn_cfg_unref(dpx_conn_cfg *cfg)
 
 /* ---- the lock set ------------------------------------------------------- */
 
-#define DPX_CONN_LOCKS 256
-static uv_mutex_t conn_locks[DPX_CONN_LOCKS];
+uv_mutex_t dpx_conn_locks[DPX_CONN_LOCKS];
 static uv_once_t conn_locks_once = UV_ONCE_INIT;
 
 static void
 conn_locks_init(void)
 {
   for (size_t i = 0; i < DPX_CONN_LOCKS; i++)
-    if (uv_mutex_init(&conn_locks[i]) != 0)
+    if (uv_mutex_init(&dpx_conn_locks[i]) != 0)
       abort(); /* only fails without resources at first use */
 }
 
-uv_mutex_t *
-dpx_conn_mu(const duplex_conn *c)
+void
+dpx_conn_locks_ensure(void)
 {
   uv_once(&conn_locks_once, conn_locks_init);
-  uintptr_t h = (uintptr_t)c >> 4;
-  h ^= h >> 9;
-  h *= (uintptr_t)0x9E3779B97F4A7C15u;
-  return &conn_locks[(h >> 24) % DPX_CONN_LOCKS];
 }
 
 static bool

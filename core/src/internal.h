@@ -303,7 +303,18 @@ struct duplex_conn {
 
 /* The lock guarding the conn's shared fields: one of a fixed set, picked
  * by address. Never hold two conn locks at once. */
-uv_mutex_t *dpx_conn_mu(const duplex_conn *c);
+#define DPX_CONN_LOCKS 256
+extern uv_mutex_t dpx_conn_locks[DPX_CONN_LOCKS];
+/* Initialise the lock set once (duplex_loop_new; every conn has a loop). */
+void dpx_conn_locks_ensure(void);
+static inline uv_mutex_t *
+dpx_conn_mu(const duplex_conn *c)
+{
+  uintptr_t h = (uintptr_t)c >> 4;
+  h ^= h >> 9;
+  h *= (uintptr_t)0x9E3779B97F4A7C15u;
+  return &dpx_conn_locks[(h >> 24) % DPX_CONN_LOCKS];
+}
 static inline void dpx_conn_lock(const duplex_conn *c) { uv_mutex_lock(dpx_conn_mu(c)); }
 static inline void dpx_conn_unlock(const duplex_conn *c) { uv_mutex_unlock(dpx_conn_mu(c)); }
 

@@ -297,6 +297,7 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
     if (o.read_buffer_size > 16u * 1024 * 1024)
       return DUPLEX_EINVAL;
   }
+  dpx_conn_locks_ensure();
   duplex_loop *loop = calloc(1, sizeof *loop);
   if (loop == NULL)
     return DUPLEX_ENOMEM;
