@@ -909,7 +909,8 @@ DUPLEX_API int duplex_channel_send(duplex_channel *ch, const void *data,
  * 0, then to `on_message`; if the message is never delivered (loop freed)
  * @p release(ptr, len, DUPLEX_ECANCELED, user) runs exactly once instead.
  * On error the caller keeps @p ptr and @p release is not called.
- * @thread any (as duplex_channel_send). @returns as duplex_channel_send().
+ * @thread any (as duplex_channel_send). @returns as duplex_channel_send();
+ *          DUPLEX_EINVAL also for a NULL @p ptr (NULL is not a message).
  * @since 0.1
  */
 DUPLEX_API int duplex_channel_send_ptr(duplex_channel *ch, void *ptr,
