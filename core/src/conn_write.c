@@ -25,10 +25,8 @@
 /* ---- entry vectors ------------------------------------------------------- */
 
 int
-dpx_entvec_reserve(dpx_entvec *v, size_t extra)
+dpx_entvec_grow(dpx_entvec *v, size_t extra)
 {
-  if (v->cap - v->n >= extra)
-    return 0;
   size_t cap = v->cap ? v->cap : 8;
   while (cap - v->n < extra)
     cap *= 2;

@@ -95,7 +95,22 @@ struct duplex_loop {
 };
 
 /* The loop the calling thread runs right now, or NULL. */
-duplex_loop *dpx_current_loop(void);
+#if defined(_MSC_VER)
+#define DPX_THREAD_LOCAL __declspec(thread)
+#elif defined(__GNUC__) && defined(__ELF__)
+/* initial-exec: a plain %fs-relative load on every write instead of a call
+ * to __tls_get_addr (one pointer fits the static TLS surplus glibc keeps
+ * for libraries loaded with dlopen). */
+#define DPX_THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
+#else
+#define DPX_THREAD_LOCAL _Thread_local
+#endif
+extern DPX_THREAD_LOCAL duplex_loop *dpx_tls_loop;
+static inline duplex_loop *
+dpx_current_loop(void)
+{
+  return dpx_tls_loop;
+}
 static inline bool
 dpx_on_loop(const duplex_loop *loop)
 {
@@ -394,7 +409,12 @@ void dpx_conn_wake_waiters_locked(duplex_conn *conn);
 void dpx_conn_batch_start(duplex_conn *conn);
 /* Start a uv_shutdown / close of the write side for the SHUTDOWN entry. */
 void dpx_conn_start_shutdown(duplex_conn *conn);
-int dpx_entvec_reserve(dpx_entvec *v, size_t extra);
+int dpx_entvec_grow(dpx_entvec *v, size_t extra);
+static inline int
+dpx_entvec_reserve(dpx_entvec *v, size_t extra)
+{
+  return v->cap - v->n >= extra ? 0 : dpx_entvec_grow(v, extra);
+}
 void dpx_entvec_free(dpx_entvec *v);
 
 /* connect.c: the creation op for every conn kind. */

@@ -4,19 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(_MSC_VER)
-#define DPX_THREAD_LOCAL __declspec(thread)
-#else
-#define DPX_THREAD_LOCAL _Thread_local
-#endif
-
-static DPX_THREAD_LOCAL duplex_loop *tls_loop;
-
-duplex_loop *
-dpx_current_loop(void)
-{
-  return tls_loop;
-}
+DPX_THREAD_LOCAL duplex_loop *dpx_tls_loop;
+#define tls_loop dpx_tls_loop
 
 /* ---- lists ----------------------------------------------------------- */
 

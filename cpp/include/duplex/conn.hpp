@@ -85,17 +85,18 @@ struct BoxBase {
 struct ListenerBox : BoxBase {
   ListenerBox() : BoxBase{kListener} {}
   LoopCore *core = nullptr;
-  ConnHandlers h;
+  std::shared_ptr<const ConnHandlers> h; // shared by every accepted conn
   std::size_t read_limit = 1 << 20;
 };
 
 struct ConnBox : BoxBase {
   ConnBox() : BoxBase{kConn} {}
   LoopCore *core = nullptr;
-  ConnHandlers h;
+  std::shared_ptr<const ConnHandlers> h;
   std::size_t read_limit = 1 << 20;
-  // coroutine side (loop thread only)
-  std::deque<std::string> rx;
+  // coroutine side (loop thread only); chunks not yet read, allocated
+  // only while some wait (an idle conn keeps no container)
+  std::unique_ptr<std::deque<std::string>> rx;
   std::size_t rx_bytes = 0;
   bool eof = false;
   bool paused_for_rx = false;
@@ -283,7 +284,7 @@ public:
     explicit read_awaiter(duplex_conn *c) : c_(c) {}
     bool ready() const noexcept {
       auto *b = detail::box_of(c_);
-      return b == nullptr || !b->rx.empty() || b->eof || b->closed;
+      return b == nullptr || b->rx != nullptr || b->eof || b->closed;
     }
     void subscribe(std::coroutine_handle<> h) noexcept {
       if (auto *b = detail::box_of(c_))
@@ -300,9 +301,11 @@ public:
         r.error = make_error_code(errc::DUPLEX_ECLOSED);
         return r;
       }
-      if (!b->rx.empty()) {
-        r.data = std::move(b->rx.front());
-        b->rx.pop_front();
+      if (b->rx != nullptr) {
+        r.data = std::move(b->rx->front());
+        b->rx->pop_front();
+        if (b->rx->empty())
+          b->rx.reset();
         b->rx_bytes -= r.data.size();
         if (b->paused_for_rx && b->rx_bytes < b->read_limit / 2) {
           b->paused_for_rx = false;
@@ -515,7 +518,7 @@ private:
                      F &&make) {
     auto box = std::make_unique<detail::ConnBox>();
     box->core = loop.core();
-    box->h = std::move(h);
+    box->h = std::make_shared<const ConnHandlers>(std::move(h));
     box->read_limit = o.read_buffer_limit;
     static const duplex_conn_cbs cbs = detail::conn_trampolines();
     duplex_framing fr;
@@ -535,20 +538,22 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
   duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
   cbs.on_open = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h.on_open)
-      guarded(b->core, [&] { b->h.on_open(ConnRef(c)); });
+    if (b->h->on_open)
+      guarded(b->core, [&] { b->h->on_open(ConnRef(c)); });
   };
   cbs.on_read = [](duplex_conn *c, const void *d, size_t n, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h.on_read) {
+    if (b->h->on_read) {
       guarded(b->core, [&] {
-        b->h.on_read(ConnRef(c),
+        b->h->on_read(ConnRef(c),
                      std::span(static_cast<const std::byte *>(d), n));
       });
       return;
     }
     guarded(b->core, [&] {
-      b->rx.emplace_back(static_cast<const char *>(d), n);
+      if (b->rx == nullptr)
+        b->rx = std::make_unique<std::deque<std::string>>();
+      b->rx->emplace_back(static_cast<const char *>(d), n);
       b->rx_bytes += n;
       if (!b->paused_for_rx && b->rx_bytes >= b->read_limit) {
         b->paused_for_rx = true;
@@ -560,26 +565,26 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
   cbs.on_eof = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
     b->eof = true;
-    if (b->h.on_eof)
-      guarded(b->core, [&] { b->h.on_eof(ConnRef(c)); });
+    if (b->h->on_eof)
+      guarded(b->core, [&] { b->h->on_eof(ConnRef(c)); });
     guarded(b->core, [&] { resume_reader(b); });
   };
   cbs.on_backpressure = [](duplex_conn *c, size_t q, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h.on_backpressure)
-      guarded(b->core, [&] { b->h.on_backpressure(ConnRef(c), q); });
+    if (b->h->on_backpressure)
+      guarded(b->core, [&] { b->h->on_backpressure(ConnRef(c), q); });
   };
   cbs.on_writable = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h.on_writable)
-      guarded(b->core, [&] { b->h.on_writable(ConnRef(c)); });
+    if (b->h->on_writable)
+      guarded(b->core, [&] { b->h->on_writable(ConnRef(c)); });
   };
   cbs.on_close = [](duplex_conn *c, int reason, void *u) {
     std::unique_ptr<ConnBox> b(conn_box(c, u));
     b->closed = reason != 0 ? to_error_code(reason)
                             : make_error_code(errc::DUPLEX_ECLOSED);
-    if (b->h.on_close)
-      guarded(b->core, [&] { b->h.on_close(ConnRef(c), to_error_code(reason)); });
+    if (b->h->on_close)
+      guarded(b->core, [&] { b->h->on_close(ConnRef(c), to_error_code(reason)); });
     // Wake a waiting reader: it sees the close. (Writers are resumed by
     // their own completions, which the close cancels.)
     guarded(b->core, [&] { resume_reader(b.get()); });

@@ -80,7 +80,7 @@ private:
     Listener l;
     l.box_ = std::make_shared<detail::ListenerBox>();
     l.box_->core = loop.core();
-    l.box_->h = std::move(h);
+    l.box_->h = std::make_shared<const ConnHandlers>(std::move(h));
     l.box_->read_limit = o.read_buffer_limit;
     static const duplex_conn_cbs cbs = detail::conn_trampolines();
     duplex_framing fr;
