@@ -4,6 +4,9 @@
 # function or public type fails; added functions are allowed (they only
 # extend the ABI) but are listed. Regenerate the baseline on purpose with
 # tools/abi-update. Exit 77 (skip) when abidiff is not installed.
+# The baseline keeps source locations: abidiff needs them to tell public
+# types (declared under the header dirs) from private ones; moved lines
+# alone are not reported.
 set -u
 baseline=$1
 lib=$2
