@@ -744,7 +744,15 @@ DUPLEX_API int duplex_conn_get_peer(const duplex_conn *conn, char *buf,
 /* Listeners                                                               */
 /* ---------------------------------------------------------------------- */
 
-/** An accept failed (e.g. DUPLEX_EMFILE); the listener keeps listening. */
+/**
+ * An accept failed; the listener keeps listening. Out of descriptors on
+ * Unix, libuv first frees a reserved descriptor, accepts every pending
+ * connection and closes it at once (those clients see a reset), so the
+ * loop never spins and serving resumes as soon as descriptors are free;
+ * DUPLEX_EMFILE / DUPLEX_ENFILE reach this callback only when that reserve
+ * is unavailable. Other failures (e.g. DUPLEX_ENOMEM) are reported as they
+ * happen.
+ */
 typedef void (*duplex_listen_error_cb)(duplex_listener *listener, int status,
                                        void *user);
 
