@@ -32,11 +32,22 @@ while [ -z "$addr" ]; do
   if ! kill -0 "$echo_pid" 2>/dev/null; then
     echo "echo example exited early:"; cat "$state/echo.out"; exit 1
   fi
-  addr=$(sed -n 's/^listening on //p' "$state/echo.out")
+  addr=$(sed -n 's/^listening on //p' "$state/echo.out" 2>/dev/null)
   [ -n "$addr" ] || sleep 0.05
 done
-"$state/scenario" "$addr" > "$state/scenario.out"
-wait "$echo_pid"
+# Hang guards well inside meson's timeout, so a stuck pair says which.
+if ! timeout 120 "$state/scenario" "$addr" > "$state/scenario.out"; then
+  echo "scenario failed or hung; its last lines:"; tail -3 "$state/scenario.out"
+  kill "$echo_pid" 2>/dev/null; exit 1
+fi
+for _ in $(seq 600); do # up to 60 s for the echo to finish its one conn
+  kill -0 "$echo_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if kill -0 "$echo_pid" 2>/dev/null; then
+  echo "echo example hung after the scenario finished"; kill "$echo_pid"; exit 1
+fi
+wait "$echo_pid" || { echo "echo example failed"; exit 1; }
 # 4 goroutines x 1000 lines, each goroutine's lines in order.
 awk '{ if ($4 != next_[$2] + 0) { print "out of order: " $0; bad = 1 }
        next_[$2] = $4 + 1; n++ }

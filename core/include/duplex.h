@@ -745,13 +745,14 @@ DUPLEX_API int duplex_conn_get_peer(const duplex_conn *conn, char *buf,
 /* ---------------------------------------------------------------------- */
 
 /**
- * An accept failed; the listener keeps listening. Out of descriptors on
- * Unix, libuv first frees a reserved descriptor, accepts every pending
- * connection and closes it at once (those clients see a reset), so the
- * loop never spins and serving resumes as soon as descriptors are free;
- * DUPLEX_EMFILE / DUPLEX_ENFILE reach this callback only when that reserve
- * is unavailable. Other failures (e.g. DUPLEX_ENOMEM) are reported as they
- * happen.
+ * Accepting failed; the listener keeps listening. When accept() itself
+ * fails (out of descriptors: DUPLEX_EMFILE / DUPLEX_ENFILE; or out of
+ * memory) the listener stops accepting and retries after 20 ms, doubling
+ * up to 1 s, until it succeeds: the loop never spins, waiting clients stay
+ * in the kernel's backlog and are served once descriptors are free, and
+ * this callback runs once per such episode (Unix; on Windows libuv's
+ * accept reports each failure). Failures with one accepted conn (e.g.
+ * DUPLEX_ENOMEM for its state) are reported as they happen.
  */
 typedef void (*duplex_listen_error_cb)(duplex_listener *listener, int status,
                                        void *user);

@@ -1,4 +1,7 @@
 /* Listeners: TCP and UNIX-domain sockets that accept conns. */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* accept4 */
+#endif
 #include "internal.h"
 
 #include <stdio.h>
@@ -6,11 +9,23 @@
 #include <string.h>
 
 #if !defined(_WIN32)
+#include <errno.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 #endif
+
+/* Accept back-off: while accept() fails for lack of descriptors or memory,
+ * the listener stops watching its socket and retries after this long,
+ * doubling up to the maximum. Waiting clients stay in the kernel's backlog
+ * meanwhile (libuv's own accept loop would accept and drop them, or spin
+ * when its reserve descriptor is gone: libuv#690). */
+#define DPX_ACCEPT_BACKOFF_MIN_MS 20u
+#define DPX_ACCEPT_BACKOFF_MAX_MS 1000u
+/* Accepts per readiness, so one busy listener cannot starve the loop. */
+#define DPX_ACCEPT_BATCH 64
 
 struct duplex_listener {
   duplex_loop *loop;
@@ -30,6 +45,16 @@ struct duplex_listener {
   unsigned flags;
   unsigned mode;
   dpx_op close_op;
+#if !defined(_WIN32)
+  /* Unix: the library accepts itself, watching the socket with a poll
+   * handle, and backs off with a timer when accept() fails. */
+  uv_poll_t poll;
+  uv_timer_t retry;
+  int fd;
+  unsigned backoff_ms; /* 0 while accepting normally */
+  unsigned handles;    /* handles still to close before freeing */
+  bool accepting;      /* poll and timer are initialised */
+#endif
 };
 
 int
@@ -56,6 +81,8 @@ on_listener_closed(uv_handle_t *h)
 {
   duplex_listener *l = h->data;
 #if !defined(_WIN32)
+  if (l->handles > 0 && --l->handles > 0)
+    return; /* the other handles' callbacks come first */
   if (l->path != NULL)
     unlink(l->path);
 #endif
@@ -72,6 +99,14 @@ listener_close_now(duplex_listener *l)
     dpx_link_remove(&l->link);
     l->in_list = false;
   }
+#if !defined(_WIN32)
+  if (l->accepting) {
+    /* The poll handle stops watching at once, before the socket closes. */
+    l->handles = 3;
+    uv_close((uv_handle_t *)&l->poll, on_listener_closed);
+    uv_close((uv_handle_t *)&l->retry, on_listener_closed);
+  }
+#endif
   uv_close(&l->h.handle, on_listener_closed);
 }
 
@@ -93,6 +128,147 @@ on_accept_failed_closed(uv_handle_t *h)
   dpx_conn_free(h->data);
 }
 
+/* Wrap an accepted socket in a conn and open it (loop thread). On failure
+ * the socket is closed and the error reported. */
+static void
+accept_into_conn(duplex_listener *l, uv_stream_t *server, int fd)
+{
+  duplex_conn *c = dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, l->cfg, 1,
+                                l->is_unix ? sizeof(uv_pipe_t)
+                                           : sizeof(uv_tcp_t));
+  int r = c != NULL ? 0 : UV_ENOMEM;
+  dpx_stream *h = c != NULL ? dpx_conn_handle(c, 0) : NULL;
+  if (r == 0)
+    r = l->is_unix ? uv_pipe_init(&l->loop->uv, &h->pipe, 0)
+                   : uv_tcp_init(&l->loop->uv, &h->tcp);
+  if (r != 0) {
+    if (c != NULL)
+      dpx_conn_free(c);
+#if !defined(_WIN32)
+    if (fd >= 0)
+      close(fd);
+#endif
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(r), l->user);
+    return;
+  }
+  h->handle.data = c;
+  if (server != NULL)
+    r = uv_accept(server, &h->stream);
+  else
+    r = l->is_unix ? uv_pipe_open(&h->pipe, fd)
+                   : uv_tcp_open(&h->tcp, (uv_os_sock_t)fd);
+  if (r != 0) {
+#if !defined(_WIN32)
+    if (server == NULL)
+      close(fd); /* the handle did not take it */
+#endif
+    uv_close(&h->handle, on_accept_failed_closed);
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(r), l->user);
+    return;
+  }
+  c->has_rd = true;
+  dpx_link_insert(&l->loop->conns, &c->link);
+  c->in_list = true;
+  dpx_conn_opened(c);
+}
+
+#if !defined(_WIN32)
+static void on_acceptable(uv_poll_t *p, int status, int events);
+
+static void
+on_retry(uv_timer_t *t)
+{
+  duplex_listener *l = t->data;
+  if (!l->closing)
+    uv_poll_start(&l->poll, UV_READABLE, on_acceptable);
+}
+
+/* accept() keeps failing: stop watching the socket for a while. Reported
+ * once per episode, not once per attempt. */
+static void
+accept_back_off(duplex_listener *l, int err)
+{
+  bool first = l->backoff_ms == 0;
+  l->backoff_ms = first ? DPX_ACCEPT_BACKOFF_MIN_MS
+                        : (l->backoff_ms * 2 > DPX_ACCEPT_BACKOFF_MAX_MS
+                               ? DPX_ACCEPT_BACKOFF_MAX_MS
+                               : l->backoff_ms * 2);
+  uv_poll_stop(&l->poll);
+  uv_timer_start(&l->retry, on_retry, l->backoff_ms, 0);
+  if (first && l->on_error != NULL)
+    l->on_error(l, err, l->user);
+}
+
+static int
+accept_fd(int lfd)
+{
+  int fd;
+  do {
+#if defined(SOCK_CLOEXEC) && (defined(__linux__) || defined(__FreeBSD__))
+    fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+#else
+    fd = accept(lfd, NULL, NULL);
+    if (fd >= 0)
+      (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+#endif
+  } while (fd < 0 && errno == EINTR);
+  return fd >= 0 ? fd : uv_translate_sys_error(errno);
+}
+
+static void
+on_acceptable(uv_poll_t *p, int status, int events)
+{
+  duplex_listener *l = p->data;
+  (void)events;
+  for (int i = 0; i < DPX_ACCEPT_BATCH; i++) {
+    /* Nothing is accepted once duplex_listener_close() has returned. */
+    if (l->closing || atomic_load(&l->close_requested))
+      return;
+    int fd = status < 0 ? status : accept_fd(l->fd);
+    if (fd >= 0) {
+      l->backoff_ms = 0;
+      accept_into_conn(l, NULL, fd);
+      continue;
+    }
+    if (fd == UV_EAGAIN || fd == UV_ECONNABORTED)
+      return; /* drained / a client gave up while queued */
+    /* EMFILE, ENFILE, ENOBUFS, ENOMEM or anything persistent: a level-
+     * triggered watch would fire again at once, so back off. */
+    accept_back_off(l, dpx_err(fd));
+    return;
+  }
+}
+
+/* Listen on the bound socket and watch it (loop thread). */
+static int
+accept_start(duplex_listener *l)
+{
+  uv_os_fd_t fd;
+  int r = uv_fileno(&l->h.handle, &fd);
+  if (r != 0)
+    return r;
+  l->fd = fd;
+  if (listen(l->fd, l->backlog) != 0)
+    return uv_translate_sys_error(errno);
+  r = uv_timer_init(&l->loop->uv, &l->retry);
+  if (r != 0)
+    return r;
+  r = uv_poll_init_socket(&l->loop->uv, &l->poll, l->fd);
+  if (r != 0) {
+    /* One handle to close besides the listener's own. */
+    l->handles = 2;
+    l->retry.data = l;
+    uv_close((uv_handle_t *)&l->retry, on_listener_closed);
+    return r;
+  }
+  l->poll.data = l;
+  l->retry.data = l;
+  l->accepting = true;
+  return uv_poll_start(&l->poll, UV_READABLE, on_acceptable);
+}
+#else
 static void
 on_connection(uv_stream_t *server, int status)
 {
@@ -106,36 +282,15 @@ on_connection(uv_stream_t *server, int status)
       l->on_error(l, dpx_err(status), l->user);
     return;
   }
-  duplex_conn *c = dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, l->cfg, 1,
-                                l->is_unix ? sizeof(uv_pipe_t)
-                                           : sizeof(uv_tcp_t));
-  if (c == NULL) {
-    if (l->on_error != NULL)
-      l->on_error(l, DUPLEX_ENOMEM, l->user);
-    return;
-  }
-  dpx_stream *h = dpx_conn_handle(c, 0);
-  int r = l->is_unix ? uv_pipe_init(&l->loop->uv, &h->pipe, 0)
-                     : uv_tcp_init(&l->loop->uv, &h->tcp);
-  if (r != 0) {
-    dpx_conn_free(c);
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(r), l->user);
-    return;
-  }
-  h->handle.data = c;
-  r = uv_accept(server, &h->stream);
-  if (r != 0) {
-    uv_close(&h->handle, on_accept_failed_closed);
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(r), l->user);
-    return;
-  }
-  c->has_rd = true;
-  dpx_link_insert(&l->loop->conns, &c->link);
-  c->in_list = true;
-  dpx_conn_opened(c);
+  accept_into_conn(l, server, -1);
 }
+
+static int
+accept_start(duplex_listener *l)
+{
+  return uv_listen(&l->h.stream, l->backlog, on_connection);
+}
+#endif
 
 /* ---- creating ------------------------------------------------------------- */
 
@@ -193,6 +348,13 @@ listen_failed(duplex_listener *l)
   /* The handle exists: it must close through the loop before freeing. */
   l->path = NULL;
   l->closing = true;
+#if !defined(_WIN32)
+  if (l->accepting) {
+    l->handles = 3;
+    uv_close((uv_handle_t *)&l->poll, on_listener_closed);
+    uv_close((uv_handle_t *)&l->retry, on_listener_closed);
+  }
+#endif
   uv_close(&l->h.handle, on_listener_closed);
 }
 
@@ -210,7 +372,7 @@ listen_tcp_on_loop(duplex_loop *loop, void *arg)
   unsigned flags = (l->flags & DUPLEX_LISTEN_IPV6ONLY) ? UV_TCP_IPV6ONLY : 0;
   r = uv_tcp_bind(&l->h.tcp, (struct sockaddr *)&a->addr, flags);
   if (r == 0)
-    r = uv_listen(&l->h.stream, l->backlog, on_connection);
+    r = accept_start(l);
   if (r == 0) {
     struct sockaddr_storage ss;
     int len = sizeof ss;
@@ -330,8 +492,9 @@ listen_unix_on_loop(duplex_loop *loop, void *arg)
   if (r == 0 && l->mode != 0 && chmod(a->path, (mode_t)l->mode) != 0)
     r = uv_translate_sys_error(errno);
 #endif
+  l->is_unix = true;
   if (r == 0)
-    r = uv_listen(&l->h.stream, l->backlog, on_connection);
+    r = accept_start(l);
   if (r != 0) {
 #if !defined(_WIN32)
     unlink(a->path);
