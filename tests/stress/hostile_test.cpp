@@ -122,7 +122,10 @@ TEST_CASE("hostile: larger struct sizes: zero tail accepted, non-zero tail refus
     CHECK(read_exactly(sp.peer.get(), got, sizeof got));
     CHECK(got[3] == 6);
     CHECK(std::memcmp(got + 4, frame_msg, 6) == 0);
-    CHECK(wait_until([&] { return w.ok.load() == 1; }));
+    // total is the callback's last store: waiting for it (not ok) means the
+    // loop thread is done with `w` before this scope ends.
+    CHECK(wait_until([&] { return w.total.load() == 1; }));
+    CHECK(w.ok.load() == 1);
     CHECK(duplex_conn_close(c, DUPLEX_CLOSE_ABORT) == 0);
     CHECK(duplex_conn_unref(c) == 0);
   }
