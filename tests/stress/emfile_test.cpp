@@ -141,6 +141,9 @@ TEST_CASE("fault: out of descriptors at accept: no busy loop, serving resumes") 
     REQUIRE(write_all(c.get(), "before", 6) == 0);
     REQUIRE(outcome(c.get(), "before", 60000) == 1);
   }
+  // Its server side is closed (fd released on the loop thread) before this
+  // thread hands descriptor numbers out again with dup().
+  REQUIRE(wait_until([&] { return srv.closes.load() == srv.opens.load(); }));
 
   // Client sockets made now: connecting later needs no new descriptor.
   std::vector<Fd> clients;
