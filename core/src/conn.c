@@ -86,7 +86,6 @@ dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts)
     cfg->timeout[DUPLEX_TIMEOUT_READ] = opts->read_timeout_ms;
     cfg->timeout[DUPLEX_TIMEOUT_FLUSH] = opts->flush_timeout_ms;
     if (opts->framing != NULL && opts->framing->kind != DUPLEX_FRAME_NONE) {
-      cfg->framed = true;
       memcpy(&cfg->framing, opts->framing, sizeof cfg->framing);
       cfg->framing.size = sizeof cfg->framing;
     }
@@ -181,11 +180,11 @@ dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
   c->scheduled = true;
   /* Deadlines and the open state need the extra part from the start. */
   if (has_deadline(cfg->timeout) || kind != DPX_CONN_ACCEPTED ||
-      cfg->framed) {
+      cfg->framing.kind != DUPLEX_FRAME_NONE) {
     if (dpx_conn_x_get_locked(c) == NULL)
       goto fail;
   }
-  if (cfg->framed) {
+  if (cfg->framing.kind != DUPLEX_FRAME_NONE) {
     dpx_conn_extra *x = dpx_conn_x_get_locked(c);
     if (x == NULL || (x->framer = calloc(1, sizeof *x->framer)) == NULL)
       goto fail;
@@ -360,7 +359,7 @@ peer_fetch(duplex_loop *loop, void *arg)
   if (x == NULL)
     return DUPLEX_ENOMEM;
   dpx_conn_lock(c);
-  bool known = x->peer_known;
+  bool known = x->peer != NULL;
   dpx_conn_unlock(c);
   if (known)
     return 0;
@@ -381,7 +380,7 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
   buf[0] = '\0';
   dpx_conn_lock(c);
   dpx_conn_extra *x = dpx_conn_x(c);
-  bool known = x != NULL && x->peer_known;
+  bool known = x != NULL && x->peer != NULL;
   duplex_loop *loop = c->loop;
   dpx_conn_unlock(c);
   if (!known) {

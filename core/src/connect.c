@@ -80,7 +80,6 @@ dpx_conn_set_peer(duplex_conn *c)
   if (x != NULL) {
     free(x->peer);
     x->peer = p;
-    x->peer_known = p != NULL;
     p = NULL;
   }
   dpx_conn_unlock(c);

@@ -5,7 +5,6 @@
 #include <string.h>
 
 DPX_THREAD_LOCAL duplex_loop *dpx_tls_loop;
-#define tls_loop dpx_tls_loop
 
 /* ---- lists ----------------------------------------------------------- */
 
@@ -182,10 +181,10 @@ dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
     /* Nobody runs the loop: borrow it, as its thread, for this call. */
     loop->state = DPX_LOOP_EXEC;
     uv_mutex_unlock(&loop->mu);
-    duplex_loop *saved = tls_loop;
-    tls_loop = loop;
+    duplex_loop *saved = dpx_tls_loop;
+    dpx_tls_loop = loop;
     int r = fn(loop, arg);
-    tls_loop = saved;
+    dpx_tls_loop = saved;
     uv_mutex_lock(&loop->mu);
     loop->state = DPX_LOOP_IDLE;
     uv_cond_broadcast(&loop->cv);
@@ -333,7 +332,7 @@ fail_alloc:
 static int
 run_enter(duplex_loop *loop)
 {
-  if (tls_loop != NULL)
+  if (dpx_tls_loop != NULL)
     return DUPLEX_EDEADLK;
   uv_mutex_lock(&loop->mu);
   while (loop->state == DPX_LOOP_EXEC)
@@ -349,14 +348,14 @@ run_enter(duplex_loop *loop)
   }
   uv_mutex_unlock(&loop->mu);
   if (r == 0)
-    tls_loop = loop;
+    dpx_tls_loop = loop;
   return r;
 }
 
 static void
 run_leave(duplex_loop *loop)
 {
-  tls_loop = NULL;
+  dpx_tls_loop = NULL;
   uv_mutex_lock(&loop->mu);
   if (loop->state == DPX_LOOP_RUNNING)
     loop->state = DPX_LOOP_IDLE;
@@ -370,7 +369,7 @@ duplex_loop_run(duplex_loop *loop, unsigned mode)
 {
   if (loop == NULL || mode > DUPLEX_RUN_NOWAIT)
     return DUPLEX_EINVAL;
-  if (tls_loop == loop)
+  if (dpx_tls_loop == loop)
     return DUPLEX_EDEADLK;
   int r = run_enter(loop);
   if (r != 0)
@@ -403,7 +402,7 @@ loop_thread_main(void *arg)
 {
   duplex_loop *loop = arg;
   dpx_thread_block_signals();
-  tls_loop = loop;
+  dpx_tls_loop = loop;
   for (;;) {
     uv_run(&loop->uv, UV_RUN_DEFAULT);
     uv_mutex_lock(&loop->mu);
@@ -413,7 +412,7 @@ loop_thread_main(void *arg)
     if (quit)
       break;
   }
-  tls_loop = NULL;
+  dpx_tls_loop = NULL;
 }
 
 int
@@ -465,7 +464,7 @@ duplex_loop_on_thread(const duplex_loop *loop)
 {
   if (loop == NULL)
     return DUPLEX_EINVAL;
-  return tls_loop == loop ? 1 : 0;
+  return dpx_tls_loop == loop ? 1 : 0;
 }
 
 /* ---- post ---------------------------------------------------------------- */
@@ -523,7 +522,7 @@ static void
 teardown(duplex_loop *loop)
 {
   /* The freeing thread acts as the loop thread from here on. */
-  tls_loop = loop;
+  dpx_tls_loop = loop;
   loop->tearing_down = true;
   dpx_sigstate sig;
   dpx_sigpipe_block(&sig);
@@ -551,7 +550,7 @@ teardown(duplex_loop *loop)
   uv_mutex_unlock(&loop->mu);
   uv_run(&loop->uv, UV_RUN_DEFAULT);
   dpx_sigpipe_restore(&sig);
-  tls_loop = NULL;
+  dpx_tls_loop = NULL;
 }
 
 int
@@ -559,7 +558,7 @@ duplex_loop_free(duplex_loop *loop)
 {
   if (loop == NULL)
     return DUPLEX_EINVAL;
-  if (tls_loop != NULL)
+  if (dpx_tls_loop != NULL)
     return DUPLEX_EDEADLK; /* on this or another loop's thread */
   uv_mutex_lock(&loop->mu);
   while (loop->state == DPX_LOOP_EXEC)
