@@ -67,6 +67,22 @@ func splitHostPort(addr string) (string, C.uint16_t, error) {
 	return host, C.uint16_t(port), nil
 }
 
+// splitNetworkAddr maps (network, addr) to the C library's host and port:
+// "host:port" for the tcp networks, the socket path (port 0) for "unix".
+func splitNetworkAddr(op, network, addr string) (string, C.uint16_t, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		host, port, err := splitHostPort(addr)
+		if err != nil {
+			return "", 0, &OpError{Op: op, Addr: addr, Err: err}
+		}
+		return host, port, nil
+	case "unix":
+		return addr, 0, nil
+	}
+	return "", 0, &OpError{Op: op, Addr: addr, Err: net.UnknownNetworkError(network)}
+}
+
 // Dial connects to addr: network "tcp" (also "tcp4", "tcp6") with
 // "host:port", where host is a name or an address that libduplex resolves
 // without blocking its loop, or "unix" with a socket path. It returns once
@@ -76,21 +92,12 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 	if err := ctx.Err(); err != nil {
 		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
 	}
+	host, port, err := splitNetworkAddr("dial", network, addr)
+	if err != nil {
+		return nil, err
+	}
 	cfg := newConfig(opts)
 	c := newConn(cfg)
-	var host string
-	var port C.uint16_t
-	switch network {
-	case "tcp", "tcp4", "tcp6":
-		var err error
-		if host, port, err = splitHostPort(addr); err != nil {
-			return nil, &OpError{Op: "dial", Addr: addr, Err: err}
-		}
-	case "unix":
-		host = addr
-	default:
-		return nil, &OpError{Op: "dial", Addr: addr, Err: net.UnknownNetworkError(network)}
-	}
 	chost := C.CString(host)
 	defer C.free(unsafe.Pointer(chost))
 	c.h = newHandle(c)

@@ -6,7 +6,6 @@ import "C"
 
 import (
 	"context"
-	"net"
 	"runtime/cgo"
 	"sync"
 	"unsafe"
@@ -36,20 +35,11 @@ type Listener struct {
 // a socket path (a stale socket file is replaced, and the file is removed
 // on Close). The socket is listening when Listen returns.
 func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
-	cfg := newConfig(opts)
-	var host string
-	var port C.uint16_t
-	switch network {
-	case "tcp", "tcp4", "tcp6":
-		var err error
-		if host, port, err = splitHostPort(addr); err != nil {
-			return nil, &OpError{Op: "listen", Addr: addr, Err: err}
-		}
-	case "unix":
-		host = addr
-	default:
-		return nil, &OpError{Op: "listen", Addr: addr, Err: net.UnknownNetworkError(network)}
+	host, port, err := splitNetworkAddr("listen", network, addr)
+	if err != nil {
+		return nil, err
 	}
+	cfg := newConfig(opts)
 	chost := C.CString(host)
 	defer C.free(unsafe.Pointer(chost))
 
