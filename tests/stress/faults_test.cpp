@@ -615,10 +615,13 @@ TEST_CASE("fault: loop freed with live conns, pending cross-thread writes, posts
         }
         default: {
           std::shared_lock<std::shared_mutex> lk(post_lock);
-          posted++; // counted before the call: it may run first
-          rc = posts_allowed ? duplex_loop_post(loop, PostCount::cb, &pc) : DUPLEX_ECLOSED;
-          if (rc != 0)
-            posted--;
+          rc = DUPLEX_ECLOSED;
+          if (posts_allowed) {
+            posted++; // counted before the call: it may run first
+            rc = duplex_loop_post(loop, PostCount::cb, &pc);
+            if (rc != 0)
+              posted--;
+          }
           break;
         }
         }
