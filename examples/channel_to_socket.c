@@ -1,4 +1,4 @@
-/* channel_to_socket: the scenario from DESIGN.md, in C.
+/* channel_to_socket: the scenario from docs/design.md, in C.
  *
  * Producer threads push messages into a channel. The channel delivers them
  * on the loop thread, where each one is copied to a socket. Whatever the

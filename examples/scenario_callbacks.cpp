@@ -1,4 +1,4 @@
-// scenario_callbacks: the DESIGN.md scenario in C++, with callbacks.
+// scenario_callbacks: the docs/design.md scenario in C++, with callbacks.
 //
 // Producer threads push messages into a Channel<std::string>; on the loop
 // thread each one moves to the socket (a zero-copy write); whatever the

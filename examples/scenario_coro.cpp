@@ -1,4 +1,4 @@
-// scenario_coro: the DESIGN.md scenario in C++, as one coroutine.
+// scenario_coro: the docs/design.md scenario in C++, as one coroutine.
 //
 // Producer threads push messages into a Channel<std::string>. One coroutine
 // on the loop thread waits for whichever comes first, a message or bytes
