@@ -220,6 +220,131 @@ TEST_CASE("to_error_code maps 0 to success; duplex::error carries the code and c
   }
 }
 
+// Every code named after an errno compares equal to that std::errc (both
+// ways round, and through std::error_condition); the library's own codes
+// and the resolver's match no generic condition. The expected table is
+// written by name here, independently of the header: a code added to
+// DUPLEX_ERRNO_MAP and classified in neither list fails the test.
+TEST_CASE("library codes named after an errno compare equal to that std::errc; the others to none") {
+  static const std::map<std::string, std::vector<std::errc>> generic = {
+      {"EINVAL", {std::errc::invalid_argument}},
+      {"ENOMEM", {std::errc::not_enough_memory}},
+      {"EWOULDBLOCK", {std::errc::resource_unavailable_try_again,
+                       std::errc::operation_would_block}},
+      {"ECANCELED", {std::errc::operation_canceled}},
+      {"EBUSY", {std::errc::device_or_resource_busy}},
+      {"EBADF", {std::errc::bad_file_descriptor}},
+      {"EMSGSIZE", {std::errc::message_size}},
+      {"ENOTSUP", {std::errc::not_supported}},
+      {"ENOTSOCK", {std::errc::not_a_socket}},
+      {"ETIMEDOUT", {std::errc::timed_out}},
+      {"ESHUTDOWN", {}}, // an errno with no std::errc: checked below
+      {"EPIPE", {std::errc::broken_pipe}},
+      {"ECONNRESET", {std::errc::connection_reset}},
+      {"ECONNREFUSED", {std::errc::connection_refused}},
+      {"ECONNABORTED", {std::errc::connection_aborted}},
+      {"ENOTCONN", {std::errc::not_connected}},
+      {"EADDRINUSE", {std::errc::address_in_use}},
+      {"EADDRNOTAVAIL", {std::errc::address_not_available}},
+      {"EAFNOSUPPORT", {std::errc::address_family_not_supported}},
+      {"ENETUNREACH", {std::errc::network_unreachable}},
+      {"EHOSTUNREACH", {std::errc::host_unreachable}},
+      {"EACCES", {std::errc::permission_denied}},
+      {"EPERM", {std::errc::operation_not_permitted}},
+      {"ENOENT", {std::errc::no_such_file_or_directory}},
+      {"ENAMETOOLONG", {std::errc::filename_too_long}},
+      {"EMFILE", {std::errc::too_many_files_open}},
+      {"ENFILE", {std::errc::too_many_files_open_in_system}},
+      {"ENOBUFS", {std::errc::no_buffer_space}},
+      {"EINTR", {std::errc::interrupted}},
+      {"EIO", {std::errc::io_error}},
+      {"EPROTO", {std::errc::protocol_error}},
+      {"ENOSPC", {std::errc::no_space_on_device}},
+      {"EDEADLK", {std::errc::resource_deadlock_would_occur}},
+  };
+  static const std::set<std::string> library_only = {
+      "EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA", "EAI_FAMILY",
+      "EAI_OTHER", "ECLOSED", "EVERSION", "EWRONGTHREAD", "EUNKNOWN",
+  };
+  // Every std::errc a code could be confused with.
+  std::set<std::errc> all_errc;
+  for (const auto &[name, conds] : generic)
+    all_errc.insert(conds.begin(), conds.end());
+
+  struct Row {
+    const char *name;
+    int value;
+  };
+  static const Row rows[] = {
+#define ROW_(name, val_, msg) {#name, DUPLEX_##name},
+      DUPLEX_ERRNO_MAP(ROW_)
+#undef ROW_
+  };
+  size_t mapped = 0, unmapped = 0;
+  for (const Row &r : rows) {
+    CAPTURE(r.name);
+    const std::error_code ec = duplex::make_error_code(static_cast<duplex_error>(r.value));
+    CHECK(ec == duplex::to_error_code(r.value));
+    CHECK(ec == duplex::make_error_code(static_cast<errc>(r.value)));
+    const std::error_condition cond = ec.default_error_condition();
+    auto it = generic.find(r.name);
+    if (it != generic.end()) {
+      mapped++;
+      CHECK(library_only.count(r.name) == 0);
+      // An errno-named code: its generic condition is that errno.
+      CHECK(cond.category() == std::generic_category());
+      CHECK(cond.value() != 0);
+      CHECK(ec == cond);
+      for (std::errc e : all_errc) {
+        bool expect = std::find(it->second.begin(), it->second.end(), e) !=
+                      it->second.end();
+        CAPTURE(static_cast<int>(e));
+        CHECK((ec == e) == expect);
+        CHECK((e == ec) == expect);
+        CHECK((ec == std::make_error_condition(e)) == expect);
+        CHECK((ec != e) == !expect);
+      }
+    } else {
+      unmapped++;
+      CHECK_MESSAGE(library_only.count(r.name) == 1,
+                    "classify the new code in this test");
+      CHECK(cond.category() == duplex::category());
+      CHECK(cond.value() == r.value);
+      for (std::errc e : all_errc) {
+        CAPTURE(static_cast<int>(e));
+        CHECK(ec != e);
+      }
+    }
+  }
+  CHECK(mapped == generic.size());
+  CHECK(unmapped == library_only.size());
+
+  // ESHUTDOWN has no std::errc name; it is the generic ESHUTDOWN errno.
+  CHECK(duplex::make_error_code(DUPLEX_ESHUTDOWN) ==
+        std::error_condition(ESHUTDOWN, std::generic_category()));
+
+  // The issue's examples, spelled as a user would.
+  std::error_code ec = duplex::make_error_code(DUPLEX_ECONNRESET);
+  CHECK(ec == std::errc::connection_reset);
+  CHECK(duplex::to_error_code(DUPLEX_ETIMEDOUT) == std::errc::timed_out);
+  CHECK(duplex::to_error_code(DUPLEX_EAGAIN) == std::errc::operation_would_block);
+  CHECK(std::error_code(errc::DUPLEX_ECANCELED) == std::errc::operation_canceled);
+  CHECK(duplex::make_error_code(DUPLEX_EDEADLK) ==
+        std::errc::resource_deadlock_would_occur);
+  // Equality of codes stays exact: a generic error_code is another code.
+  CHECK(ec != std::make_error_code(std::errc::connection_reset));
+  // A thrown duplex::error matches too.
+  try {
+    throw duplex::error(DUPLEX_ECONNREFUSED, "connect");
+  } catch (const std::system_error &e) {
+    CHECK(e.code() == std::errc::connection_refused);
+  }
+  // Unknown codes map to nothing.
+  CHECK(duplex::category().default_error_condition(-12345).category() ==
+        duplex::category());
+  CHECK_FALSE(duplex::to_error_code(-12345) == std::errc::invalid_argument);
+}
+
 TEST_CASE("each fallible call has a throwing form and an error_code& form that agree") {
   duplex::Loop loop;
   auto sp = dtest::socket_pair();
