@@ -75,11 +75,14 @@ TEST_CASE("a producer meets DUPLEX_EWOULDBLOCK exactly at the hard limit") {
   });
   producer.join();
   CHECK(refusal == DUPLEX_EWOULDBLOCK);
-  // Writes up to exactly the hard limit are taken, the next one is refused.
-  CHECK(accepted == kHard);
+  // Writes are taken while their cost (payload + DUPLEX_WRITE_OVERHEAD
+  // each) fits under the hard limit; the next one is refused.
+  const size_t kCost = kChunk + DUPLEX_WRITE_OVERHEAD;
+  const size_t kFits = kHard / kCost * kCost;
+  CHECK(accepted / kChunk == kHard / kCost);
   CHECK(max_queued <= kHard);
-  CHECK(queued_at_refusal == kHard);
-  CHECK(queued_at_refusal + kChunk > kHard);
+  CHECK(queued_at_refusal == kFits);
+  CHECK(queued_at_refusal + kCost > kHard);
 
   // Crossed the high watermark once.
   CHECK(wait_until([&] { return ev.backpressures.load() == 1; }));
@@ -101,14 +104,14 @@ TEST_CASE("a producer meets DUPLEX_EWOULDBLOCK exactly at the hard limit") {
   std::free(zbuf);
 
   // wait_writable: times out while congested, refuses on the loop thread.
-  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_ETIMEDOUT);
+  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_EWOULDBLOCK);
   CHECK(duplex_conn_wait_writable(conn, 20) == DUPLEX_ETIMEDOUT);
   std::atomic<int> on_loop_rc{kUnset};
   REQUIRE(on_loop(loop, [&] { on_loop_rc = duplex_conn_wait_writable(conn, 0); }));
   CHECK(on_loop_rc.load() == DUPLEX_EDEADLK);
   size_t q = 0;
   CHECK(duplex_conn_get_queued(conn, &q) == 0);
-  CHECK(q == kHard); // nothing refused was queued
+  CHECK(q == kFits); // nothing refused was queued
   CHECK(w.total.load() == 0);
 
   // --- Drain: the peer reads everything; a waiting producer wakes. ---
@@ -186,9 +189,9 @@ TEST_CASE("a write into an empty queue is taken whole, even past the limit") {
   CHECK(duplex_conn_write(conn, "x", 1, WriteCounter::cb, &w) == DUPLEX_EWOULDBLOCK);
   size_t q = 0;
   CHECK(duplex_conn_get_queued(conn, &q) == 0);
-  CHECK(q == big.size());
+  CHECK(q == big.size() + DUPLEX_WRITE_OVERHEAD);
   CHECK(wait_until([&] { return ev.backpressures.load() == 1; }));
-  CHECK(ev.last_bp_queued.load() == big.size());
+  CHECK(ev.last_bp_queued.load() == big.size() + DUPLEX_WRITE_OVERHEAD);
   REQUIRE(duplex_conn_close(conn, DUPLEX_CLOSE_ABORT) == 0);
   CHECK(ev.wait_closed());
   CHECK(wait_until([&] { return w.total.load() == 1; }));
@@ -216,7 +219,7 @@ TEST_CASE("after a refusal below the high watermark, wait_writable waits") {
         DUPLEX_EWOULDBLOCK);
   CHECK(big[0] == 'B'); // still the caller's
   // The peer reads nothing: the queue cannot drain, so a waiter times out.
-  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_ETIMEDOUT);
+  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_EWOULDBLOCK);
   CHECK(duplex_conn_wait_writable(conn, 20) == DUPLEX_ETIMEDOUT);
   // Once the peer drains everything, the waiter returns and the retry fits.
   Drainer d(sp.peer.get(), prefill + small.size() + big.size());
@@ -250,7 +253,8 @@ TEST_CASE("default limits: 16 MiB hard limit, 1 MiB high watermark") {
       break; // unbounded: fail below rather than exhaust memory
   }
   CHECK(rc == DUPLEX_EWOULDBLOCK);
-  CHECK(accepted == 16u * 1024 * 1024);
+  const size_t kHardDefault = 16u * 1024 * 1024;
+  CHECK(accepted / kBig == kHardDefault / (kBig + DUPLEX_WRITE_OVERHEAD));
   CHECK(wait_until([&] { return ev.backpressures.load() == 1; }));
   CHECK(ev.last_bp_queued.load() >= 1024u * 1024);
   CHECK(ev.last_bp_queued.load() <= 16u * 1024 * 1024);

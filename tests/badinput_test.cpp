@@ -110,6 +110,10 @@ struct Ctx {
       CHECK(duplex_listener_close(tcp) == 0);
     if (unx)
       CHECK(duplex_listener_close(unx) == 0);
+    CHECK(duplex_listener_unref(tcp) == 0);
+    CHECK(duplex_listener_unref(unx) == 0);
+    CHECK(duplex_timer_close(timer) == 0);
+    CHECK(duplex_timer_unref(timer) == 0);
     CHECK(duplex_conn_unref(open_conn) == 0);
     CHECK(duplex_conn_unref(closed_conn) == 0);
     CHECK(duplex_channel_unref(open_ch) == 0);
@@ -850,6 +854,7 @@ std::vector<Case> make_table(Ctx &c) {
     int rc = duplex_timer_new(&out, loop, cb, cp);
     if (rc == 0) {
       duplex_timer_close(out);
+      duplex_timer_unref(out);
       return 0;
     }
     return out_null(rc, out);
@@ -875,7 +880,30 @@ std::vector<Case> make_table(Ctx &c) {
     int rc = duplex_timer_new(&tm, cp->loop, Ctx::never_fire, cp);
     if (rc == 0)
       rc = duplex_timer_start(tm, 60000, 0);
-    return rc == 0 ? duplex_timer_close(tm) : rc;
+    if (rc == 0)
+      rc = duplex_timer_close(tm);
+    duplex_timer_unref(tm);
+    return rc;
+  }, 0);
+  add("duplex_timer_close", "second close through the caller's reference", [cp] {
+    duplex_timer *tm = nullptr;
+    int rc = duplex_timer_new(&tm, cp->loop, Ctx::never_fire, cp);
+    if (rc != 0)
+      return rc;
+    rc = duplex_timer_close(tm);
+    int spins = 0;
+    pump_until(cp->loop, [&spins] { return ++spins > 20; });
+    if (rc == 0)
+      rc = duplex_timer_close(tm);
+    int rs = duplex_timer_start(tm, 1, 0);
+    duplex_timer_unref(tm);
+    return rc == DUPLEX_ECLOSED && rs != DUPLEX_ECLOSED ? -1 : rc;
+  }, DUPLEX_ECLOSED);
+  add("duplex_timer_ref", "NULL", [] { return duplex_timer_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_timer_unref", "NULL", [] { return duplex_timer_unref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_timer_ref", "open timer: ref + unref", [cp] {
+    int rc = duplex_timer_ref(cp->timer);
+    return rc == 0 ? duplex_timer_unref(cp->timer) : rc;
   }, 0);
 
   // ---- listeners ----------------------------------------------------------
@@ -887,6 +915,7 @@ std::vector<Case> make_table(Ctx &c) {
     int rc = duplex_listener_tcp(&out, loop, host, port, o);
     if (rc == 0) {
       duplex_listener_close(out);
+      duplex_listener_unref(out);
       return 0;
     }
     return out_null(rc, out);
@@ -930,6 +959,7 @@ std::vector<Case> make_table(Ctx &c) {
     int rc = duplex_listener_unix(&out, loop, path, o);
     if (rc == 0) {
       duplex_listener_close(out);
+      duplex_listener_unref(out);
       return 0;
     }
     return out_null(rc, out);
@@ -977,6 +1007,48 @@ std::vector<Case> make_table(Ctx &c) {
   }, DUPLEX_ENOBUFS);
   add("duplex_listener_close", "NULL", [] { return duplex_listener_close(nullptr); },
       DUPLEX_EINVAL);
+  add("duplex_listener_close", "second close through the caller's reference", [&c] {
+    duplex_listener *l = nullptr;
+    int rc = duplex_listener_tcp(&l, c.loop, "127.0.0.1", 0, nullptr);
+    if (rc != 0)
+      return rc;
+    rc = duplex_listener_close(l);
+    int spins = 0;
+    pump_until(c.loop, [&spins] { return ++spins > 20; });
+    if (rc == 0)
+      rc = duplex_listener_close(l);
+    duplex_listener_unref(l);
+    return rc;
+  }, DUPLEX_ECLOSED);
+  add("duplex_listener_ref", "NULL", [] { return duplex_listener_ref(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_listener_unref", "NULL", [] { return duplex_listener_unref(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_listener_ref", "open listener: ref + unref", [&c] {
+    int rc = duplex_listener_ref(c.tcp);
+    return rc == 0 ? duplex_listener_unref(c.tcp) : rc;
+  }, 0);
+
+  // ---- loop references ------------------------------------------------------
+  add("duplex_loop_ref", "NULL", [] { return duplex_loop_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_loop_unref", "NULL", [] { return duplex_loop_unref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_loop_unref", "the last reference of a live loop", [&c] {
+    return duplex_loop_unref(c.loop);
+  }, DUPLEX_EBUSY);
+  add("duplex_loop_free", "second free through a held reference", [] {
+    duplex_loop *l = nullptr;
+    int rc = duplex_loop_new(&l, nullptr);
+    if (rc != 0)
+      return rc;
+    duplex_loop_ref(l);
+    rc = duplex_loop_free(l);
+    if (rc == 0)
+      rc = duplex_loop_free(l);
+    int rp = duplex_loop_post(l, [](duplex_loop *, int, void *) {}, nullptr);
+    int rr = duplex_loop_run(l, DUPLEX_RUN_NOWAIT);
+    duplex_loop_unref(l);
+    return rp == DUPLEX_ECLOSED && rr == DUPLEX_ECLOSED ? rc : -1;
+  }, DUPLEX_ECLOSED);
   return t;
 }
 

@@ -501,7 +501,7 @@ TEST_CASE("duplex_conn_set_timeout from another thread changes a running conn") 
     std::atomic<int> rc{kUnset};
     std::thread([&] { rc = duplex_conn_set_timeout(c, DUPLEX_TIMEOUT_IDLE, 10); }).join();
     CHECK(rc.load() == DUPLEX_ECLOSED);
-    CHECK(ev.close_reason.load() == 0);
+    CHECK(ev.close_reason.load() == DUPLEX_ECONNABORTED);
     CHECK(loop.free() == 0);
     CHECK(duplex_conn_unref(c) == 0);
   }

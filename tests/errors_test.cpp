@@ -69,8 +69,7 @@ TEST_CASE("library codes live at -30000 and below, apart from system codes") {
     INFO(c.name);
     std::string n = c.name;
     bool lib = n == "DUPLEX_ECLOSED" || n == "DUPLEX_EVERSION" ||
-               n == "DUPLEX_EWRONGTHREAD" || n == "DUPLEX_EDEADLK" ||
-               n == "DUPLEX_EUNKNOWN";
+               n == "DUPLEX_EWRONGTHREAD" || n == "DUPLEX_EUNKNOWN";
     if (lib)
       CHECK(c.value <= -30000);
     else

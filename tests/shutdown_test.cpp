@@ -187,7 +187,7 @@ TEST_CASE("shutdown done runs once with DUPLEX_ECANCELED if the conn is aborted"
   CHECK(sd.canceled.load() == 1);
   CHECK(w.canceled.load() == 1);
   CHECK(ev.closes.load() == 1);
-  CHECK(ev.close_reason.load() == 0);
+  CHECK(ev.close_reason.load() == DUPLEX_ECONNABORTED);
   CHECK(duplex_conn_unref(conn) == 0);
   CHECK(loop.free() == 0);
   CHECK(sd.total.load() == 1);

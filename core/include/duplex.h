@@ -16,6 +16,18 @@
  * - `@callback`    when and how often a callback runs. Callbacks always run
  *                  on the loop thread, one at a time, never inside the call
  *                  that requested them, and must not block.
+ * - `@blocks`      the call may wait for the loop thread (or for a callback
+ *                  running on it). Never make such a call from a thread the
+ *                  loop thread is itself waiting for. Calls without this tag
+ *                  never wait for the loop.
+ *
+ * Ownership, the same for every object: what a constructor hands out is a
+ * reference. Loops, conns, listeners, channels and timers each have `ref`
+ * and `unref`; the memory goes with the last reference. `close` (and
+ * duplex_loop_free()) ends the object's activity but leaves the caller's
+ * reference valid: every later call through it returns ::DUPLEX_ECLOSED,
+ * never undefined behaviour. The loop holds its own reference on every
+ * object that is open on it, until that object's close has finished.
  *
  * Every function returns 0 or a negative `DUPLEX_E*` code; see
  * duplex_strerror(). No function aborts or raises SIGPIPE on bad input.
@@ -105,6 +117,8 @@ extern "C" {
   XX(EIO, DUPLEX_SYSERR_(EIO, -4070), "i/o error")                           \
   XX(EPROTO, DUPLEX_SYSERR_(EPROTO, -4046), "protocol error")                \
   XX(ENOSPC, DUPLEX_SYSERR_(ENOSPC, -4055), "no space left on device")       \
+  XX(EDEADLK, DUPLEX_SYSERR_(EDEADLK, -4200),                                \
+     "would deadlock: called on the loop thread")                            \
   XX(EAI_NONAME, -3008, "unknown host or service name")                      \
   XX(EAI_AGAIN, -3001, "temporary failure in name resolution")               \
   XX(EAI_FAIL, -3004, "permanent failure in name resolution")                \
@@ -114,7 +128,6 @@ extern "C" {
   XX(ECLOSED, -30001, "object is closed")                                    \
   XX(EVERSION, -30002, "struct size or version not supported")               \
   XX(EWRONGTHREAD, -30003, "must be called on the loop thread")              \
-  XX(EDEADLK, -30004, "would deadlock: called on the loop thread")           \
   XX(EUNKNOWN, -30005, "unrecognised system error")
 
 /** Every error code the library returns. */
@@ -299,12 +312,32 @@ DUPLEX_API int duplex_loop_on_thread(const duplex_loop *loop);
  * that other threads still hold stay valid: calls through them return
  * DUPLEX_ECLOSED until the last duplex_conn_unref() frees them.
  * @thread   any thread that is not running a loop (this or another one).
- * @owner    @p loop is invalid once this returns 0.
+ * @blocks   until the loop's thread has returned and every close finished.
+ * @owner    drops the creator's reference: @p loop is invalid once this
+ *           returns 0 unless another reference is held (duplex_loop_ref()),
+ *           through which every call then returns DUPLEX_ECLOSED.
  * @returns  0, DUPLEX_EINVAL, DUPLEX_EDEADLK (called on a loop thread),
- *           DUPLEX_ECLOSED (already being freed by another thread).
+ *           DUPLEX_ECLOSED (already freed, or being freed by another
+ *           thread; no reference is dropped then).
  * @since    0.1
  */
 DUPLEX_API int duplex_loop_free(duplex_loop *loop);
+
+/**
+ * Take a reference on the loop's memory: the pointer stays valid after
+ * duplex_loop_free() (calls then return DUPLEX_ECLOSED) until the matching
+ * duplex_loop_unref(). It does not keep the loop running.
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2
+ */
+DUPLEX_API int duplex_loop_ref(duplex_loop *loop);
+
+/**
+ * Drop a reference taken with duplex_loop_ref(). Dropping the last one
+ * frees the memory. The last reference of a loop that was not freed is
+ * dropped only by duplex_loop_free(): here it returns DUPLEX_EBUSY.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_EBUSY. @since 0.2
+ */
+DUPLEX_API int duplex_loop_unref(duplex_loop *loop);
 
 /* ---------------------------------------------------------------------- */
 /* Connections                                                             */
@@ -324,10 +357,12 @@ typedef void (*duplex_backpressure_cb)(duplex_conn *conn, size_t queued,
  * after a write was refused with DUPLEX_EWOULDBLOCK. */
 typedef void (*duplex_writable_cb)(duplex_conn *conn, void *user);
 /**
- * The conn closed. @p reason is 0 for a requested close (duplex_conn_close)
- * or when both directions finished (EOF received and shutdown done),
- * DUPLEX_ECANCELED when its loop was freed, or the error that closed it
- * (connect/resolve failure, read or write error).
+ * The conn closed. @p reason is 0 for a graceful close (duplex_conn_close
+ * with ::DUPLEX_CLOSE_GRACEFUL) or when both directions finished (EOF
+ * received and shutdown done), DUPLEX_ECONNABORTED for
+ * ::DUPLEX_CLOSE_ABORT, DUPLEX_ECANCELED when its loop was freed, or the
+ * error that closed it (connect/resolve failure, deadline, read or write
+ * error).
  */
 typedef void (*duplex_close_cb)(duplex_conn *conn, int reason, void *user);
 
@@ -423,11 +458,15 @@ DUPLEX_API int duplex_framing_init(duplex_framing *framing);
  * Options for a conn. Zero sizes mean "default".
  * Watermarks: crossing @ref high_watermark queued bytes calls
  * `on_backpressure`; falling to @ref low_watermark or below afterwards calls
- * `on_writable` and wakes duplex_conn_wait_writable(). A write is refused with
- * DUPLEX_EWOULDBLOCK when bytes are already queued and it would take the total
- * past @ref hard_limit (a write into an empty queue is always taken whole);
- * a refusal also counts as congestion, so `on_writable` and waiters are told
- * once the queue is back at the low watermark.
+ * `on_writable` and wakes duplex_conn_wait_writable(). The queue is measured
+ * by what it costs: each queued write counts its payload plus
+ * ::DUPLEX_WRITE_OVERHEAD bytes (its entry and completion), so a flood of
+ * tiny or zero-length writes is bounded like a flood of big ones. A write
+ * is refused with DUPLEX_EWOULDBLOCK when something is already queued and
+ * it would take the total past @ref hard_limit (a write into an empty
+ * queue is always taken whole); a refusal also counts as congestion, so
+ * `on_writable` and waiters are told once the queue is back at the low
+ * watermark. duplex_conn_get_queued() reports this same measure.
  */
 typedef struct duplex_conn_opts {
   size_t size;                /**< sizeof(duplex_conn_opts) */
@@ -555,6 +594,10 @@ typedef void (*duplex_release_cb)(void *data, size_t len, int status,
 /** Largest single write accepted (1 GiB). */
 #define DUPLEX_WRITE_MAX ((size_t)1 << 30)
 
+/** What each queued write costs against the watermarks and the hard limit
+ *  beyond its payload (see duplex_conn_opts). */
+#define DUPLEX_WRITE_OVERHEAD ((size_t)64)
+
 /**
  * Queue @p len bytes from @p data for writing (copied).
  * A zero-length write queues nothing and its @p done runs once every byte
@@ -627,16 +670,20 @@ DUPLEX_API int duplex_conn_shutdown(duplex_conn *conn, duplex_write_cb done,
 
 /**
  * Close the conn. Graceful: writes queued before this call are flushed
- * first. Abort: every pending write completes with DUPLEX_ECANCELED at once.
- * An abort may follow a graceful close and overrides it. Writes made after
- * this call return DUPLEX_ECLOSED.
+ * first, then a TCP conn ends with FIN. Abort: every pending write
+ * completes with DUPLEX_ECANCELED, a TCP conn is reset (RST: the peer sees
+ * ECONNRESET, not EOF), and on the loop thread no read callback (`on_read`,
+ * `on_eof`) runs after this returns, also for the rest of a chunk being
+ * delivered. An abort may follow a graceful close and overrides it. Writes
+ * made after this call return DUPLEX_ECLOSED.
  * @thread   any.
  * @returns  0, DUPLEX_EINVAL (NULL, unknown @p how), DUPLEX_ECLOSED (a close
  *           of the same kind was already requested, or closed),
  *           DUPLEX_ENOMEM (graceful close could not be queued; nothing
  *           changed).
- * @callback `on_close` runs exactly once, with reason 0 (or the error that
- *           interrupted a graceful flush).
+ * @callback `on_close` runs exactly once, with reason 0 for a graceful
+ *           close (or the error that interrupted its flush) and
+ *           DUPLEX_ECONNABORTED for an abort.
  * @since    0.1
  */
 DUPLEX_API int duplex_conn_close(duplex_conn *conn, unsigned how);
@@ -694,18 +741,23 @@ DUPLEX_API int duplex_conn_resume(duplex_conn *conn);
  * producers on other threads: `while (write(...) == DUPLEX_EWOULDBLOCK)
  * wait_writable(...)` waits for the queue to drain, never spins.
  * @thread   any thread except the loop thread.
- * @param    timeout_ms  -1 waits for ever, 0 only polls.
- * @returns  0 (writable), DUPLEX_ETIMEDOUT, DUPLEX_ECLOSED (closed, or closed
- *           while waiting), DUPLEX_EDEADLK (on the loop thread),
- *           DUPLEX_EINVAL.
+ * @blocks   up to @p timeout_ms, for the loop to drain the queue.
+ * @param    timeout_ms  -1 waits for ever, 0 does not wait (as for
+ *           duplex_channel_send()), > 0 waits at most that long.
+ * @returns  0 (writable), DUPLEX_EWOULDBLOCK (not writable, @p timeout_ms
+ *           0), DUPLEX_ETIMEDOUT (still not writable when the wait ended),
+ *           DUPLEX_ECLOSED (closed, or closed while waiting), DUPLEX_EDEADLK
+ *           (on the loop thread), DUPLEX_EINVAL.
  * @since    0.1
  */
 DUPLEX_API int duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms);
 
 /**
- * Bytes accepted for writing and not yet completed.
+ * What is queued for writing and not yet completed: payload bytes plus
+ * ::DUPLEX_WRITE_OVERHEAD per write (the measure the watermarks use).
  * @thread any. @owner @p out borrowed for the call.
- * @returns 0, DUPLEX_EINVAL. Works on closed conns (then 0). @since 0.1
+ * @returns 0, DUPLEX_EINVAL. On a closed conn (after an abort returned, or
+ *          from `on_close` on) it reports 0. @since 0.1
  */
 DUPLEX_API int duplex_conn_get_queued(const duplex_conn *conn, size_t *out);
 
@@ -727,9 +779,10 @@ DUPLEX_API int duplex_conn_set_user(duplex_conn *conn, void *user);
  * learn it when they open; an accepted conn reads it off the socket the
  * first time it is asked for (so idle servers store no names) and keeps
  * it: ask while the conn is open (e.g. in on_open) if you need it later.
- * @thread   any; off the loop thread the first call waits for the loop to
- *           read the name (never call it first from inside a callback of
- *           another loop that this loop waits on).
+ * @thread   any.
+ * @blocks   off the loop thread, the first call for an accepted or adopted
+ *           conn waits for the loop to read the name (never make it from
+ *           inside a callback of another loop that this loop waits on).
  * @owner    @p buf borrowed for the call; always NUL-terminated on success.
  * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOTCONN (not open yet),
  *           DUPLEX_ECLOSED (closed before anyone asked),
@@ -789,13 +842,14 @@ DUPLEX_API int duplex_listener_opts_init(duplex_listener_opts *opts);
  * Listen on TCP. @p host must be a numeric IPv4/IPv6 address, "localhost"
  * (127.0.0.1), or NULL / "" for every IPv4 address ("::" for every IPv6
  * one). Port 0 picks a free port: read it with duplex_listener_get_port().
- * The socket is bound and listening when this returns.
- * @thread   any. Off the loop thread while the loop runs, this waits for the
- *           loop to do the work (so it must not be called while the loop
- *           thread waits for the caller).
- * @owner    @p host, @p opts borrowed for the call. @p *out is owned by the
- *           loop; it stays valid until duplex_listener_close() or the loop is
- *           freed. On failure @p *out is NULL.
+ * The socket is bound and listening when this returns (clients can connect
+ * at once); the loop starts accepting at its next iteration.
+ * @thread   any. The socket is bound on the calling thread: this never
+ *           waits for the loop.
+ * @owner    @p host, @p opts borrowed for the call. @p *out is a reference
+ *           the caller must drop with duplex_listener_unref() (after
+ *           duplex_listener_close(), or at any time: the loop keeps its own
+ *           while the listener is open). On failure @p *out is NULL.
  * @returns  0, DUPLEX_EINVAL (bad host, NULL out/loop, bad opts),
  *           DUPLEX_EVERSION, DUPLEX_EADDRINUSE, DUPLEX_EACCES, DUPLEX_ENOMEM,
  *           DUPLEX_ECLOSED, or a system code.
@@ -807,9 +861,11 @@ DUPLEX_API int duplex_listener_tcp(duplex_listener **out, duplex_loop *loop,
 
 /**
  * Listen on the UNIX-domain socket @p path. A stale socket file (one nobody
- * listens on) is replaced; a live one gives DUPLEX_EADDRINUSE; a path that is
- * not a socket is never removed. The file is removed on close.
- * @thread any (as duplex_listener_tcp()). @owner as duplex_listener_tcp().
+ * listens on) is replaced; a live one gives DUPLEX_EADDRINUSE (also when its
+ * backlog is full: the probe never blocks); a path that is not a socket is
+ * never removed. The file is removed on close.
+ * @thread any (as duplex_listener_tcp(): bound on the calling thread).
+ * @owner as duplex_listener_tcp().
  * @returns 0, DUPLEX_EINVAL, DUPLEX_ENAMETOOLONG, DUPLEX_EADDRINUSE,
  *          DUPLEX_EACCES, DUPLEX_ENOMEM, DUPLEX_ECLOSED, or a system code.
  * @since 0.1
@@ -820,28 +876,37 @@ DUPLEX_API int duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
 
 /**
  * The bound TCP port (useful after listening on port 0).
- * @thread any while the listener is valid. @returns 0, DUPLEX_EINVAL,
- *         DUPLEX_ENOTSUP (UNIX listener). @since 0.1
+ * @thread any (also after close: the port it had). @returns 0,
+ *         DUPLEX_EINVAL, DUPLEX_ENOTSUP (UNIX listener). @since 0.1
  */
 DUPLEX_API int duplex_listener_get_port(const duplex_listener *listener,
                                         uint16_t *port);
 
 /**
  * The bound address as text ("127.0.0.1:4000", "[::1]:4000" or the path).
- * @thread any while the listener is valid. @owner @p buf borrowed.
+ * @thread any (also after close). @owner @p buf borrowed.
  * @returns 0, DUPLEX_EINVAL, DUPLEX_ENOBUFS. @since 0.1
  */
 DUPLEX_API int duplex_listener_get_address(const duplex_listener *listener,
                                            char *buf, size_t len);
 
 /**
- * Stop accepting and close the listening socket. Conns already accepted
- * are not affected. @p listener is invalid once this returns.
- * @thread any while the listener is valid.
- * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (a close was already requested
- *          and has not completed yet). @since 0.1
+ * Stop accepting and close the listening socket. No conn is accepted
+ * after this returns; conns already accepted are not affected. The
+ * caller's reference stays valid (drop it with duplex_listener_unref()).
+ * @thread any.
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed, or its loop
+ *          was freed). @since 0.1
  */
 DUPLEX_API int duplex_listener_close(duplex_listener *listener);
+
+/** Take a reference. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_listener_ref(duplex_listener *listener);
+
+/** Drop a reference; memory goes with the last one, never while the
+ *  listener is open on its loop (the loop holds its own reference then).
+ *  @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_listener_unref(duplex_listener *listener);
 
 /* ---------------------------------------------------------------------- */
 /* Channels                                                                */
@@ -899,8 +964,11 @@ DUPLEX_API int duplex_channel_new(duplex_channel **out, duplex_loop *loop,
 
 /**
  * Send a copy of @p len bytes. When the channel is full: @p timeout_ms 0
- * refuses at once, > 0 waits that long, -1 waits for room.
+ * does not wait (DUPLEX_EWOULDBLOCK, as duplex_conn_wait_writable()), > 0
+ * waits at most that long (then DUPLEX_ETIMEDOUT), -1 waits for room.
  * @thread   any; waiting is refused on the loop thread (it would deadlock).
+ * @blocks   with @p timeout_ms != 0 on a full channel, until the loop
+ *           delivers.
  * @owner    @p data borrowed for the call.
  * @order    messages from one thread are delivered in send order; one wake
  *           of the loop delivers every message queued by then.
@@ -961,8 +1029,9 @@ typedef void (*duplex_timer_cb)(duplex_timer *timer, void *user);
 /**
  * Create a stopped timer.
  * @thread   any.
- * @owner    @p *out is owned by the loop: valid until duplex_timer_close()
- *           or the loop is freed. NULL on failure.
+ * @owner    @p *out is a reference the caller must drop with
+ *           duplex_timer_unref(); after duplex_timer_close() or the loop's
+ *           free, calls through it return DUPLEX_ECLOSED. NULL on failure.
  * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOMEM, DUPLEX_ECLOSED.
  * @since    0.1
  */
@@ -988,14 +1057,24 @@ DUPLEX_API int duplex_timer_start(duplex_timer *timer, uint64_t timeout_ms,
 DUPLEX_API int duplex_timer_stop(duplex_timer *timer);
 
 /**
- * Stop and destroy the timer; @p timer is invalid once this returns and
- * its callback never starts again. From another thread, a callback already
- * running is waited for (so do not call this while the loop thread waits
- * for you).
- * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed).
- * @since 0.1
+ * Stop the timer for good: its callback never starts after this returns.
+ * The caller's reference stays valid (drop it with duplex_timer_unref()).
+ * @thread any.
+ * @blocks from another thread, while the timer's callback is running on
+ *         the loop, until it returns (so do not call this while the loop
+ *         thread waits for you).
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed, or its loop
+ *          was freed). @since 0.1
  */
 DUPLEX_API int duplex_timer_close(duplex_timer *timer);
+
+/** Take a reference. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_timer_ref(duplex_timer *timer);
+
+/** Drop a reference; memory goes with the last one, never while the timer
+ *  is open (the loop holds its own reference until it is closed or the
+ *  loop is freed). @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_timer_unref(duplex_timer *timer);
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
 #include "internal.h"
 #include "framing.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -344,7 +345,9 @@ duplex_conn_get_queued(const duplex_conn *conn, size_t *out)
     return DUPLEX_EINVAL;
   duplex_conn *c = (duplex_conn *)conn;
   dpx_conn_lock(c);
-  *out = c->queued;
+  /* A closed conn will write nothing more: what it still holds is being
+   * canceled, not queued. */
+  *out = c->state == DPX_CS_CLOSED ? 0 : c->queued;
   dpx_conn_unlock(c);
   return 0;
 }
@@ -382,6 +385,11 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
   dpx_conn_extra *x = dpx_conn_x(c);
   bool known = x != NULL && x->peer != NULL;
   duplex_loop *loop = c->loop;
+  /* The loop cannot be freed before this conn finished (which clears
+   * c->loop under this lock): a reference taken here keeps its memory
+   * for the exec below, whatever a concurrent free does. */
+  if (!known && loop != NULL)
+    duplex_loop_ref(loop);
   dpx_conn_unlock(c);
   if (!known) {
     /* Asked for the first time: the loop thread reads it off the socket
@@ -389,6 +397,7 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
     if (loop == NULL)
       return DUPLEX_ECLOSED;
     int r = dpx_loop_exec(loop, peer_fetch, c);
+    duplex_loop_unref(loop);
     if (r != 0)
       return r;
     x = dpx_conn_x(c);
@@ -438,218 +447,6 @@ dpx_conn_pump_op(duplex_loop *loop, dpx_op *op, int status)
   duplex_conn_unref(c);
 }
 
-/* ---- reading -------------------------------------------------------------- */
-
-static void
-on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-  duplex_conn *c = h->data;
-  duplex_loop *loop = c->loop; /* loop thread: stable while open */
-  (void)suggested;
-  if (loop->rbuf == NULL)
-    loop->rbuf = malloc(loop->rbuf_size);
-  buf->base = loop->rbuf;
-  buf->len = loop->rbuf != NULL ? loop->rbuf_size : 0;
-}
-
-static void
-conn_read_stop(duplex_conn *c)
-{
-  if (c->reading) {
-    uv_read_stop(&dpx_conn_rd(c)->stream);
-    c->reading = false;
-  }
-}
-
-/* Frames decoded while reading is paused (a chunk holds several and the
- * callback paused after the first) wait here, length-prefixed, until a
- * resume delivers them: no read callback runs while paused. */
-static int
-hold_frame(duplex_conn *c, const char *msg, size_t len)
-{
-  dpx_conn_extra *x = dpx_conn_x_get(c);
-  if (x == NULL)
-    return DUPLEX_ENOMEM;
-  size_t need = x->held_len + sizeof len + len;
-  if (need > x->held_cap) {
-    size_t cap = x->held_cap ? x->held_cap : 256;
-    while (cap < need)
-      cap *= 2;
-    char *p = realloc(x->held, cap);
-    if (p == NULL)
-      return DUPLEX_ENOMEM;
-    x->held = p;
-    x->held_cap = cap;
-  }
-  memcpy(x->held + x->held_len, &len, sizeof len);
-  memcpy(x->held + x->held_len + sizeof len, msg, len);
-  x->held_len = need;
-  return 0;
-}
-
-/* Frames wait in the held buffer (loop thread). */
-static bool
-has_held(const duplex_conn *c)
-{
-  const dpx_conn_extra *x = dpx_conn_x(c);
-  return x != NULL && x->held != NULL;
-}
-
-static int
-emit_frame(void *ctx, const char *msg, size_t len)
-{
-  duplex_conn *c = ctx;
-  if (c->closing)
-    return 1;
-  if (!c->reading || has_held(c)) {
-    if (hold_frame(c, msg, len) != 0) {
-      dpx_conn_begin_close(c, DUPLEX_ENOMEM);
-      return 1;
-    }
-    return 0;
-  }
-  if (c->cfg->cbs.on_read != NULL)
-    c->cfg->cbs.on_read(c, msg, len, conn_user(c));
-  return c->closing;
-}
-
-/* Deliver held frames while reading stays on (loop thread, pump). */
-static void
-deliver_held(duplex_conn *c)
-{
-  dpx_conn_extra *x = dpx_conn_x(c);
-  if (x == NULL)
-    return;
-  while (x->held_off < x->held_len && c->reading && !c->closing) {
-    size_t len;
-    memcpy(&len, x->held + x->held_off, sizeof len);
-    const char *msg = x->held + x->held_off + sizeof len;
-    x->held_off += sizeof len + len;
-    if (c->cfg->cbs.on_read != NULL)
-      c->cfg->cbs.on_read(c, msg, len, conn_user(c));
-  }
-  if (x->held_off == x->held_len && x->held != NULL) {
-    free(x->held);
-    x->held = NULL;
-    x->held_len = x->held_off = x->held_cap = 0;
-  }
-}
-
-/* Loop thread: stamp the time of the last byte read / written, which only
- * deadlines look at. */
-static inline void
-stamp_read(duplex_conn *c)
-{
-  dpx_conn_extra *x = dpx_conn_x(c);
-  if (x != NULL)
-    x->t_read = uv_now(&c->loop->uv);
-}
-
-static void
-on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
-{
-  duplex_conn *c = s->data;
-  if (nread > 0) {
-    stamp_read(c);
-    if (c->closing)
-      return;
-    dpx_conn_extra *x = dpx_conn_x(c);
-    if (x != NULL && x->framer != NULL) {
-      int r = dpx_framer_feed(x->framer, buf->base, (size_t)nread,
-                              emit_frame, c);
-      if (r != 0)
-        dpx_conn_begin_close(c, r);
-    } else if (c->cfg->cbs.on_read != NULL) {
-      c->cfg->cbs.on_read(c, buf->base, (size_t)nread, conn_user(c));
-    }
-    return;
-  }
-  if (nread == 0)
-    return;
-  if (nread == UV_ENOBUFS) {
-    dpx_conn_begin_close(c, DUPLEX_ENOMEM);
-    return;
-  }
-  conn_read_stop(c);
-  if (nread == UV_EOF) {
-    c->eof_seen = true;
-    dpx_conn_extra *x = dpx_conn_x(c);
-    if (x != NULL && x->framer != NULL && dpx_framer_eof(x->framer) != 0) {
-      /* A partial frame at EOF: nothing of it is delivered. */
-      dpx_conn_begin_close(c, DUPLEX_EPROTO);
-      return;
-    }
-    if (c->cfg->cbs.on_eof != NULL && !c->closing)
-      c->cfg->cbs.on_eof(c, conn_user(c));
-    if (c->shut_done && !c->closing)
-      dpx_conn_begin_close(c, 0);
-    return;
-  }
-  dpx_conn_begin_close(c, dpx_err((int)nread));
-}
-
-static void
-conn_apply_read(duplex_conn *c, bool want)
-{
-  if (!c->opened || c->closing || c->eof_seen)
-    return;
-  if (want && !c->reading) {
-    if (uv_read_start(&dpx_conn_rd(c)->stream, on_alloc, on_read) == 0) {
-      c->reading = true;
-      dpx_conn_extra *x = dpx_conn_x(c);
-      if (x != NULL &&
-          (x->deadline != NULL || x->timeout[DUPLEX_TIMEOUT_READ] != 0)) {
-        /* Paused time does not count against the read deadline. */
-        x->t_read = uv_now(&c->loop->uv);
-        dpx_conn_deadline_touch(c);
-      }
-    }
-  } else if (!want && c->reading) {
-    conn_read_stop(c);
-  }
-}
-
-/* Pause or resume: on the loop thread at once (no callback runs inside
- * the call), elsewhere through the pump. */
-static int
-conn_want_read(duplex_conn *conn, bool want)
-{
-  if (conn == NULL)
-    return DUPLEX_EINVAL;
-  dpx_conn_lock(conn);
-  if (conn->state == DPX_CS_CLOSED) {
-    dpx_conn_unlock(conn);
-    return DUPLEX_ECLOSED;
-  }
-  conn->want_read = want;
-  bool here = dpx_on_loop(conn->loop);
-  if (!here)
-    dpx_conn_schedule_locked(conn, true);
-  dpx_conn_unlock(conn);
-  if (!here)
-    return 0;
-  conn_apply_read(conn, want);
-  if (want && has_held(conn)) {
-    /* Frames held while paused go first, from the pump. */
-    dpx_conn_lock(conn);
-    dpx_conn_schedule_locked(conn, true);
-    dpx_conn_unlock(conn);
-  }
-  return 0;
-}
-
-int
-duplex_conn_pause(duplex_conn *conn)
-{
-  return conn_want_read(conn, false);
-}
-
-int
-duplex_conn_resume(duplex_conn *conn)
-{
-  return conn_want_read(conn, true);
-}
-
 /* ---- opening ---------------------------------------------------------------- */
 
 void
@@ -675,85 +472,117 @@ dpx_conn_opened(duplex_conn *c)
   dpx_conn_pump(c);
 }
 
-/* ---- the pump ------------------------------------------------------------- */
+/* ---- the pump ------------------------------------------------------------- *
+ * One pass of the conn's state machine on the loop thread. A pass takes a
+ * snapshot of the work present when it begins (an abort, new deadlines,
+ * a read-side change, held frames, completions of direct writes, a
+ * backpressure event, a new batch), does each item once, and leaves work
+ * that appeared meanwhile (callbacks that write, a batch the kernel took at
+ * once) to a later pass queued behind the loop's other work. So no conn can
+ * keep the loop to itself, and every item in the snapshot is consumed: a
+ * state the pass cannot act on is not work. */
+
+enum {
+  DPX_WORK_ABORT = 1u << 0,
+  DPX_WORK_RETIME = 1u << 1,
+  DPX_WORK_READ = 1u << 2,
+  DPX_WORK_COMPLETED = 1u << 3,
+  DPX_WORK_EVENTS = 1u << 4,
+  DPX_WORK_BATCH = 1u << 5
+};
+
+/* Under the conn lock: what a pass would do now. */
+static unsigned
+pump_work_locked(const duplex_conn *c)
+{
+  const dpx_wstate *w = dpx_conn_w(c);
+  const dpx_conn_extra *x = dpx_conn_x(c);
+  unsigned work = 0;
+  /* An abort before the open op ran waits for it (FIFO order). */
+  if (c->abort_requested && c->in_list && !c->closing)
+    work |= DPX_WORK_ABORT;
+  if (x != NULL && x->timeouts_dirty)
+    work |= DPX_WORK_RETIME;
+  if (dpx_conn_read_pending(c, c->want_read))
+    work |= DPX_WORK_READ;
+  if (w != NULL && w->completed.n > 0)
+    work |= DPX_WORK_COMPLETED;
+  if (c->events != 0)
+    work |= DPX_WORK_EVENTS;
+  if (!c->abort_requested && w != NULL && c->opened && !c->writing &&
+      !c->closing && !w->shut_pending && w->intake.n > 0)
+    work |= DPX_WORK_BATCH;
+  return work;
+}
 
 void
 dpx_conn_pump(duplex_conn *c)
 {
   if (c->pumping) {
-    c->pump_again = true;
+    c->pump_again = true; /* a later pass, not a nested one */
     return;
   }
   c->pumping = true;
+  c->pump_again = false;
   duplex_conn_ref(c);
-  for (;;) {
-    c->pump_again = false;
-    dpx_conn_lock(c);
-    dpx_wstate *w = dpx_conn_w(c);
-    dpx_conn_extra *x = dpx_conn_x(c);
-    bool abort = c->abort_requested;
-    int abort_reason = c->reason;
-    bool retime = x != NULL && x->timeouts_dirty;
-    if (retime) {
-      memcpy(x->timeout, x->timeout_req, sizeof x->timeout);
-      x->timeouts_dirty = false;
-    }
-    bool want = c->want_read;
-    unsigned ev = c->events;
-    size_t queued = c->queued;
-    bool batch = !abort && w != NULL && c->opened && !c->writing &&
-                 !c->closing && !w->shut_pending && w->intake.n > 0;
-    c->events = 0;
-    if (batch) {
-      dpx_entvec t = w->batch;
-      w->batch = w->intake;
-      w->intake = t;
-      c->writing = true;
-    }
-    bool reads = c->opened && !c->closing && !c->eof_seen &&
-                 want != c->reading;
-    /* An abort before the open op ran waits for it (FIFO order). */
-    abort = abort && c->in_list;
-    bool held = x != NULL && x->held != NULL && (want || c->reading) &&
-                !c->closing;
-    bool completed = w != NULL && w->completed.n > 0;
-    bool work = (abort && !c->closing) || ev != 0 || batch || reads ||
-                completed || retime || held;
-    if (!work) {
-      /* Nothing left: a later request must wake us, unless a batch in
-       * flight or the pending open will pump anyway. */
-      c->scheduled = c->writing || !c->opened || c->closing;
-      if (!c->closing)
-        dpx_conn_w_trim_locked(c);
-      dpx_conn_unlock(c);
-      break;
-    }
-    dpx_conn_unlock(c);
 
-    if (abort && !c->closing) {
-      dpx_conn_begin_close(c, abort_reason);
-      continue;
-    }
-    if (retime && !c->closing) {
-      if (!x->stamped && c->opened) {
-        /* Deadlines set after the open count from now. */
-        x->t_read = x->t_write = uv_now(&c->loop->uv);
-        x->stamped = true;
-      }
-      dpx_conn_deadline_touch(c);
-    }
-    if (reads)
-      conn_apply_read(c, want);
-    if (held && c->reading)
-      deliver_held(c);
-    if (completed)
-      dpx_conn_complete(c, &w->completed, w->completed.n, 0);
-    if ((ev & DPX_EV_BACKPRESSURE) && c->cfg->cbs.on_backpressure != NULL &&
-        !c->closing)
-      c->cfg->cbs.on_backpressure(c, queued, conn_user(c));
-    if (batch)
-      dpx_conn_batch_start(c);
+  dpx_conn_lock(c);
+  unsigned work = pump_work_locked(c);
+  dpx_wstate *w = dpx_conn_w(c);
+  dpx_conn_extra *x = dpx_conn_x(c);
+  int abort_reason = c->reason;
+  bool want = c->want_read;
+  unsigned ev = c->events;
+  size_t queued = c->queued;
+  size_t ncompleted = w != NULL ? w->completed.n : 0;
+  c->events = 0;
+  if (work & DPX_WORK_RETIME) {
+    memcpy(x->timeout, x->timeout_req, sizeof x->timeout);
+    x->timeouts_dirty = false;
   }
+  if (work & DPX_WORK_BATCH) {
+    dpx_entvec t = w->batch;
+    w->batch = w->intake;
+    w->intake = t;
+    c->writing = true;
+  }
+  dpx_conn_unlock(c);
+
+  /* Progress (checked in debug builds): each item of the snapshot is
+   * consumed by its step, unless a callback asked for something new. */
+  if (work & DPX_WORK_ABORT) {
+    dpx_conn_begin_close(c, abort_reason);
+    assert(c->closing);
+  }
+  if (work & DPX_WORK_RETIME)
+    dpx_conn_deadline_retime(c);
+  if (work & DPX_WORK_READ) {
+    dpx_conn_read_apply(c, want, true);
+    assert(c->rd_want != want || !dpx_conn_read_pending(c, want));
+  }
+  if (work & DPX_WORK_COMPLETED)
+    dpx_conn_complete(c, &w->completed, ncompleted, 0);
+  if ((ev & DPX_EV_BACKPRESSURE) && c->cfg->cbs.on_backpressure != NULL &&
+      !c->closing)
+    c->cfg->cbs.on_backpressure(c, queued, conn_user(c));
+  if (work & DPX_WORK_BATCH)
+    dpx_conn_batch_start(c);
+
+  dpx_conn_lock(c);
+  unsigned left = pump_work_locked(c);
+  if (left != 0 || c->pump_again) {
+    /* New work: a later pass, after the loop's other work. */
+    c->scheduled = false;
+    dpx_conn_schedule_locked(c, true);
+  } else {
+    /* Nothing left: a later request must wake us, unless a batch in
+     * flight or the pending open will pump anyway. */
+    c->scheduled = c->writing || !c->opened || c->closing;
+    if (!c->closing)
+      dpx_conn_w_trim_locked(c);
+  }
+  dpx_conn_unlock(c);
+  c->pump_again = false;
   c->pumping = false;
   duplex_conn_unref(c);
 }
@@ -816,12 +645,27 @@ on_handle_closed(uv_handle_t *h)
   dpx_conn_handle_closed(h->data);
 }
 
+void
+dpx_stream_close(dpx_stream *s, bool reset, uv_close_cb cb)
+{
+  uv_os_fd_t fd = -1;
+  if (uv_fileno(&s->handle, &fd) != 0)
+    fd = -1;
+  if (!reset || s->handle.type != UV_TCP ||
+      uv_tcp_close_reset(&s->tcp, cb) != 0)
+    uv_close(&s->handle, cb);
+  /* libuv leaves fds 0-2 open on close; an adopted one is ours to let go
+   * (libuv stopped watching it inside uv_close). */
+  if (dpx_is_stdio_fd((int)fd))
+    dpx_stdio_release((int)fd);
+}
+
 static void
-close_handle(duplex_conn *c, dpx_stream *s)
+close_handle(duplex_conn *c, dpx_stream *s, bool reset)
 {
   if (s != NULL && !uv_is_closing(&s->handle)) {
     c->handles_open++;
-    uv_close(&s->handle, on_handle_closed);
+    dpx_stream_close(s, reset, on_handle_closed);
   }
 }
 
@@ -831,6 +675,7 @@ dpx_conn_begin_close(duplex_conn *c, int reason)
   if (c->closing)
     return;
   c->closing = true;
+  dpx_conn_read_cut(c);
   dpx_conn_lock(c);
   c->reason = reason;
   dpx_conn_mark_closed_locked(c);
@@ -838,16 +683,18 @@ dpx_conn_begin_close(duplex_conn *c, int reason)
   close_deadline(c);
   dpx_conn_extra *x = dpx_conn_x(c);
   if (x != NULL && x->connecting != NULL && !c->has_rd) {
-    /* Resolving, or between two connect attempts: the lookup's or the
-     * attempt's callback finishes the close. */
-    dpx_connect_cancel(c);
+    /* Resolving, or between two connect attempts: the lookup is left to
+     * finish on its own; the attempt's callback finishes the close. */
+    if (dpx_connect_cancel(c))
+      dpx_conn_fail_unopened(c, reason);
     return;
   }
-  conn_read_stop(c);
+  /* A user's abort resets a TCP conn (RST); anything else closes it. */
+  bool reset = reason == DUPLEX_ECONNABORTED;
   c->handles_open++; /* guard: finish only after both closes are issued */
-  close_handle(c, dpx_conn_rd(c));
+  close_handle(c, dpx_conn_rd(c), reset);
   if (dpx_conn_wr(c) != dpx_conn_rd(c))
-    close_handle(c, dpx_conn_wr(c));
+    close_handle(c, dpx_conn_wr(c), reset);
   if (--c->handles_open == 0)
     conn_finish(c);
 }
@@ -862,6 +709,7 @@ dpx_conn_fail_unopened(duplex_conn *c, int reason)
   }
   dpx_conn_mark_closed_locked(c);
   dpx_conn_unlock(c);
+  c->rd_cut = true;
   close_deadline(c);
   dpx_conn_extra *x = dpx_conn_x(c);
   if (c->handles_open == 0 && (x == NULL || !x->lookup_pending))
@@ -901,6 +749,9 @@ conn_finish(duplex_conn *c)
     dpx_link_remove(&c->link);
     c->in_list = false;
   }
+  dpx_conn_lock(c);
+  c->queued = 0;
+  dpx_conn_unlock(c);
   if (c->cfg->cbs.on_close != NULL)
     c->cfg->cbs.on_close(c, c->reason, conn_user(c));
   dpx_conn_lock(c);
@@ -922,9 +773,13 @@ duplex_conn_close(duplex_conn *conn, unsigned how)
     dpx_conn_unlock(conn);
     return DUPLEX_ECLOSED;
   }
+  bool cut = false;
   if (how == DUPLEX_CLOSE_ABORT) {
     conn->abort_requested = true;
+    conn->reason = DUPLEX_ECONNABORTED;
     dpx_conn_mark_closed_locked(conn);
+    /* On the loop thread no read callback runs after this returns. */
+    cut = dpx_on_loop(conn->loop);
   } else {
     dpx_wstate *w = dpx_conn_w_get_locked(conn);
     if (w == NULL || dpx_entvec_reserve(&w->intake, 1) != 0) {
@@ -940,111 +795,7 @@ duplex_conn_close(duplex_conn *conn, unsigned how)
    * abort must not wait for a batch stuck on a peer that does not read. */
   dpx_conn_schedule_locked(conn, how == DUPLEX_CLOSE_ABORT);
   dpx_conn_unlock(conn);
-  return 0;
-}
-
-/* ---- deadlines ---------------------------------------------------------- */
-
-static void on_deadline(uv_timer_t *t);
-
-/* The earliest moment one of the deadlines that apply now can expire, or
- * 0 when none applies. */
-static uint64_t
-deadline_next(duplex_conn *c, dpx_conn_extra *x)
-{
-  uint64_t due = 0;
-#define DPX_DUE_(cond, since, kind)                                          \
-  do {                                                                       \
-    if ((cond) && x->timeout[kind] != 0) {                                   \
-      uint64_t d = (since) + x->timeout[kind];                               \
-      if (due == 0 || d < due)                                               \
-        due = d;                                                             \
-    }                                                                        \
-  } while (0)
-  DPX_DUE_(!c->opened, x->t_start, DUPLEX_TIMEOUT_CONNECT);
-  DPX_DUE_(c->opened, x->t_read > x->t_write ? x->t_read : x->t_write,
-           DUPLEX_TIMEOUT_IDLE);
-  DPX_DUE_(c->opened && c->reading, x->t_read, DUPLEX_TIMEOUT_READ);
-  DPX_DUE_(c->opened && c->writing, x->t_write, DUPLEX_TIMEOUT_FLUSH);
-#undef DPX_DUE_
-  return due;
-}
-
-static void
-deadline_arm(duplex_conn *c, dpx_conn_extra *x, uint64_t due)
-{
-  uint64_t now = uv_now(&c->loop->uv);
-  x->deadline_due = due;
-  uv_timer_start(x->deadline, on_deadline, due > now ? due - now : 0, 0);
-}
-
-void
-dpx_conn_deadline_touch(duplex_conn *c)
-{
-  dpx_conn_extra *x = dpx_conn_x(c);
-  if (c->closing || x == NULL)
-    return;
-  uint64_t due = deadline_next(c, x);
-  if (due == 0) {
-    if (x->deadline != NULL && x->deadline_due != 0) {
-      uv_timer_stop(x->deadline);
-      x->deadline_due = 0;
-    }
-    return;
-  }
-  if (x->deadline == NULL) {
-    x->deadline = malloc(sizeof *x->deadline);
-    if (x->deadline == NULL)
-      return; /* deadlines are best effort under memory exhaustion */
-    uv_timer_init(&c->loop->uv, x->deadline);
-    x->deadline->data = c;
-    x->deadline_due = 0;
-  }
-  /* Events only move deadlines later: re-arm only when this one is
-   * sooner than the armed one (the timer re-checks when it fires). */
-  if (x->deadline_due == 0 || due < x->deadline_due)
-    deadline_arm(c, x, due);
-}
-
-static void
-on_deadline(uv_timer_t *t)
-{
-  duplex_conn *c = t->data;
-  dpx_conn_extra *x = dpx_conn_x(c);
-  x->deadline_due = 0;
-  if (c->closing)
-    return;
-  uint64_t due = deadline_next(c, x);
-  if (due == 0)
-    return;
-  if (due <= uv_now(&c->loop->uv)) {
-    dpx_conn_begin_close(c, DUPLEX_ETIMEDOUT);
-    return;
-  }
-  deadline_arm(c, x, due);
-}
-
-int
-duplex_conn_set_timeout(duplex_conn *conn, int kind, uint32_t ms)
-{
-  if (conn == NULL || kind < DUPLEX_TIMEOUT_CONNECT ||
-      kind > DUPLEX_TIMEOUT_FLUSH)
-    return DUPLEX_EINVAL;
-  dpx_conn_lock(conn);
-  if (conn->state == DPX_CS_CLOSED) {
-    dpx_conn_unlock(conn);
-    return DUPLEX_ECLOSED;
-  }
-  dpx_conn_extra *x = dpx_conn_x_get_locked(conn);
-  if (x == NULL) {
-    dpx_conn_unlock(conn);
-    return DUPLEX_ENOMEM;
-  }
-  x->timeout_req[kind] = ms;
-  x->timeouts_dirty = true;
-  /* Applied by the pump, also on the loop thread: an expiry it causes
-   * never runs inside this call. */
-  dpx_conn_schedule_locked(conn, true);
-  dpx_conn_unlock(conn);
+  if (cut)
+    dpx_conn_read_cut(conn);
   return 0;
 }

@@ -110,11 +110,14 @@ dpx_conn_complete(duplex_conn *c, dpx_entvec *v, size_t ok_before,
     switch (e->kind) {
     case DPX_ENT_OWNED:
       free(e->orig);
+      if (e->done != NULL)
+        e->done(c, st, e->user);
       break;
     case DPX_ENT_ZC:
       if (e->release != NULL)
         e->release(e->orig, e->orig_len, st, e->user);
       break;
+    case DPX_ENT_CHUNK:
     case DPX_ENT_DONE:
       if (e->done != NULL)
         e->done(c, st, e->user);
@@ -142,15 +145,6 @@ is_data(const dpx_ent *e)
          e->len > 0;
 }
 
-/* Loop thread: the time of the last byte written (deadlines only). */
-static inline void
-stamp_write(duplex_conn *c)
-{
-  dpx_conn_extra *x = dpx_conn_x(c);
-  if (x != NULL)
-    x->t_write = uv_now(&c->loop->uv);
-}
-
 /* The batch is over with @p status: account, complete, act on markers. */
 static void
 batch_done(duplex_conn *c, int status)
@@ -161,14 +155,10 @@ batch_done(duplex_conn *c, int status)
   dpx_ent shut = { 0 };
   for (size_t i = 0; i < ws->batch.n; i++) {
     dpx_ent *e = &ws->batch.v[i];
+    total += e->cost;
     switch (e->kind) {
     case DPX_ENT_CHUNK:
       chunk_bytes += e->len;
-      total += e->len;
-      break;
-    case DPX_ENT_OWNED:
-    case DPX_ENT_ZC:
-      total += e->len;
       break;
     case DPX_ENT_SHUTDOWN:
       shutdown = true;
@@ -234,7 +224,7 @@ batch_advance(duplex_conn *c, size_t n)
 {
   dpx_wstate *ws = dpx_conn_w(c);
   if (n > 0)
-    stamp_write(c);
+    dpx_conn_stamp_write(c);
   while (n > 0) {
     dpx_ent *e = &ws->batch.v[ws->bpos];
     size_t left = e->len - ws->boff;
@@ -366,7 +356,7 @@ shutdown_finished(duplex_conn *c, int status)
     return;
   if (status < 0)
     dpx_conn_begin_close(c, status);
-  else if (c->eof_seen || ws->close_after_shut)
+  else if ((c->rd_ended && !c->eof_pending) || ws->close_after_shut)
     dpx_conn_begin_close(c, 0);
   else {
     /* A graceful close may wait in the intake. Scheduled, not pumped
@@ -412,7 +402,7 @@ dpx_conn_start_shutdown(duplex_conn *c)
   if (dpx_conn_wr(c) != dpx_conn_rd(c)) {
     /* Adopted pair: closing the write fd is the peer's EOF. */
     c->handles_open++;
-    uv_close(&dpx_conn_wr(c)->handle, on_write_side_closed);
+    dpx_stream_close(dpx_conn_wr(c), false, on_write_side_closed);
     return;
   }
   dpx_wstate *ws = dpx_conn_w(c);
@@ -482,6 +472,27 @@ chunk_room_locked(duplex_conn *c, size_t len)
   return 0;
 }
 
+/* What queuing @p w costs against the limits: its payload plus the
+ * overhead of one write, or nothing for a write that leaves no trace (no
+ * bytes and nobody to tell). */
+static size_t
+write_cost(const write_req *w, size_t skip)
+{
+  if (w->total == skip && w->done == NULL && w->zc == NULL)
+    return 0;
+  return w->total - skip + DUPLEX_WRITE_OVERHEAD;
+}
+
+static dpx_ent *
+new_entry(dpx_wstate *ws, int kind, size_t cost)
+{
+  dpx_ent *e = &ws->intake.v[ws->intake.n++];
+  memset(e, 0, sizeof *e);
+  e->kind = kind;
+  e->cost = cost;
+  return e;
+}
+
 /* Under the conn lock: append @p w, skipping its first @p skip bytes (already
  * written directly). Either everything is appended or nothing is. */
 static int
@@ -489,14 +500,15 @@ append_locked(duplex_conn *c, dpx_wstate *ws, const write_req *w,
               size_t skip)
 {
   size_t remain = w->total - skip;
-  int r = dpx_entvec_reserve(&ws->intake, 2);
+  size_t cost = write_cost(w, skip);
+  if (cost == 0)
+    return 0;
+  int r = dpx_entvec_reserve(&ws->intake, 1);
   if (r != 0)
     return r;
   dpx_ent *last = ws->intake.n > 0 ? &ws->intake.v[ws->intake.n - 1] : NULL;
   if (w->zc != NULL) {
-    dpx_ent *e = &ws->intake.v[ws->intake.n++];
-    memset(e, 0, sizeof *e);
-    e->kind = DPX_ENT_ZC;
+    dpx_ent *e = new_entry(ws, DPX_ENT_ZC, cost);
     e->base = (char *)w->zc + skip;
     e->len = remain;
     e->orig = w->zc;
@@ -505,58 +517,54 @@ append_locked(duplex_conn *c, dpx_wstate *ws, const write_req *w,
     e->user = w->user;
     return 0;
   }
-  if (remain > 0) {
-    char *dst;
-    if (remain >= DPX_LARGE_WRITE) {
-      dst = malloc(remain);
-      if (dst == NULL)
-        return DUPLEX_ENOMEM;
-      dpx_ent *e = &ws->intake.v[ws->intake.n++];
-      memset(e, 0, sizeof *e);
-      e->kind = DPX_ENT_OWNED;
+  dpx_ent *e;
+  char *dst = NULL;
+  if (remain == 0) {
+    e = new_entry(ws, DPX_ENT_DONE, cost); /* a flush marker */
+  } else if (remain >= DPX_LARGE_WRITE) {
+    dst = malloc(remain);
+    if (dst == NULL)
+      return DUPLEX_ENOMEM;
+    e = new_entry(ws, DPX_ENT_OWNED, cost);
+    e->base = dst;
+    e->len = remain;
+    e->orig = dst;
+  } else {
+    r = chunk_room_locked(c, remain);
+    if (r != 0)
+      return r;
+    dpx_chunk *t = ws->chunk_tail;
+    dst = t->data + t->used;
+    if (last != NULL && last->kind == DPX_ENT_CHUNK && last->done == NULL &&
+        last->base + last->len == dst) {
+      /* Extend the entry; its callback (if this write has one) runs once
+       * every byte up to this write's last is out. */
+      e = last;
+      e->len += remain;
+      e->cost += cost;
+    } else {
+      e = new_entry(ws, DPX_ENT_CHUNK, cost);
       e->base = dst;
       e->len = remain;
-      e->orig = dst;
-    } else {
-      r = chunk_room_locked(c, remain);
-      if (r != 0)
-        return r;
-      dpx_chunk *t = ws->chunk_tail;
-      dst = t->data + t->used;
-      if (last != NULL && last->kind == DPX_ENT_CHUNK &&
-          last->base + last->len == dst) {
-        last->len += remain;
-      } else {
-        dpx_ent *e = &ws->intake.v[ws->intake.n++];
-        memset(e, 0, sizeof *e);
-        e->kind = DPX_ENT_CHUNK;
-        e->base = dst;
-        e->len = remain;
-      }
-      t->used += remain;
     }
-    /* Copy the bytes not yet written, buffer by buffer. */
-    size_t off = 0;
-    for (size_t i = 0; i < w->nbufs; i++) {
-      const char *src = w->bufs[i].base;
-      size_t len = w->bufs[i].len;
-      if (skip >= len) {
-        skip -= len;
-        continue;
-      }
-      src += skip;
-      len -= skip;
-      skip = 0;
-      memcpy(dst + off, src, len);
-      off += len;
-    }
+    t->used += remain;
   }
-  if (w->done != NULL) {
-    dpx_ent *e = &ws->intake.v[ws->intake.n++];
-    memset(e, 0, sizeof *e);
-    e->kind = DPX_ENT_DONE;
-    e->done = w->done;
-    e->user = w->user;
+  e->done = w->done;
+  e->user = w->user;
+  /* Copy the bytes not yet written, buffer by buffer. */
+  size_t off = 0;
+  for (size_t i = 0; dst != NULL && i < w->nbufs; i++) {
+    const char *src = w->bufs[i].base;
+    size_t len = w->bufs[i].len;
+    if (skip >= len) {
+      skip -= len;
+      continue;
+    }
+    src += skip;
+    len -= skip;
+    skip = 0;
+    memcpy(dst + off, src, len);
+    off += len;
   }
   return 0;
 }
@@ -590,8 +598,8 @@ conn_submit(duplex_conn *c, const write_req *w)
     r = DUPLEX_ECLOSED;
   } else if (c->shut_requested) {
     r = DUPLEX_ESHUTDOWN;
-  } else if (w->total > 0 && c->queued > 0 &&
-             c->queued + w->total > c->cfg->hard) {
+  } else if (write_cost(w, 0) > 0 && c->queued > 0 &&
+             c->queued + write_cost(w, 0) > c->cfg->hard) {
     /* Refused: the writer waits (wait_writable, on_writable) until the
      * queue drains to the low watermark, also when it never reached the
      * high one (a big write against a partly full queue). */
@@ -611,6 +619,8 @@ conn_submit(duplex_conn *c, const write_req *w)
     /* Nothing queued: straight to the socket. A write the kernel takes
      * whole and that wants no callback leaves no trace (no write state). */
     skip = write_direct(c, w);
+    if (skip > 0)
+      dpx_conn_stamp_write(c); /* the idle deadline sees direct writes */
     bool notify = w->done != NULL || (w->zc != NULL && w->release != NULL);
     if (skip == w->total && !notify) {
       dpx_conn_unlock(c);
@@ -655,7 +665,7 @@ conn_submit(duplex_conn *c, const write_req *w)
     dpx_conn_unlock(c);
     return r;
   }
-  c->queued += w->total - skip;
+  c->queued += write_cost(w, skip);
   if (!c->congested && c->queued >= c->cfg->high) {
     c->congested = true;
     c->events |= DPX_EV_BACKPRESSURE;
@@ -752,7 +762,7 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
       break;
     }
     if (timeout_ms == 0) {
-      r = DUPLEX_ETIMEDOUT;
+      r = DUPLEX_EWOULDBLOCK; /* not writable, and asked not to wait */
       break;
     }
     if (!linked) {

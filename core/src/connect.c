@@ -5,9 +5,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(_WIN32)
+#include <ws2tcpip.h>
+#else
+#include <netdb.h>
+#include <pthread.h>
+#endif
+
+/* A name lookup runs getaddrinfo() on a thread of its own, detached: a
+ * resolver that does not answer holds only that thread, never the conn
+ * (whose connect deadline closes it on time) nor the loop (whose free does
+ * not wait for it). The lookup and the conn let go of each other under the
+ * lookup's lock; the last of the two references frees it. */
+typedef struct dpx_lookup {
+  atomic_uint refs;   /* the resolver thread's and the conn side's */
+  duplex_loop *loop;  /* with a loop reference for the hand-back */
+  duplex_conn *conn;  /* lookup lock; NULL once canceled or handed back */
+  char *host;
+  char port[8];
+  int status;
+  struct addrinfo *res;
+  dpx_op op;
+} dpx_lookup;
+
 struct dpx_connect_state {
-  uv_getaddrinfo_t gai;
-  bool resolving;
+  dpx_lookup *lookup; /* while resolving */
   uv_connect_t creq;
   struct addrinfo *res;
   struct addrinfo *cur;
@@ -25,7 +47,7 @@ dpx_connect_state_free(dpx_connect_state *cs)
   if (cs == NULL)
     return;
   if (cs->res != NULL)
-    uv_freeaddrinfo(cs->res);
+    freeaddrinfo(cs->res);
   free(cs->host);
   free(cs->path);
   free(cs);
@@ -185,34 +207,161 @@ connect_next(duplex_conn *c)
 }
 
 static void
-on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+on_resolved(duplex_conn *c, int status, struct addrinfo *res)
 {
-  duplex_conn *c = req->data;
   dpx_conn_extra *x = dpx_conn_x(c);
   dpx_connect_state *cs = x->connecting;
-  cs->resolving = false;
   x->lookup_pending = false;
   cs->res = res;
-  if (c->closing) {
-    /* Closed while resolving: finish now. */
-    dpx_conn_fail_unopened(c, c->reason);
-    return;
-  }
   if (status != 0) {
-    connect_failed(c, dpx_err(status));
+    connect_failed(c, status);
     return;
   }
   cs->cur = res;
   connect_next(c);
 }
 
-/* Loop thread: a close began before the handle existed. */
-void
+static void
+lookup_unref(dpx_lookup *lk)
+{
+  if (atomic_fetch_sub_explicit(&lk->refs, 1u, memory_order_acq_rel) != 1u)
+    return;
+  if (lk->res != NULL)
+    freeaddrinfo(lk->res);
+  duplex_loop_unref(lk->loop);
+  free(lk->host);
+  free(lk);
+}
+
+/* Loop thread: the answer is back (or the loop is being freed). */
+static void
+lookup_op(duplex_loop *loop, dpx_op *op, int status)
+{
+  dpx_lookup *lk = DPX_CONTAINER_OF(op, dpx_lookup, op);
+  (void)loop;
+  uv_mutex_lock(dpx_addr_mu(lk));
+  duplex_conn *c = lk->conn;
+  lk->conn = NULL;
+  uv_mutex_unlock(dpx_addr_mu(lk));
+  if (c != NULL) {
+    struct addrinfo *res = lk->res;
+    lk->res = NULL;
+    dpx_conn_x(c)->connecting->lookup = NULL;
+    on_resolved(c, status != 0 ? status : lk->status, res);
+    lookup_unref(lk); /* the conn side's */
+  }
+  lookup_unref(lk); /* the resolver's, handed over with the op */
+}
+
+static int
+gai_error(int e)
+{
+  switch (e) {
+  case 0:
+    return 0;
+  case EAI_AGAIN:
+    return DUPLEX_EAI_AGAIN;
+  case EAI_FAIL:
+    return DUPLEX_EAI_FAIL;
+  case EAI_NONAME:
+    return DUPLEX_EAI_NONAME;
+#if defined(EAI_NODATA) && EAI_NODATA != EAI_NONAME
+  case EAI_NODATA:
+    return DUPLEX_EAI_NODATA;
+#endif
+  case EAI_FAMILY:
+    return DUPLEX_EAI_FAMILY;
+  case EAI_MEMORY:
+    return DUPLEX_ENOMEM;
+  default:
+    return DUPLEX_EAI_OTHER;
+  }
+}
+
+static void
+lookup_thread(void *arg)
+{
+  dpx_lookup *lk = arg;
+  dpx_thread_block_signals();
+  struct addrinfo hints;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_protocol = IPPROTO_TCP;
+  hints.ai_flags = AI_ADDRCONFIG;
+  struct addrinfo *res = NULL;
+  int e = getaddrinfo(lk->host, lk->port, &hints, &res);
+  lk->status = gai_error(e);
+  lk->res = e == 0 ? res : NULL;
+  /* Hand the answer back if the conn still waits; the op then owns our
+   * reference. Otherwise (canceled, or the loop is being freed) drop it. */
+  uv_mutex_lock(dpx_addr_mu(lk));
+  bool handed = lk->conn != NULL &&
+                dpx_loop_submit(lk->loop, &lk->op, true) == 0;
+  uv_mutex_unlock(dpx_addr_mu(lk));
+  if (!handed)
+    lookup_unref(lk);
+}
+
+/* Loop thread: start resolving cs->host. */
+static int
+lookup_start(duplex_conn *c, dpx_connect_state *cs)
+{
+  dpx_lookup *lk = calloc(1, sizeof *lk);
+  if (lk == NULL || (lk->host = malloc(strlen(cs->host) + 1)) == NULL) {
+    free(lk);
+    return DUPLEX_ENOMEM;
+  }
+  memcpy(lk->host, cs->host, strlen(cs->host) + 1);
+  snprintf(lk->port, sizeof lk->port, "%u", (unsigned)cs->port);
+  atomic_init(&lk->refs, 2u);
+  lk->loop = c->loop;
+  duplex_loop_ref(lk->loop);
+  lk->conn = c;
+  lk->op.fn = lookup_op;
+  uv_thread_t tid;
+  uv_thread_options_t to;
+  to.flags = UV_THREAD_HAS_STACK_SIZE;
+  to.stack_size = 256 * 1024;
+  int r = uv_thread_create_ex(&tid, &to, lookup_thread, lk);
+  if (r != 0) {
+    lk->conn = NULL;
+    lookup_unref(lk);
+    lookup_unref(lk);
+    return dpx_err(r);
+  }
+#if defined(_WIN32)
+  CloseHandle(tid);
+#else
+  pthread_detach(tid);
+#endif
+  cs->lookup = lk;
+  dpx_conn_x(c)->lookup_pending = true;
+  return 0;
+}
+
+/* Loop thread: a close began before the handle existed. Returns true when
+ * nothing of the conn is in flight any more (a lookup was let go), so the
+ * caller finishes the close now; false when a connect attempt's close
+ * callback will. */
+bool
 dpx_connect_cancel(duplex_conn *c)
 {
   dpx_conn_extra *x = dpx_conn_x(c);
-  if (x != NULL && x->connecting != NULL && x->connecting->resolving)
-    uv_cancel((uv_req_t *)&x->connecting->gai);
+  dpx_lookup *lk = x != NULL && x->connecting != NULL
+                       ? x->connecting->lookup
+                       : NULL;
+  if (lk == NULL)
+    return false;
+  x->connecting->lookup = NULL;
+  x->lookup_pending = false;
+  uv_mutex_lock(dpx_addr_mu(lk));
+  bool ours = lk->conn != NULL; /* else its op is queued and lets go */
+  lk->conn = NULL;
+  uv_mutex_unlock(dpx_addr_mu(lk));
+  if (ours)
+    lookup_unref(lk);
+  return true;
 }
 
 static void
@@ -344,22 +493,9 @@ dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
     if (cs->have_numeric) {
       connect_next(c);
     } else {
-      struct addrinfo hints;
-      char port[8];
-      memset(&hints, 0, sizeof hints);
-      hints.ai_family = AF_UNSPEC;
-      hints.ai_socktype = SOCK_STREAM;
-      hints.ai_protocol = IPPROTO_TCP;
-      snprintf(port, sizeof port, "%u", (unsigned)cs->port);
-      cs->gai.data = c;
-      int r = uv_getaddrinfo(&loop->uv, &cs->gai, on_resolved, cs->host, port,
-                             &hints);
-      if (r != 0) {
-        connect_failed(c, dpx_err(r));
-      } else {
-        cs->resolving = true;
-        x->lookup_pending = true;
-      }
+      int r = lookup_start(c, cs);
+      if (r != 0)
+        connect_failed(c, r);
     }
     break;
   case DPX_CONN_UNIX_CONNECT:

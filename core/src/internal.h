@@ -60,6 +60,7 @@ enum dpx_loop_state {
 typedef struct dpx_chunk dpx_chunk;
 
 struct duplex_loop {
+  atomic_uint refs; /* the creator's (dropped by free) and duplex_loop_ref's */
   uv_loop_t uv;
   uv_async_t wake;
   uv_idle_t idle; /* drives the deferred list */
@@ -72,6 +73,7 @@ struct duplex_loop {
   bool quit; /* own thread or running thread must return: being freed */
   bool started;
   bool in_run; /* a thread is inside duplex_loop_run */
+  bool freed;  /* duplex_loop_free finished: only the memory is left */
   unsigned exec_waiters; /* threads waiting in dpx_loop_exec */
   uv_thread_t thread;
 
@@ -151,11 +153,15 @@ enum dpx_ent_kind {
   DPX_ENT_CLOSE     /* graceful close once everything before is written */
 };
 
+/* One queue entry. A data entry may carry the done callback of the write
+ * whose last byte it holds (consecutive copied writes share one entry
+ * until one of them wants a callback); DONE is the entry of a zero-length
+ * write. @ref cost is what the entry counts in conn->queued. */
 typedef struct dpx_ent {
   int kind;
-  int status;   /* used by the completed list */
   char *base;   /* bytes still to write (data kinds) */
   size_t len;
+  size_t cost;  /* payload + DUPLEX_WRITE_OVERHEAD per write it ends */
   void *orig;   /* ZC / OWNED: what to release or free */
   size_t orig_len;
   duplex_write_cb done;
@@ -290,17 +296,23 @@ struct duplex_conn {
   uint16_t : 0;
   /* ---- loop thread only ---- */
   uint16_t opened : 1;
-  uint16_t reading : 1;
   uint16_t writing : 1; /* a batch is in flight */
-  uint16_t eof_seen : 1;
   uint16_t shut_done : 1;
-  uint16_t closing : 1; /* uv_close issued or teardown begun */
-  uint16_t pumping : 1;
-  uint16_t pump_again : 1;
+  uint16_t closing : 1; /* the close has begun: handles closing or gone */
+  uint16_t pumping : 1; /* inside dpx_conn_pump */
+  uint16_t pump_again : 1; /* asked for a pass while pumping */
   uint16_t in_list : 1;
   uint16_t has_rd : 1; /* the first handle is initialised */
   uint16_t wr_gone : 1; /* an adopted pair's write handle is closed */
   uint16_t handles_open : 3;
+  uint16_t : 0;
+  /* ---- loop thread only: the read side (conn_read.c) ---- */
+  uint16_t rd_want : 1;     /* the read wish the loop acts on */
+  uint16_t reading : 1;     /* uv_read_start is in effect */
+  uint16_t rd_ended : 1;    /* no more bytes will come (EOF, no read side) */
+  uint16_t eof_pending : 1; /* the EOF event waits behind held frames */
+  uint16_t eof_proto : 1;   /* ... and is a partial frame (EPROTO) */
+  uint16_t rd_cut : 1;      /* no read callback may run any more */
   /* Conn lock: an abort's reason until the close begins, then the close's
    * (first reason wins); only the loop thread reads it after that. */
   int reason;
@@ -321,13 +333,19 @@ struct duplex_conn {
 extern uv_mutex_t dpx_conn_locks[DPX_CONN_LOCKS];
 /* Initialise the lock set once (duplex_loop_new; every conn has a loop). */
 void dpx_conn_locks_ensure(void);
+/* The lock of the set that guards the object at @p p (conns, listeners). */
+static inline uv_mutex_t *
+dpx_addr_mu(const void *p)
+{
+  uint64_t h = (uint64_t)((uintptr_t)p >> 4);
+  h ^= h >> 9;
+  h *= UINT64_C(0x9E3779B97F4A7C15);
+  return &dpx_conn_locks[(h >> 24) % DPX_CONN_LOCKS];
+}
 static inline uv_mutex_t *
 dpx_conn_mu(const duplex_conn *c)
 {
-  uintptr_t h = (uintptr_t)c >> 4;
-  h ^= h >> 9;
-  h *= (uintptr_t)0x9E3779B97F4A7C15u;
-  return &dpx_conn_locks[(h >> 24) % DPX_CONN_LOCKS];
+  return dpx_addr_mu(c);
 }
 static inline void dpx_conn_lock(const duplex_conn *c) { uv_mutex_lock(dpx_conn_mu(c)); }
 static inline void dpx_conn_unlock(const duplex_conn *c) { uv_mutex_unlock(dpx_conn_mu(c)); }
@@ -379,9 +397,28 @@ duplex_conn *dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
                           unsigned nhandles, size_t handle_size);
 int dpx_conn_opts_check(const duplex_conn_opts *opts);
 void dpx_conn_free(duplex_conn *conn);
-/* Deadlines (loop thread): re-arm for the nearest one after an event
- * made a deadline relevant (open start, resume, first pending write). */
+/* Deadlines (conn_deadline.c, loop thread): re-arm for the nearest one
+ * after an event made a deadline relevant (open start, resume, first
+ * pending write); stamps of the last byte read / written; reading began;
+ * new timeouts from duplex_conn_set_timeout. */
 void dpx_conn_deadline_touch(duplex_conn *conn);
+void dpx_conn_stamp_read(duplex_conn *conn);
+void dpx_conn_stamp_write(duplex_conn *conn);
+void dpx_conn_deadline_read_started(duplex_conn *conn);
+void dpx_conn_deadline_retime(duplex_conn *conn);
+/* The read side (conn_read.c, loop thread). */
+void dpx_conn_read_stop(duplex_conn *conn);
+/* No read callback runs after this (abort, close). */
+void dpx_conn_read_cut(duplex_conn *conn);
+bool dpx_conn_has_held(const duplex_conn *conn);
+/* Whether the pump has read-side work for the wish @p want. */
+bool dpx_conn_read_pending(const duplex_conn *conn, bool want);
+/* Act on @p want. With @p deliver, held frames and a held EOF are
+ * delivered (the pump); without, returns true if they wait for a pass. */
+bool dpx_conn_read_apply(duplex_conn *conn, bool want, bool deliver);
+/* Close a stream handle (RST for TCP with @p reset); an adopted fd 0-2 is
+ * released too, which libuv would leave open. */
+void dpx_stream_close(dpx_stream *s, bool reset, uv_close_cb cb);
 /* A handle of the conn finished closing (loop thread). */
 void dpx_conn_handle_closed(duplex_conn *conn);
 /* Called on the loop thread once the handle(s) are connected. */
@@ -419,8 +456,9 @@ void dpx_entvec_free(dpx_entvec *v);
 /* connect.c: the creation op for every conn kind. */
 void dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status);
 void dpx_connect_state_free(dpx_connect_state *cs);
-/* Cancel a name lookup in flight (loop thread). */
-void dpx_connect_cancel(duplex_conn *conn);
+/* A close began before the conn's handle existed (loop thread): let go
+ * of a lookup in flight. True when the caller should finish the close. */
+bool dpx_connect_cancel(duplex_conn *conn);
 /* Fill conn->peer from the connected handle. */
 void dpx_conn_set_peer(duplex_conn *conn);
 
@@ -431,6 +469,21 @@ void dpx_timer_close_all(duplex_loop *loop);
 
 /* Format a socket address as "1.2.3.4:80" / "[::1]:80". */
 int dpx_format_addr(const struct sockaddr *sa, char *buf, size_t len);
+
+/* ---- standard descriptors (stdfd.c) ----------------------------------- */
+
+/* Open /dev/null on any of fds 0-2 that is closed, so no socket the library
+ * or libuv creates gets one of those numbers (libuv never closes them). */
+void dpx_stdio_ensure_open(void);
+/* Whether @p fd is 0, 1 or 2 (which libuv leaves open on close). */
+static inline bool
+dpx_is_stdio_fd(int fd)
+{
+  return fd >= 0 && fd <= 2;
+}
+/* After libuv "closed" a handle on stdio fd @p fd: release what it refers
+ * to by putting /dev/null in its place (the number stays taken). */
+void dpx_stdio_release(int fd);
 
 /* ---- signals (sigpipe.c) --------------------------------------------- */
 

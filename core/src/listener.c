@@ -27,14 +27,15 @@
 /* Accepts per readiness, so one busy listener cannot starve the loop. */
 #define DPX_ACCEPT_BATCH 64
 
+/* References: the caller's (from duplex_listener_tcp/_unix) and the
+ * loop's, held from creation until the listener's handles have closed (or
+ * its open op found the loop gone). */
 struct duplex_listener {
-  duplex_loop *loop;
-  dpx_link link; /* in loop->listeners while listening */
-  dpx_stream h;
+  atomic_uint refs;
+  /* ---- under the listener's lock (dpx_addr_mu) ---- */
+  duplex_loop *loop; /* NULL once the loop is done with the listener */
+  /* ---- immutable after creation ---- */
   bool is_unix;
-  bool in_list;
-  bool closing;
-  atomic_bool close_requested;
   uint16_t port;
   char *addr;
   char *path; /* UNIX socket file we created, removed on close */
@@ -44,15 +45,23 @@ struct duplex_listener {
   int backlog;
   unsigned flags;
   unsigned mode;
+  atomic_bool close_requested;
+  /* ---- loop thread only ---- */
+  dpx_link link; /* in loop->listeners while listening */
+  dpx_stream h;
+  bool in_list;
+  bool closing;
+  bool has_handle; /* h is initialised */
+  dpx_op open_op;
   dpx_op close_op;
+  int fd; /* the listening socket */
 #if !defined(_WIN32)
   /* Unix: the library accepts itself, watching the socket with a poll
    * handle, and backs off with a timer when accept() fails. */
   uv_poll_t poll;
   uv_timer_t retry;
-  int fd;
   unsigned backoff_ms; /* 0 while accepting normally */
-  unsigned handles;    /* handles still to close before freeing */
+  unsigned handles;    /* handles still to close before letting go */
   bool accepting;      /* poll and timer are initialised */
 #endif
 };
@@ -76,6 +85,40 @@ listener_free(duplex_listener *l)
   free(l);
 }
 
+int
+duplex_listener_ref(duplex_listener *l)
+{
+  if (l == NULL)
+    return DUPLEX_EINVAL;
+  atomic_fetch_add_explicit(&l->refs, 1u, memory_order_relaxed);
+  return 0;
+}
+
+int
+duplex_listener_unref(duplex_listener *l)
+{
+  if (l == NULL)
+    return DUPLEX_EINVAL;
+  if (atomic_fetch_sub_explicit(&l->refs, 1u, memory_order_acq_rel) == 1u)
+    listener_free(l);
+  return 0;
+}
+
+/* The loop lets go: the socket file goes, calls return ECLOSED. */
+static void
+listener_detach(duplex_listener *l)
+{
+#if !defined(_WIN32)
+  if (l->path != NULL)
+    unlink(l->path);
+#endif
+  uv_mutex_lock(dpx_addr_mu(l));
+  l->loop = NULL;
+  uv_mutex_unlock(dpx_addr_mu(l));
+  atomic_store(&l->close_requested, true);
+  duplex_listener_unref(l); /* the loop's reference */
+}
+
 static void
 on_listener_closed(uv_handle_t *h)
 {
@@ -83,10 +126,8 @@ on_listener_closed(uv_handle_t *h)
 #if !defined(_WIN32)
   if (l->handles > 0 && --l->handles > 0)
     return; /* the other handles' callbacks come first */
-  if (l->path != NULL)
-    unlink(l->path);
 #endif
-  listener_free(l);
+  listener_detach(l);
 }
 
 static void
@@ -241,30 +282,22 @@ on_acceptable(uv_poll_t *p, int status, int events)
   }
 }
 
-/* Listen on the bound socket and watch it (loop thread). */
+/* Watch the listening socket (loop thread). */
 static int
 accept_start(duplex_listener *l)
 {
-  uv_os_fd_t fd;
-  int r = uv_fileno(&l->h.handle, &fd);
+  int r = uv_timer_init(&l->loop->uv, &l->retry);
   if (r != 0)
     return r;
-  l->fd = fd;
-  if (listen(l->fd, l->backlog) != 0)
-    return uv_translate_sys_error(errno);
-  r = uv_timer_init(&l->loop->uv, &l->retry);
-  if (r != 0)
-    return r;
+  l->retry.data = l;
   r = uv_poll_init_socket(&l->loop->uv, &l->poll, l->fd);
   if (r != 0) {
     /* One handle to close besides the listener's own. */
     l->handles = 2;
-    l->retry.data = l;
     uv_close((uv_handle_t *)&l->retry, on_listener_closed);
     return r;
   }
   l->poll.data = l;
-  l->retry.data = l;
   l->accepting = true;
   return uv_poll_start(&l->poll, UV_READABLE, on_acceptable);
 }
@@ -292,7 +325,11 @@ accept_start(duplex_listener *l)
 }
 #endif
 
-/* ---- creating ------------------------------------------------------------- */
+/* ---- creating ------------------------------------------------------------- *
+ * The socket is made, bound and put into listening state on the caller's
+ * thread, so errors (address in use, permissions) come back from the call
+ * and nothing waits for the loop. The loop then wraps the descriptor in a
+ * handle and starts accepting (the open op). */
 
 static int
 listener_prepare(duplex_listener **out, duplex_loop *loop,
@@ -324,6 +361,7 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
     dpx_conn_cfg_unref(cfg);
     return DUPLEX_ENOMEM;
   }
+  atomic_init(&l->refs, 2u); /* the caller's and the loop's */
   l->loop = loop;
   l->cfg = cfg;
   l->on_error = o.on_error;
@@ -331,209 +369,309 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   l->backlog = o.backlog > 0 ? o.backlog : 511;
   l->flags = o.flags;
   l->mode = o.mode;
+  l->fd = -1;
   atomic_init(&l->close_requested, false);
   dpx_link_init(&l->link);
   *out = l;
   return 0;
 }
 
-typedef struct tcp_args {
-  duplex_listener *l;
-  struct sockaddr_storage addr;
-} tcp_args;
-
-static void
-listen_failed(duplex_listener *l)
+static char *
+str_dup(const char *s)
 {
-  /* The handle exists: it must close through the loop before freeing. */
-  l->path = NULL;
-  l->closing = true;
-#if !defined(_WIN32)
-  if (l->accepting) {
-    l->handles = 3;
-    uv_close((uv_handle_t *)&l->poll, on_listener_closed);
-    uv_close((uv_handle_t *)&l->retry, on_listener_closed);
-  }
-#endif
-  uv_close(&l->h.handle, on_listener_closed);
+  size_t n = strlen(s) + 1;
+  char *p = malloc(n);
+  if (p != NULL)
+    memcpy(p, s, n);
+  return p;
 }
 
-static int
-listen_tcp_on_loop(duplex_loop *loop, void *arg)
+/* Loop thread: a listener that never got going lets go of its socket. */
+static void
+listener_open_failed(duplex_listener *l, int err)
 {
-  tcp_args *a = arg;
-  duplex_listener *l = a->l;
-  int r = uv_tcp_init(&loop->uv, &l->h.tcp);
+  if (l->fd >= 0 && !l->has_handle) {
+#if !defined(_WIN32)
+    close(l->fd);
+#endif
+    l->fd = -1;
+  }
+  if (err != 0 && l->on_error != NULL)
+    l->on_error(l, err, l->user);
+  if (l->has_handle) {
+    l->closing = true;
+    uv_close(&l->h.handle, on_listener_closed);
+    return;
+  }
+  listener_detach(l);
+}
+
+static void
+listener_open_op(duplex_loop *loop, dpx_op *op, int status)
+{
+  duplex_listener *l = DPX_CONTAINER_OF(op, duplex_listener, open_op);
+  if (status != 0 || atomic_load(&l->close_requested)) {
+    listener_open_failed(l, 0); /* loop freed or closed before it opened */
+    return;
+  }
+  int r = l->is_unix ? uv_pipe_init(&loop->uv, &l->h.pipe, 0)
+                     : uv_tcp_init(&loop->uv, &l->h.tcp);
   if (r != 0) {
-    listener_free(l);
-    return dpx_err(r);
+    listener_open_failed(l, dpx_err(r));
+    return;
   }
   l->h.handle.data = l;
-  unsigned flags = (l->flags & DUPLEX_LISTEN_IPV6ONLY) ? UV_TCP_IPV6ONLY : 0;
-  r = uv_tcp_bind(&l->h.tcp, (struct sockaddr *)&a->addr, flags);
-  if (r == 0)
-    r = accept_start(l);
-  if (r == 0) {
-    struct sockaddr_storage ss;
-    int len = sizeof ss;
-    char buf[128];
-    r = uv_tcp_getsockname(&l->h.tcp, (struct sockaddr *)&ss, &len);
-    if (r == 0) {
-      l->port = ntohs(ss.ss_family == AF_INET6
-                          ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                          : ((struct sockaddr_in *)&ss)->sin_port);
-      dpx_format_addr((struct sockaddr *)&ss, buf, sizeof buf);
-      l->addr = malloc(strlen(buf) + 1);
-      if (l->addr == NULL)
-        r = UV_ENOMEM;
-      else
-        memcpy(l->addr, buf, strlen(buf) + 1);
-    }
-  }
+  r = l->is_unix ? uv_pipe_open(&l->h.pipe, l->fd)
+                 : uv_tcp_open(&l->h.tcp, (uv_os_sock_t)l->fd);
   if (r != 0) {
-    listen_failed(l);
-    return dpx_err(r);
+#if !defined(_WIN32)
+    close(l->fd); /* the handle did not take it */
+#endif
+    l->fd = -1;
+    l->has_handle = true;
+    listener_open_failed(l, dpx_err(r));
+    return;
+  }
+  l->has_handle = true;
+  r = accept_start(l);
+  if (r != 0) {
+    l->closing = true;
+#if !defined(_WIN32)
+    if (l->accepting) {
+      l->handles = 3;
+      uv_close((uv_handle_t *)&l->poll, on_listener_closed);
+      uv_close((uv_handle_t *)&l->retry, on_listener_closed);
+    } else if (l->handles == 0) {
+      l->handles = 1;
+    }
+#endif
+    if (l->on_error != NULL)
+      l->on_error(l, dpx_err(r), l->user);
+    uv_close(&l->h.handle, on_listener_closed);
+    return;
   }
   dpx_link_insert(&loop->listeners, &l->link);
   l->in_list = true;
+}
+
+/* Hand the bound, listening socket to the loop. On failure the socket is
+ * closed, the file removed and the listener freed. */
+static int
+listener_submit(duplex_listener **out, duplex_listener *l)
+{
+  l->open_op.fn = listener_open_op;
+  int r = dpx_loop_submit(l->loop, &l->open_op, true);
+  if (r != 0) {
+#if !defined(_WIN32)
+    close(l->fd);
+    if (l->path != NULL)
+      unlink(l->path);
+#endif
+    listener_free(l);
+    return r;
+  }
+  *out = l;
   return 0;
+}
+
+#if !defined(_WIN32)
+static int
+sys_err(void)
+{
+  return dpx_err(uv_translate_sys_error(errno));
+}
+
+/* A socket above the standard descriptors, close-on-exec, non-blocking. */
+static int
+make_socket(int family)
+{
+  int fd = socket(family, SOCK_STREAM, 0);
+  if (fd < 0)
+    return sys_err();
+  if (dpx_is_stdio_fd(fd)) {
+    int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    close(fd);
+    if (moved < 0)
+      return sys_err();
+    fd = moved;
+  }
+  int fl = fcntl(fd, F_GETFL);
+  if (fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 || fl < 0 ||
+      fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) {
+    int r = sys_err();
+    close(fd);
+    return r;
+  }
+  return fd;
 }
 
 int
 duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
                     uint16_t port, const duplex_listener_opts *opts)
 {
-  tcp_args a;
-  memset(&a, 0, sizeof a);
-  if (out != NULL)
-    *out = NULL;
+  struct sockaddr_storage addr;
+  memset(&addr, 0, sizeof addr);
+  if (out == NULL)
+    return DUPLEX_EINVAL;
+  *out = NULL;
   if (host == NULL || host[0] == '\0')
     host = "0.0.0.0";
   else if (strcmp(host, "localhost") == 0)
     host = "127.0.0.1";
-  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&a.addr) != 0 &&
-      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&a.addr) != 0)
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0)
     return DUPLEX_EINVAL;
-  int r = listener_prepare(out, loop, opts);
+  duplex_listener *l;
+  int r = listener_prepare(&l, loop, opts);
   if (r != 0)
     return r;
-  a.l = *out;
-  *out = NULL;
-  r = dpx_loop_exec(loop, listen_tcp_on_loop, &a);
-  if (r == DUPLEX_ECLOSED && a.l->h.handle.loop == NULL)
-    listener_free(a.l); /* never reached the loop */
-  if (r == 0)
-    *out = a.l;
-  return r;
+  dpx_stdio_ensure_open();
+  int fd = make_socket(addr.ss_family);
+  if (fd < 0) {
+    listener_free(l);
+    return fd;
+  }
+  int on = 1;
+  (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+  if (addr.ss_family == AF_INET6) {
+    int v6only = (l->flags & DUPLEX_LISTEN_IPV6ONLY) ? 1 : 0;
+    (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
+  }
+  socklen_t alen = addr.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                              : sizeof(struct sockaddr_in);
+  struct sockaddr_storage bound;
+  socklen_t blen = sizeof bound;
+  char buf[128];
+  if (bind(fd, (struct sockaddr *)&addr, alen) != 0 ||
+      listen(fd, l->backlog) != 0 ||
+      getsockname(fd, (struct sockaddr *)&bound, &blen) != 0) {
+    r = sys_err();
+    close(fd);
+    listener_free(l);
+    return r;
+  }
+  l->fd = fd;
+  l->port = ntohs(bound.ss_family == AF_INET6
+                      ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                      : ((struct sockaddr_in *)&bound)->sin_port);
+  dpx_format_addr((struct sockaddr *)&bound, buf, sizeof buf);
+  if ((l->addr = str_dup(buf)) == NULL) {
+    close(fd);
+    listener_free(l);
+    return DUPLEX_ENOMEM;
+  }
+  return listener_submit(out, l);
 }
 
-#if !defined(_WIN32)
 /* Is something listening on the UNIX socket at @p path? A refused connect
- * means the file is stale. Local sockets answer at once, so this does not
- * stall the loop. */
+ * means the file is stale. The probe never blocks: a live listener whose
+ * backlog is full answers EAGAIN, which counts as live. */
 static bool
 unix_path_is_stale(const char *path)
 {
   struct stat st;
   if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode))
     return false; /* missing, or not a socket: never remove it */
-  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  int fd = make_socket(AF_UNIX);
   if (fd < 0)
     return false;
   struct sockaddr_un sun;
   memset(&sun, 0, sizeof sun);
   sun.sun_family = AF_UNIX;
   memcpy(sun.sun_path, path, strlen(path) + 1);
-  int r = connect(fd, (struct sockaddr *)&sun, sizeof sun);
+  int r;
+  do
+    r = connect(fd, (struct sockaddr *)&sun, sizeof sun);
+  while (r != 0 && errno == EINTR);
   int e = errno;
   close(fd);
   return r != 0 && e == ECONNREFUSED;
-}
-#endif
-
-typedef struct unix_args {
-  duplex_listener *l;
-  const char *path;
-} unix_args;
-
-static int
-listen_unix_on_loop(duplex_loop *loop, void *arg)
-{
-  unix_args *a = arg;
-  duplex_listener *l = a->l;
-  int r = uv_pipe_init(&loop->uv, &l->h.pipe, 0);
-  if (r != 0) {
-    listener_free(l);
-    return dpx_err(r);
-  }
-  l->h.handle.data = l;
-  r = uv_pipe_bind(&l->h.pipe, a->path);
-#if !defined(_WIN32)
-  if (r == UV_EADDRINUSE && unix_path_is_stale(a->path)) {
-    unlink(a->path);
-    r = uv_pipe_bind(&l->h.pipe, a->path);
-  }
-#endif
-  if (r != 0) {
-    listen_failed(l);
-    return dpx_err(r);
-  }
-  l->path = malloc(strlen(a->path) + 1);
-  l->addr = malloc(strlen(a->path) + 1);
-  if (l->path == NULL || l->addr == NULL)
-    r = UV_ENOMEM;
-  else {
-    memcpy(l->path, a->path, strlen(a->path) + 1);
-    memcpy(l->addr, a->path, strlen(a->path) + 1);
-  }
-#if !defined(_WIN32)
-  /* Clients cannot connect before listen(), so setting the mode between
-   * bind and listen leaves no window with the wrong permissions. */
-  if (r == 0 && l->mode != 0 && chmod(a->path, (mode_t)l->mode) != 0)
-    r = uv_translate_sys_error(errno);
-#endif
-  l->is_unix = true;
-  if (r == 0)
-    r = accept_start(l);
-  if (r != 0) {
-#if !defined(_WIN32)
-    unlink(a->path);
-#endif
-    free(l->path);
-    listen_failed(l);
-    return dpx_err(r);
-  }
-  dpx_link_insert(&loop->listeners, &l->link);
-  l->in_list = true;
-  l->is_unix = true;
-  return 0;
 }
 
 int
 duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
                      const char *path, const duplex_listener_opts *opts)
 {
-  if (out != NULL)
-    *out = NULL;
+  if (out == NULL)
+    return DUPLEX_EINVAL;
+  *out = NULL;
   if (path == NULL || path[0] == '\0')
     return DUPLEX_EINVAL;
-  if (strlen(path) >= 108)
+  struct sockaddr_un sun;
+  if (strlen(path) >= sizeof sun.sun_path)
     return DUPLEX_ENAMETOOLONG;
   if (opts != NULL && opts->size >= sizeof(duplex_listener_opts) &&
       (opts->flags & DUPLEX_LISTEN_IPV6ONLY))
     return DUPLEX_EINVAL;
-  int r = listener_prepare(out, loop, opts);
+  duplex_listener *l;
+  int r = listener_prepare(&l, loop, opts);
   if (r != 0)
     return r;
-  unix_args a = { *out, path };
-  *out = NULL;
-  r = dpx_loop_exec(loop, listen_unix_on_loop, &a);
-  if (r == DUPLEX_ECLOSED && a.l->h.handle.loop == NULL)
-    listener_free(a.l);
-  if (r == 0)
-    *out = a.l;
-  return r;
+  l->is_unix = true;
+  if ((l->addr = str_dup(path)) == NULL) {
+    listener_free(l);
+    return DUPLEX_ENOMEM;
+  }
+  dpx_stdio_ensure_open();
+  int fd = make_socket(AF_UNIX);
+  if (fd < 0) {
+    listener_free(l);
+    return fd;
+  }
+  memset(&sun, 0, sizeof sun);
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, strlen(path) + 1);
+  r = bind(fd, (struct sockaddr *)&sun, sizeof sun);
+  int e = r != 0 ? errno : 0;
+  if (e == EADDRINUSE && unix_path_is_stale(path)) {
+    unlink(path);
+    r = bind(fd, (struct sockaddr *)&sun, sizeof sun);
+    e = r != 0 ? errno : 0;
+  }
+  if (r != 0) {
+    r = dpx_err(uv_translate_sys_error(e));
+    close(fd);
+    listener_free(l);
+    return r;
+  }
+  /* Ours from here: removed on close. Clients cannot connect before
+   * listen(), so setting the mode between bind and listen leaves no window
+   * with the wrong permissions. */
+  if ((l->path = str_dup(path)) == NULL)
+    r = DUPLEX_ENOMEM;
+  else if (l->mode != 0 && chmod(path, (mode_t)l->mode) != 0)
+    r = sys_err();
+  else if (listen(fd, l->backlog) != 0)
+    r = sys_err();
+  if (r != 0) {
+    close(fd);
+    unlink(path);
+    listener_free(l);
+    return r;
+  }
+  l->fd = fd;
+  return listener_submit(out, l);
 }
+#else
+/* Windows: TCP sockets could be bound here as on Unix; named pipes only
+ * exist through libuv's handle. Both are bound on the loop at its next
+ * iteration and errors are reported through on_error. Untested here. */
+int
+duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
+                    uint16_t port, const duplex_listener_opts *opts)
+{
+  (void)out; (void)loop; (void)host; (void)port; (void)opts;
+  return DUPLEX_ENOTSUP;
+}
+
+int
+duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
+                     const char *path, const duplex_listener_opts *opts)
+{
+  (void)out; (void)loop; (void)path; (void)opts;
+  return DUPLEX_ENOTSUP;
+}
+#endif
 
 /* ---- queries and close ---------------------------------------------------- */
 
@@ -568,7 +706,10 @@ close_op_run(duplex_loop *loop, dpx_op *op, int status)
   duplex_listener *l = DPX_CONTAINER_OF(op, duplex_listener, close_op);
   (void)loop;
   (void)status;
-  listener_close_now(l);
+  if (l->has_handle)
+    listener_close_now(l);
+  /* else the open op, still queued before us, sees close_requested */
+  duplex_listener_unref(l); /* the close op's reference */
 }
 
 int
@@ -576,12 +717,23 @@ duplex_listener_close(duplex_listener *l)
 {
   if (l == NULL)
     return DUPLEX_EINVAL;
-  if (atomic_exchange(&l->close_requested, true))
+  uv_mutex_lock(dpx_addr_mu(l));
+  duplex_loop *loop = l->loop;
+  if (loop == NULL || atomic_exchange(&l->close_requested, true)) {
+    uv_mutex_unlock(dpx_addr_mu(l));
     return DUPLEX_ECLOSED;
-  if (dpx_on_loop(l->loop)) {
-    listener_close_now(l); /* no accept after this returns */
+  }
+  if (dpx_on_loop(loop)) {
+    uv_mutex_unlock(dpx_addr_mu(l));
+    if (l->has_handle)
+      listener_close_now(l); /* no accept after this returns */
     return 0;
   }
+  /* Queued under the lock: the loop cannot let go of the listener (its
+   * detach takes the lock) before the op is in its queue. */
+  duplex_listener_ref(l);
   l->close_op.fn = close_op_run;
-  return dpx_loop_submit(l->loop, &l->close_op, false);
+  int r = dpx_loop_submit(loop, &l->close_op, false);
+  uv_mutex_unlock(dpx_addr_mu(l));
+  return r;
 }

@@ -165,6 +165,44 @@ exec_op_run(duplex_loop *loop, dpx_op *op, int status)
   uv_mutex_unlock(&loop->mu);
 }
 
+/* Under loop->mu, the loop idle: run fn as the loop's thread. */
+static int
+exec_borrowed_locked(duplex_loop *loop, int (*fn)(duplex_loop *, void *),
+                     void *arg)
+{
+  loop->state = DPX_LOOP_EXEC;
+  uv_mutex_unlock(&loop->mu);
+  duplex_loop *saved = dpx_tls_loop;
+  dpx_tls_loop = loop;
+  int r = fn(loop, arg);
+  dpx_tls_loop = saved;
+  uv_mutex_lock(&loop->mu);
+  loop->state = DPX_LOOP_IDLE;
+  uv_cond_broadcast(&loop->cv);
+  /* Deferred work queued by fn runs when the loop next runs. */
+  return r;
+}
+
+/* Unlink @p op from @p l if it is there. */
+static bool
+oplist_remove(dpx_oplist *l, dpx_op *op)
+{
+  dpx_op *prev = NULL;
+  for (dpx_op *o = l->head; o != NULL; prev = o, o = o->next) {
+    if (o != op)
+      continue;
+    if (prev != NULL)
+      prev->next = o->next;
+    else
+      l->head = o->next;
+    if (l->tail == o)
+      l->tail = prev;
+    o->next = NULL;
+    return true;
+  }
+  return false;
+}
+
 int
 dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
 {
@@ -179,17 +217,8 @@ dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
   }
   if (loop->state == DPX_LOOP_IDLE) {
     /* Nobody runs the loop: borrow it, as its thread, for this call. */
-    loop->state = DPX_LOOP_EXEC;
+    int r = exec_borrowed_locked(loop, fn, arg);
     uv_mutex_unlock(&loop->mu);
-    duplex_loop *saved = dpx_tls_loop;
-    dpx_tls_loop = loop;
-    int r = fn(loop, arg);
-    dpx_tls_loop = saved;
-    uv_mutex_lock(&loop->mu);
-    loop->state = DPX_LOOP_IDLE;
-    uv_cond_broadcast(&loop->cv);
-    uv_mutex_unlock(&loop->mu);
-    /* Deferred work queued by fn runs when the loop next runs. */
     return r;
   }
   exec_op e;
@@ -202,9 +231,17 @@ dpx_loop_exec(duplex_loop *loop, int (*fn)(duplex_loop *, void *), void *arg)
   if (was_empty)
     uv_async_send(&loop->wake);
   loop->exec_waiters++;
-  while (!e.done)
+  while (!e.done) {
+    /* The loop stopped with our op still queued: nobody will run it until
+     * the loop runs again, so take it back and borrow the idle loop. */
+    if (loop->state == DPX_LOOP_IDLE && oplist_remove(&loop->inbox, &e.op)) {
+      e.result = exec_borrowed_locked(loop, fn, arg);
+      e.done = true;
+      break;
+    }
     uv_cond_wait(&loop->cv, &loop->mu);
-  /* A free in progress waits for us to leave before destroying mu. */
+  }
+  /* A free in progress waits for us to leave before tearing down. */
   if (--loop->exec_waiters == 0)
     uv_cond_broadcast(&loop->cv);
   uv_mutex_unlock(&loop->mu);
@@ -286,9 +323,11 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
       return DUPLEX_EINVAL;
   }
   dpx_conn_locks_ensure();
+  dpx_stdio_ensure_open();
   duplex_loop *loop = calloc(1, sizeof *loop);
   if (loop == NULL)
     return DUPLEX_ENOMEM;
+  atomic_init(&loop->refs, 1u); /* the creator's, dropped by free */
   loop->rbuf_size = o.read_buffer_size != 0 ? o.read_buffer_size : 65536;
   /* Locks first, uv last: each failure undoes exactly what came before. */
   r = DUPLEX_ENOMEM;
@@ -553,6 +592,46 @@ teardown(duplex_loop *loop)
   dpx_tls_loop = NULL;
 }
 
+static void
+loop_release(duplex_loop *loop)
+{
+  uv_mutex_destroy(&loop->pool_mu);
+  uv_cond_destroy(&loop->cv);
+  uv_mutex_destroy(&loop->mu);
+  free(loop);
+}
+
+int
+duplex_loop_ref(duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  atomic_fetch_add_explicit(&loop->refs, 1u, memory_order_relaxed);
+  return 0;
+}
+
+int
+duplex_loop_unref(duplex_loop *loop)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  unsigned n = atomic_load_explicit(&loop->refs, memory_order_relaxed);
+  do {
+    if (n == 1u) {
+      /* The last reference: only a freed loop may let it go. */
+      uv_mutex_lock(&loop->mu);
+      bool freed = loop->freed;
+      uv_mutex_unlock(&loop->mu);
+      if (!freed)
+        return DUPLEX_EBUSY;
+    }
+  } while (!atomic_compare_exchange_weak_explicit(
+      &loop->refs, &n, n - 1u, memory_order_acq_rel, memory_order_relaxed));
+  if (n == 1u)
+    loop_release(loop);
+  return 0;
+}
+
 int
 duplex_loop_free(duplex_loop *loop)
 {
@@ -597,11 +676,15 @@ duplex_loop_free(duplex_loop *loop)
     free(c);
     c = next;
   }
+  loop->pool = NULL;
+  loop->pool_len = 0;
   dpx_wstate_pool_free(loop);
   free(loop->rbuf);
-  uv_mutex_destroy(&loop->pool_mu);
-  uv_cond_destroy(&loop->cv);
-  uv_mutex_destroy(&loop->mu);
-  free(loop);
+  loop->rbuf = NULL;
+  uv_mutex_lock(&loop->mu);
+  loop->freed = true; /* stays FREEING: every call returns ECLOSED */
+  uv_mutex_unlock(&loop->mu);
+  if (atomic_fetch_sub_explicit(&loop->refs, 1u, memory_order_acq_rel) == 1u)
+    loop_release(loop);
   return 0;
 }

@@ -9,21 +9,22 @@
 
 enum { DPX_TIMER_KEEP, DPX_TIMER_START, DPX_TIMER_STOP };
 
+/* References: the caller's (from duplex_timer_new), the loop's (while the
+ * uv handle exists, or until the creation op ran) and one per queued op. */
 struct duplex_timer {
-  duplex_loop *loop;
+  atomic_uint refs;
   uv_timer_t h;
   duplex_timer_cb cb;
   void *user;
   uv_mutex_t mu;
   uv_cond_t idle; /* signalled when a callback returns */
   /* ---- guarded by mu ---- */
-  int want;     /* DPX_TIMER_* waiting to be applied */
+  duplex_loop *loop; /* NULL once the loop is done with the timer */
+  int want;          /* DPX_TIMER_* waiting to be applied */
   uint64_t timeout, repeat;
   bool close_requested;
   bool in_callback; /* the loop is running cb right now */
-  unsigned close_waiters;
   bool op_queued;
-  bool handle_gone; /* uv close finished; the queued op frees */
   /* ---- loop thread only ---- */
   bool inited;
   bool closing;
@@ -39,17 +40,40 @@ timer_free(duplex_timer *t)
   free(t);
 }
 
+int
+duplex_timer_ref(duplex_timer *timer)
+{
+  if (timer == NULL)
+    return DUPLEX_EINVAL;
+  atomic_fetch_add_explicit(&timer->refs, 1u, memory_order_relaxed);
+  return 0;
+}
+
+int
+duplex_timer_unref(duplex_timer *timer)
+{
+  if (timer == NULL)
+    return DUPLEX_EINVAL;
+  if (atomic_fetch_sub_explicit(&timer->refs, 1u, memory_order_acq_rel) == 1u)
+    timer_free(timer);
+  return 0;
+}
+
+/* The loop lets go of the timer (handle closed, or never created). */
+static void
+timer_detach(duplex_timer *t)
+{
+  uv_mutex_lock(&t->mu);
+  t->loop = NULL;
+  t->close_requested = true;
+  uv_mutex_unlock(&t->mu);
+  duplex_timer_unref(t); /* the loop's reference */
+}
+
 static void
 on_timer_closed(uv_handle_t *h)
 {
-  duplex_timer *t = h->data;
-  uv_mutex_lock(&t->mu);
-  bool keep = t->op_queued || t->close_waiters > 0;
-  t->handle_gone = true;
-  uv_mutex_unlock(&t->mu);
-  /* Otherwise the op still queued, or the last closer leaving, frees it. */
-  if (!keep)
-    timer_free(t);
+  timer_detach(h->data);
 }
 
 static void
@@ -69,8 +93,7 @@ on_timer(uv_timer_t *h)
   t->cb(t, t->user);
   uv_mutex_lock(&t->mu);
   t->in_callback = false;
-  if (t->close_waiters > 0)
-    uv_cond_broadcast(&t->idle);
+  uv_cond_broadcast(&t->idle);
   uv_mutex_unlock(&t->mu);
 }
 
@@ -114,40 +137,43 @@ timer_apply(duplex_timer *t)
 }
 
 static void
+timer_init_on_loop(duplex_timer *t, duplex_loop *loop)
+{
+  uv_timer_init(&loop->uv, &t->h); /* cannot fail */
+  t->h.data = t;
+  t->inited = true;
+  dpx_link_insert(&loop->timers, &t->link);
+}
+
+static void
 timer_op(duplex_loop *loop, dpx_op *op, int status)
 {
   duplex_timer *t = DPX_CONTAINER_OF(op, duplex_timer, op);
   uv_mutex_lock(&t->mu);
   t->op_queued = false;
-  bool gone = t->handle_gone;
-  bool waited = t->close_waiters > 0;
+  bool gone = t->loop == NULL;
   uv_mutex_unlock(&t->mu);
-  if (gone) {
-    if (!waited)
-      timer_free(t);
-    return;
-  }
-  if (!t->inited) {
+  if (!gone && !t->inited) {
     if (status != 0) {
-      /* Loop freed before the timer existed on it. */
-      timer_free(t);
-      return;
+      timer_detach(t); /* the loop was freed before the timer existed */
+      gone = true;
+    } else {
+      timer_init_on_loop(t, loop);
     }
-    uv_timer_init(&loop->uv, &t->h);
-    t->h.data = t;
-    t->inited = true;
-    dpx_link_insert(&loop->timers, &t->link);
   }
-  timer_apply(t);
+  if (!gone)
+    timer_apply(t);
+  duplex_timer_unref(t); /* the op's reference */
 }
 
-/* Under t->mu: make sure the op runs. */
+/* Under t->mu, the loop still holding the timer: make sure the op runs. */
 static void
 timer_schedule_locked(duplex_timer *t)
 {
-  if (t->op_queued || t->handle_gone)
+  if (t->op_queued)
     return;
   t->op_queued = true;
+  atomic_fetch_add_explicit(&t->refs, 1u, memory_order_relaxed);
   dpx_loop_submit(t->loop, &t->op, false);
 }
 
@@ -171,6 +197,7 @@ duplex_timer_new(duplex_timer **out, duplex_loop *loop, duplex_timer_cb cb,
     free(t);
     return DUPLEX_ENOMEM;
   }
+  atomic_init(&t->refs, 2u); /* the caller's and the loop's */
   t->loop = loop;
   t->cb = cb;
   t->user = user;
@@ -181,12 +208,10 @@ duplex_timer_new(duplex_timer **out, duplex_loop *loop, duplex_timer_cb cb,
       timer_free(t);
       return DUPLEX_ECLOSED; /* it would never fire */
     }
-    uv_timer_init(&loop->uv, &t->h);
-    t->h.data = t;
-    t->inited = true;
-    dpx_link_insert(&loop->timers, &t->link);
+    timer_init_on_loop(t, loop);
   } else {
     t->op_queued = true;
+    atomic_init(&t->refs, 3u); /* and the creation op's */
     int r = dpx_loop_submit(loop, &t->op, true);
     if (r != 0) {
       timer_free(t);
@@ -201,7 +226,7 @@ static int
 timer_request(duplex_timer *t, int want, uint64_t timeout, uint64_t repeat)
 {
   uv_mutex_lock(&t->mu);
-  if (t->close_requested) {
+  if (t->close_requested || t->loop == NULL) {
     uv_mutex_unlock(&t->mu);
     return DUPLEX_ECLOSED;
   }
@@ -240,7 +265,7 @@ duplex_timer_close(duplex_timer *timer)
   if (timer == NULL)
     return DUPLEX_EINVAL;
   uv_mutex_lock(&timer->mu);
-  if (timer->close_requested) {
+  if (timer->close_requested || timer->loop == NULL) {
     uv_mutex_unlock(&timer->mu);
     return DUPLEX_ECLOSED;
   }
@@ -248,18 +273,10 @@ duplex_timer_close(duplex_timer *timer)
   bool here = dpx_on_loop(timer->loop) && timer->inited;
   if (!here) {
     timer_schedule_locked(timer);
-    /* A callback already running finishes before close returns; the
-     * timer's memory stays until the queued op runs, so waiting is safe. */
-    timer->close_waiters++;
+    /* A callback already running finishes before close returns (the
+     * caller's reference keeps the memory while we wait). */
     while (timer->in_callback)
       uv_cond_wait(&timer->idle, &timer->mu);
-    timer->close_waiters--;
-    bool last = timer->close_waiters == 0 && timer->handle_gone &&
-                !timer->op_queued;
-    uv_mutex_unlock(&timer->mu);
-    if (last)
-      timer_free(timer); /* the loop finished with it while we waited */
-    return 0;
   }
   uv_mutex_unlock(&timer->mu);
   if (here)

@@ -327,7 +327,7 @@ RoundFigures run_round(duplex_loop *loop, unsigned nconns, unsigned ntcp,
     CHECK(c.ev.opens.load() == (c.kind == kAbort ? c.ev.opens.load() : 1));
     CHECK(c.ev.opens.load() <= 1);
     CHECK(c.ev.closes.load() == 1);
-    CHECK(c.ev.close_reason.load() == 0);
+    CHECK(c.ev.close_reason.load() == (c.kind == kAbort ? DUPLEX_ECONNABORTED : 0));
     CHECK(c.ev.order_errors.load() == 0);
     CHECK_MESSAGE(c.ver.ok(), c.ver.error());
     CHECK(c.greeting.ok());
