@@ -2,14 +2,19 @@
 """End to end: examples/chat_server with three plain socket clients.
 
 Usage: chat_server_test.py PATH-TO-CHAT_SERVER
-Loopback only; every wait has a hang guard (TIMEOUT).
+Loopback only; every wait has a hang guard (TIMEOUT), inside meson's default
+30 s test timeout so that a stuck step fails with its own message. The
+server is killed on every way out.
 """
+import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 
-TIMEOUT = 60
+TIMEOUT = 20
 
 
 class Client:
@@ -27,11 +32,31 @@ class Client:
             sys.exit("%s: expected %r, got %r" % (self.name, text, got))
 
 
+def first_line(proc):
+    """The first line proc prints, read with a deadline (a plain readline()
+    would wait for ever on a server that hangs before its banner)."""
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + TIMEOUT
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            sys.exit("chat_server printed no banner line within %d s "
+                     "(got %r)" % (TIMEOUT, buf))
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            sys.exit("chat_server closed its stdout before its banner "
+                     "(exit status %s; got %r)" % (proc.poll(), buf))
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode()
+
+
 def main():
     server = subprocess.Popen([sys.argv[1], "0"], stdout=subprocess.PIPE)
     try:
-        banner = server.stdout.readline().decode().split()
-        assert banner[:2] == ["chat", "on"], banner
+        banner = first_line(server).split()
+        if banner[:2] != ["chat", "on"] or len(banner) < 3:
+            sys.exit("chat_server: unexpected banner %r" % banner)
         port = int(banner[2].rsplit(":", 1)[1])
 
         a = Client(port)
@@ -68,14 +93,17 @@ def main():
             cl.sock.close()
 
         server.send_signal(signal.SIGTERM)
-        rc = server.wait(TIMEOUT)
+        try:
+            rc = server.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            sys.exit("chat_server still running %d s after SIGTERM" % TIMEOUT)
         if rc != 0:
             sys.exit("chat_server exited with %d" % rc)
         print("chat_server: ok")
     finally:
         if server.poll() is None:
             server.kill()
-            server.wait()
+            server.wait(TIMEOUT)
         server.stdout.close()
 
 

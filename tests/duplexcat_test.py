@@ -3,8 +3,10 @@
 
 Usage: duplexcat_test.py PATH-TO-DUPLEXCAT [unittest args]
 
-Loopback and temporary directories only. Every subprocess has a hang guard
-(TIMEOUT); no test asserts on wall-clock time.
+Loopback and temporary directories only. Every wait has a hang guard
+(TIMEOUT): a duplexcat that outlives it is killed and the test fails saying
+what it was waiting for; no test asserts on wall-clock time. Peer threads
+are daemons, so a stuck one cannot keep the process alive either.
 """
 import hashlib
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 DUPLEXCAT = None
@@ -52,7 +55,8 @@ class Peer:
         self.sock.listen(1)
         self.sock.settimeout(TIMEOUT)
         self._result = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(handler,))
+        self._thread = threading.Thread(target=self._run, args=(handler,),
+                                        daemon=True)
         self._thread.start()
 
     def _run(self, handler):
@@ -68,9 +72,22 @@ class Peer:
 
     def result(self):
         self._thread.join(TIMEOUT)
+        if self._thread.is_alive():
+            raise AssertionError("hang guard: the peer on %s was still busy "
+                                 "after %d s" % (self.address, TIMEOUT))
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def stop(p):
+    """Kill a duplexcat that is still running and reap it (bounded)."""
+    if p.poll() is None:
+        p.kill()
+    try:
+        p.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def run(args, stdin=b"", stdout=subprocess.PIPE):
@@ -79,9 +96,19 @@ def run(args, stdin=b"", stdout=subprocess.PIPE):
     p = subprocess.Popen([DUPLEXCAT] + args,
                          stdin=subprocess.PIPE if feed else stdin,
                          stdout=stdout, stderr=subprocess.PIPE)
-    out, err = p.communicate(stdin if feed else None, timeout=TIMEOUT)
-    if not feed:
-        stdin.close()
+    try:
+        out, err = p.communicate(stdin if feed else None, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stop(p)
+        _, err = p.communicate(timeout=TIMEOUT)
+        raise AssertionError(
+            "hang guard: duplexcat %s still running after %d s (killed); "
+            "stderr: %r" % (" ".join(args), TIMEOUT,
+                            err.decode(errors="replace"))) from None
+    finally:
+        stop(p)
+        if not feed:
+            stdin.close()
     return p.returncode, out, err.decode(errors="replace")
 
 
@@ -96,11 +123,15 @@ def exchange(to_peer):
     """A peer handler: send to_peer while reading everything, then close."""
     def handler(conn):
         got = {}
-        reader = threading.Thread(target=lambda: got.update(d=recv_all(conn)))
+        reader = threading.Thread(target=lambda: got.update(d=recv_all(conn)),
+                                  daemon=True)
         reader.start()
         conn.sendall(to_peer)
         conn.shutdown(socket.SHUT_WR)
         reader.join(TIMEOUT)
+        if "d" not in got:  # recv timed out (see stderr) or still running
+            raise AssertionError("peer: no EOF from duplexcat within %d s"
+                                 % TIMEOUT)
         return got["d"]
     return handler
 
@@ -206,11 +237,19 @@ class Errors(unittest.TestCase):
             return recv_all(conn)
         peer = Peer(handler)
         # stdin stays open (a pipe nobody writes to) so only -i ends it.
-        with subprocess.Popen([DUPLEXCAT, "-i", "0.2", peer.address],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) as p:
+        p = subprocess.Popen([DUPLEXCAT, "-i", "0.2", peer.address],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
             rc = p.wait(timeout=TIMEOUT)
             err = p.stderr.read().decode()
+        except subprocess.TimeoutExpired:
+            self.fail("hang guard: duplexcat -i 0.2 still running after "
+                      "%d s (killed)" % TIMEOUT)
+        finally:
+            stop(p)
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
         self.assertEqual(rc, 1)
         self.assertEqual(err, "duplexcat: timed out\n")
         peer.result()
@@ -270,20 +309,49 @@ class Listen(unittest.TestCase):
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
             result = {}
-            t = threading.Thread(target=lambda: result.update(
-                zip(("out", "err"), p.communicate(stdin, timeout=TIMEOUT))))
-            t.start()
-            address = ""
-            while not address.endswith("\n"):
-                if p.poll() is not None:
-                    break
+
+            def communicate():
                 try:
-                    with open(addr_file) as f:
-                        address = f.read()
-                except FileNotFoundError:
-                    threading.Event().wait(0.01)
-            sent, got = connect(address.strip())
-            t.join(TIMEOUT)
+                    result["out"], result["err"] = p.communicate(
+                        stdin, timeout=TIMEOUT)
+                except BaseException as e:  # reported below
+                    result["error"] = e
+            t = threading.Thread(target=communicate, daemon=True)
+            t.start()
+            try:
+                # The address file appears once duplexcat listens; a whole
+                # line (newline-terminated) means it is complete.
+                address = ""
+                deadline = time.monotonic() + TIMEOUT
+                while True:
+                    try:
+                        with open(addr_file) as f:
+                            address = f.read()
+                    except FileNotFoundError:
+                        pass
+                    if address.endswith("\n"):
+                        break
+                    if p.poll() is not None:
+                        t.join(TIMEOUT)
+                        err = result.get("err", b"").decode(errors="replace")
+                        self.fail("duplexcat -l exited %s before writing its "
+                                  "address; stderr: %r" % (p.returncode, err))
+                    if time.monotonic() > deadline:
+                        self.fail("hang guard: duplexcat -l wrote no address "
+                                  "to %s within %d s" % (addr_file, TIMEOUT))
+                    time.sleep(0.01)
+                sent, got = connect(address.strip())
+                t.join(TIMEOUT)
+                error = result.get("error")
+                if t.is_alive() or isinstance(error,
+                                              subprocess.TimeoutExpired):
+                    self.fail("hang guard: duplexcat -l still running %d s "
+                              "after the client finished (killed)" % TIMEOUT)
+                if error is not None:
+                    raise error
+            finally:
+                stop(p)  # every way out: nothing outlives the test
+                t.join(TIMEOUT)
             return p.returncode, result["out"], result["err"].decode(), \
                 address.strip(), sent, got
 

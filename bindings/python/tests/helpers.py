@@ -1,12 +1,22 @@
 """Shared test helpers. Timeouts here are hang guards, never assertions
 about speed: every wait is for an event that must happen."""
+import faulthandler
 import socket
+import sys
 import threading
 
 import duplex
 from duplex import _core
 
 GUARD = 30  # seconds; only a test that is broken ever waits this long
+
+# The whole run's hang guard, for the waits that have none of their own
+# (thread joins, awaits): past it, print every thread's stack (so the
+# output says what hung) and exit 1, before meson's 300 s timeout would
+# kill the run without a word. The suite normally takes seconds. Every test
+# module imports this one, so it is armed once per run.
+SUITE_GUARD = 240
+faulthandler.dump_traceback_later(SUITE_GUARD, exit=True, file=sys.stderr)
 
 
 def handle_count():
