@@ -10,6 +10,10 @@
 
 #include <string_view>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 using namespace dtest;
 
 namespace {
@@ -148,6 +152,30 @@ struct Seq {
   uint32_t tid;
   uint32_t seq;
 };
+
+// Bytes of heap in use as glibc's allocator sees it (every arena plus the
+// mmapped chunks), or 0 when it cannot be trusted: a sanitizer replaces the
+// allocator, or this is not glibc.
+uint64_t heap_in_use() {
+#ifdef __GLIBC__
+  if (!kSanitized) {
+    struct mallinfo2 mi = mallinfo2();
+    return uint64_t(mi.uordblks) + uint64_t(mi.hblkhd);
+  }
+#endif
+  return 0;
+}
+
+// A bytes message whose content says which one it is: its number in the
+// first 4 bytes, every other byte derived from the number and the offset.
+std::vector<uint8_t> numbered(uint32_t seq, size_t len) {
+  std::vector<uint8_t> m(len);
+  for (size_t i = 0; i < len; i++)
+    m[i] = uint8_t(seq * 7u + i);
+  if (len >= sizeof seq)
+    std::memcpy(m.data(), &seq, sizeof seq);
+  return m;
+}
 
 } // namespace
 
@@ -638,5 +666,104 @@ TEST_CASE("get_pending counts messages queued and not yet delivered") {
   CHECK(tally.delivered.load() == 1);
   CHECK(loop.free() == 0);
   CHECK(tally.released.load() == 0);
+  CHECK(duplex_channel_unref(ch) == 0);
+}
+
+TEST_CASE("large messages and a burst queued while the loop is busy: delivered intact and in "
+          "order; afterwards the channel holds no more than a small working arena") {
+  // The sizes straddle the point where a bytes message gets a copy of its
+  // own instead of arena space (64 KiB in channel.c); the burst grows the
+  // arena and message vector far beyond what a drained channel keeps.
+  const std::vector<size_t> large = {65535, 65536, 65537, size_t(8) << 20, 1};
+  const uint32_t kBurst = kTsan ? 20000 : 100000;
+  std::vector<std::vector<uint8_t>> msgs; // built before measuring the heap
+  for (size_t len : large)
+    msgs.push_back(numbered(uint32_t(msgs.size()), len));
+  for (uint32_t i = 0; i < kBurst; i++)
+    msgs.push_back(numbered(uint32_t(msgs.size()), 100));
+  for (size_t len : large)
+    msgs.push_back(numbered(uint32_t(msgs.size()), len));
+
+  Loop loop;
+  Chan ev;
+  ev.loop = loop;
+  Event gate;
+  std::atomic<bool> held{false};
+  std::atomic<uint64_t> bad{0}, checked{0};
+  uint32_t next = 0; // loop thread only
+  ev.hook = [&](duplex_channel *, void *data, size_t len) {
+    if (len == 4 && std::memcmp(data, "hold", 4) == 0) {
+      held = true;
+      gate.wait(); // the loop is busy: the producer's messages pile up
+      return;
+    }
+    if (len == 4 && std::memcmp(data, "warm", 4) == 0)
+      return;
+    if (next >= msgs.size() || len != msgs[next].size() ||
+        std::memcmp(data, msgs[next].data(), len) != 0)
+      bad++;
+    next++;
+    checked++;
+  };
+  auto o = ev.opts();
+  duplex_channel *ch = new_channel(loop, &o);
+
+  // Warm up: the loop and the channel at their small steady size.
+  for (int i = 0; i < 1000; i++)
+    REQUIRE(duplex_channel_send(ch, "warm", 4, -1) == 0);
+  REQUIRE(ev.wait_messages(1000));
+  REQUIRE(wait_until([&] { return pending(ch) == 0; }));
+  const uint64_t heap0 = heap_in_use();
+
+  REQUIRE(duplex_channel_send(ch, "hold", 4, -1) == 0);
+  REQUIRE(wait_until([&] { return held.load(); }));
+  for (auto &m : msgs)
+    REQUIRE(duplex_channel_send(ch, m.data(), m.size(), -1) == 0);
+  CHECK(pending(ch) == msgs.size() + 1); // and "hold", being delivered
+  gate.set();
+  REQUIRE(wait_until([&] { return checked.load() == msgs.size(); }));
+  REQUIRE(wait_until([&] { return pending(ch) == 0; }));
+  CHECK(bad.load() == 0);
+
+  // What a drained channel keeps: two arenas and two message vectors of a
+  // few hundred KiB at most, against tens of MiB queued above.
+  const uint64_t heap1 = heap_in_use();
+  if (heap0 != 0) {
+    INFO("heap in use before the burst " << heap0 << ", after " << heap1);
+    CHECK(heap1 <= heap0 + (uint64_t(2) << 20));
+  } else {
+    MESSAGE("heap level not measured: the allocator is replaced (sanitizer) or not glibc");
+  }
+
+  // The working arena still serves small messages after the trim.
+  for (uint32_t i = 0; i < 10; i++)
+    REQUIRE(duplex_channel_send(ch, "warm", 4, -1) == 0);
+  REQUIRE(duplex_channel_close(ch) == 0);
+  REQUIRE(ev.wait_closed());
+  CHECK(ev.close_reason.load() == 0);
+  CHECK(ev.messages.load() == 1000 + 1 + msgs.size() + 10);
+  CHECK(ev.off_loop_thread.load() == 0);
+  CHECK(loop.free() == 0);
+  CHECK(duplex_channel_unref(ch) == 0);
+}
+
+TEST_CASE("a large bytes message that is refused (full, timed out, closed) is not queued and "
+          "leaks nothing; one queued when the loop is freed is dropped without a leak") {
+  Loop loop(false); // not running: nothing drains
+  Chan ev;
+  ev.loop = loop;
+  auto o = ev.opts(1);
+  duplex_channel *ch = new_channel(loop, &o);
+  std::vector<uint8_t> big = numbered(1, size_t(1) << 20);
+  REQUIRE(duplex_channel_send(ch, big.data(), big.size(), 0) == 0);
+  CHECK(duplex_channel_send(ch, big.data(), big.size(), 0) == DUPLEX_EWOULDBLOCK);
+  CHECK(duplex_channel_send(ch, big.data(), big.size(), 10) == DUPLEX_ETIMEDOUT);
+  CHECK(pending(ch) == 1);
+  CHECK(loop.free() == 0); // ASan: the queued copy is freed, not leaked
+  CHECK(ev.messages.load() == 0);
+  CHECK(ev.closes.load() == 1);
+  CHECK(ev.close_reason.load() == DUPLEX_ECANCELED);
+  CHECK(duplex_channel_send(ch, big.data(), big.size(), -1) == DUPLEX_ECLOSED);
+  CHECK(pending(ch) == 0);
   CHECK(duplex_channel_unref(ch) == 0);
 }

@@ -4,14 +4,28 @@
  * growing byte arena, so a steady stream allocates nothing). The loop swaps
  * the whole intake out and delivers it; one wake-up covers every message
  * queued by then. A bounded channel counts messages until they have been
- * delivered; senders that wait for room sleep on ch->room. */
+ * delivered; senders that wait for room sleep on ch->room.
+ *
+ * Memory: a bytes message of DPX_CHAN_OWN_MIN or more is copied into an
+ * allocation of its own (outside the lock), freed once on_message returns;
+ * it never enters an arena. After each delivery the drained queue's arena
+ * and message vector are cut back to DPX_CHAN_KEEP_BYTES / _MSGS, so a
+ * burst does not stay resident for the channel's life, while a steady
+ * stream whose batches fit stays allocation-free. A finished channel keeps
+ * no queue memory even while references to it remain. */
 #include "internal.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+/* Bytes messages this large get their own copy instead of arena space. */
+#define DPX_CHAN_OWN_MIN ((size_t)64 << 10)
+/* What a drained queue keeps: arena bytes, and message slots. */
+#define DPX_CHAN_KEEP_BYTES ((size_t)256 << 10)
+#define DPX_CHAN_KEEP_MSGS ((size_t)4096)
+
 typedef struct dpx_msg {
-  void *ptr; /* pointer message; NULL for bytes */
+  void *ptr; /* pointer message or own copy; NULL for bytes in the arena */
   size_t off; /* bytes message: offset in the arena */
   size_t len;
   duplex_release_cb release;
@@ -56,6 +70,39 @@ msgq_free(dpx_msgq *q)
   free(q->v);
   free(q->bytes);
   memset(q, 0, sizeof *q);
+}
+
+/* Marks a large bytes message held in a copy of its own: the pump frees
+ * the copy once on_message returns; release_all() frees it through this
+ * when the message is never delivered. */
+static void
+copy_release(void *ptr, size_t len, int status, void *user)
+{
+  (void)len;
+  (void)status;
+  (void)user;
+  free(ptr);
+}
+
+/* A drained queue (n == 0) gives back what a burst grew it to. A failed
+ * shrink keeps the larger block, which is still correct. */
+static void
+msgq_trim(dpx_msgq *q)
+{
+  if (q->bcap > DPX_CHAN_KEEP_BYTES) {
+    char *b = realloc(q->bytes, DPX_CHAN_KEEP_BYTES);
+    if (b != NULL) {
+      q->bytes = b;
+      q->bcap = DPX_CHAN_KEEP_BYTES;
+    }
+  }
+  if (q->cap > DPX_CHAN_KEEP_MSGS) {
+    dpx_msg *v = realloc(q->v, DPX_CHAN_KEEP_MSGS * sizeof *v);
+    if (v != NULL) {
+      q->v = v;
+      q->cap = DPX_CHAN_KEEP_MSGS;
+    }
+  }
 }
 
 static void
@@ -145,8 +192,12 @@ channel_finish(duplex_channel *ch, int reason)
   }
   if (ch->on_close != NULL)
     ch->on_close(ch, reason, ch->user);
+  /* Nothing is queued now and sends are refused: a channel still
+   * referenced after it finished holds no queue memory. */
+  msgq_free(&ch->batch);
   uv_mutex_lock(&ch->mu);
   ch->loop = NULL;
+  msgq_free(&ch->intake);
   uv_mutex_unlock(&ch->mu);
   duplex_channel_unref(ch); /* the loop's reference */
 }
@@ -203,9 +254,12 @@ channel_pump_op(duplex_loop *loop, dpx_op *op, int status)
     dpx_msg *m = &ch->batch.v[i];
     void *data = m->ptr != NULL ? m->ptr : ch->batch.bytes + m->off;
     ch->on_message(ch, data, m->len, ch->user);
+    if (m->release == copy_release)
+      free(m->ptr); /* borrowed for the callback only */
   }
   ch->batch.n = 0;
   ch->batch.blen = 0;
+  msgq_trim(&ch->batch);
 
   uv_mutex_lock(&ch->mu);
   ch->pending -= n;
@@ -320,33 +374,21 @@ msgq_push(dpx_msgq *q, const void *bytes, size_t len, void *ptr,
   return 0;
 }
 
+/* Wait for room under ch->mu: 0 when a message may be queued now. */
 static int
-channel_send(duplex_channel *ch, const void *bytes, size_t len, void *ptr,
-             duplex_release_cb release, void *user, int timeout_ms)
+channel_wait_room_locked(duplex_channel *ch, int timeout_ms,
+                         uint64_t deadline)
 {
-  if (ch == NULL || timeout_ms < -1 || (ptr == NULL && bytes == NULL && len))
-    return DUPLEX_EINVAL;
-  if (len > DUPLEX_WRITE_MAX)
-    return DUPLEX_EMSGSIZE;
   int r = 0;
-  uv_mutex_lock(&ch->mu);
-  uint64_t deadline =
-      timeout_ms > 0 ? uv_hrtime() + (uint64_t)timeout_ms * 1000000u : 0;
   for (;;) {
-    if (ch->closed) {
-      r = DUPLEX_ECLOSED;
-      break;
-    }
+    if (ch->closed)
+      return DUPLEX_ECLOSED;
     if (ch->capacity == 0 || ch->pending < ch->capacity)
-      break;
-    if (timeout_ms == 0) {
-      r = DUPLEX_EWOULDBLOCK;
-      break;
-    }
-    if (dpx_on_loop(ch->loop)) {
-      r = DUPLEX_EDEADLK;
-      break;
-    }
+      return 0;
+    if (timeout_ms == 0)
+      return DUPLEX_EWOULDBLOCK;
+    if (dpx_on_loop(ch->loop))
+      return DUPLEX_EDEADLK;
     ch->waiters++;
     if (timeout_ms < 0) {
       uv_cond_wait(&ch->room, &ch->mu);
@@ -359,7 +401,38 @@ channel_send(duplex_channel *ch, const void *bytes, size_t len, void *ptr,
     }
     ch->waiters--;
     if (r != 0)
+      return r;
+  }
+}
+
+static int
+channel_send(duplex_channel *ch, const void *bytes, size_t len, void *ptr,
+             duplex_release_cb release, void *user, int timeout_ms)
+{
+  if (ch == NULL || timeout_ms < -1 || (ptr == NULL && bytes == NULL && len))
+    return DUPLEX_EINVAL;
+  if (len > DUPLEX_WRITE_MAX)
+    return DUPLEX_EMSGSIZE;
+  void *copy = NULL;
+  int r;
+  uv_mutex_lock(&ch->mu);
+  uint64_t deadline =
+      timeout_ms > 0 ? uv_hrtime() + (uint64_t)timeout_ms * 1000000u : 0;
+  for (;;) {
+    r = channel_wait_room_locked(ch, timeout_ms, deadline);
+    if (r != 0 || ptr != NULL || len < DPX_CHAN_OWN_MIN)
       break;
+    /* A large bytes message, and there is room: copy it without holding
+     * the lock (other senders go on meanwhile), then check again. */
+    uv_mutex_unlock(&ch->mu);
+    copy = malloc(len);
+    if (copy == NULL)
+      return DUPLEX_ENOMEM;
+    memcpy(copy, bytes, len);
+    ptr = copy;
+    release = copy_release;
+    user = NULL;
+    uv_mutex_lock(&ch->mu);
   }
   if (r == 0)
     r = msgq_push(&ch->intake, bytes, len, ptr, release, user);
@@ -368,6 +441,8 @@ channel_send(duplex_channel *ch, const void *bytes, size_t len, void *ptr,
     channel_schedule_locked(ch);
   }
   uv_mutex_unlock(&ch->mu);
+  if (r != 0)
+    free(copy);
   return r;
 }
 
