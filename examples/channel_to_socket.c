@@ -181,6 +181,7 @@ main(int argc, char **argv)
   duplex_channel_unref(chan);
   duplex_conn_unref(conn);
   duplex_listener_close(echo);
+  duplex_listener_unref(echo);
   duplex_loop_free(loop);
   return ok ? 0 : 1;
 }

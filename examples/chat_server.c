@@ -180,6 +180,7 @@ main(int argc, char **argv)
     pthread_kill(sig, SIGTERM); /* release the signal thread */
   pthread_join(sig, NULL);
   duplex_listener_close(listener);
+  duplex_listener_unref(listener);
   duplex_loop_free(loop); /* closes every client */
   return rc == 0 ? 0 : 1;
 }

@@ -374,6 +374,7 @@ main(int argc, char **argv)
   /* 6. Tear down: drop our ref, close the listener, free the loop. */
   duplex_conn_unref(client);
   duplex_listener_close(listener);
+  duplex_listener_unref(listener);
   if ((rc = duplex_loop_free(loop)) != 0)
     return fail("duplex_loop_free", rc);
   return ok ? 0 : 1;

@@ -169,6 +169,7 @@ main(int argc, char **argv)
 
   pthread_join(sig_thread, NULL);
   duplex_listener_close(listener);
+  duplex_listener_unref(listener);
   duplex_loop_free(loop); /* closes every open conn */
   return rc == 0 ? 0 : 1;
 }

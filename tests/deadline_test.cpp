@@ -163,6 +163,7 @@ TEST_CASE("connect deadline does not fire once the conn is open") {
   CHECK(ev.close_reason.load() == 0);
   CHECK(loop.free() == 0);
   CHECK(duplex_conn_unref(c) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -231,6 +232,7 @@ struct CheckAfterResume {
     auto *k = static_cast<CheckAfterResume *>(user);
     k->closes_seen = k->ev->closes.load();
     duplex_timer_close(t);
+    duplex_timer_unref(t);
   }
 };
 } // namespace

@@ -579,4 +579,5 @@ TEST_CASE("a listener's framing is copied: accepted conns frame even after the c
   REQUIRE(fr.wait_count(2));
   CHECK(fr.get() == std::vector<std::string>{"alpha", "beta"});
   CHECK(loop.free() == 0);
+  CHECK(duplex_listener_unref(l) == 0);
 }

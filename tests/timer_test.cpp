@@ -19,6 +19,13 @@ struct TimerEv {
   std::atomic<int> wrong_timer{0};
   duplex_timer *self = nullptr; // expected timer argument (set before start)
   std::function<void(duplex_timer *, int)> hook; // (timer, fire number from 1)
+  std::vector<duplex_timer *> owned; // our references, dropped at the end
+  TimerEv() = default;
+  TimerEv(const TimerEv &) = delete;
+  ~TimerEv() {
+    for (duplex_timer *t : owned)
+      CHECK(duplex_timer_unref(t) == 0);
+  }
 
   static void cb(duplex_timer *t, void *user) {
     auto *e = static_cast<TimerEv *>(user);
@@ -43,6 +50,7 @@ duplex_timer *new_timer(duplex_loop *loop, TimerEv &ev) {
   REQUIRE_MESSAGE(rc == 0, "duplex_timer_new: " << err_str(rc));
   REQUIRE(t != nullptr);
   ev.self = t;
+  ev.owned.push_back(t);
   return t;
 }
 
@@ -165,6 +173,7 @@ TEST_CASE("start from another thread: fires once, on the loop thread") {
   REQUIRE(ev2.wait_fires(1));
   CHECK(ev2.off_loop_thread.load() == 0);
   CHECK(duplex_timer_close(t2) == 0);
+  ev2.owned.push_back(t2);
   CHECK(duplex_timer_close(t) == 0);
   CHECK(loop.free() == 0);
   CHECK(ev.fires.load() == 1);
@@ -390,6 +399,8 @@ TEST_CASE("4 threads create, start, stop and close 200 timers each while the loo
         duplex_timer *t = nullptr;
         int rc = duplex_timer_new(&t, loop, TimerEv::cb, &e);
         if (rc == 0)
+          e.owned.push_back(t);
+        if (rc == 0)
           rc = duplex_timer_start(t, uint64_t(i % 3), uint64_t(i % 2));
         if (rc == 0 && i % 5 == 0)
           rc = duplex_timer_stop(t);
@@ -471,4 +482,28 @@ TEST_CASE("timers left open are closed by loop free: none fires afterwards, noth
     int n = ev.fires.load();
     CHECK(n >= 2);
   }
+}
+
+TEST_CASE("a timer reference outlives close and the loop: calls return DUPLEX_ECLOSED") {
+  TimerEv ev;
+  duplex_timer *closed = nullptr, *open = nullptr;
+  {
+    Loop loop;
+    closed = new_timer(loop, ev);
+    TimerEv ev2;
+    open = nullptr;
+    REQUIRE(duplex_timer_new(&open, loop, TimerEv::cb, &ev2) == 0);
+    REQUIRE(duplex_timer_start(open, 60000, 0) == 0);
+    REQUIRE(duplex_timer_close(closed) == 0);
+    CHECK(duplex_timer_close(closed) == DUPLEX_ECLOSED); // a second close
+    CHECK(duplex_timer_start(closed, 1, 0) == DUPLEX_ECLOSED);
+    CHECK(loop.free() == 0);
+    // The loop is gone; the timer it closed is still ours to ask.
+    CHECK(duplex_timer_close(open) == DUPLEX_ECLOSED);
+    CHECK(duplex_timer_stop(open) == DUPLEX_ECLOSED);
+    CHECK(duplex_timer_start(open, 1, 0) == DUPLEX_ECLOSED);
+    CHECK(duplex_timer_unref(open) == 0);
+  }
+  CHECK(duplex_timer_close(closed) == DUPLEX_ECLOSED);
+  CHECK(ev.fires.load() == 0);
 }

@@ -168,6 +168,7 @@ TEST_CASE("TCP on 127.0.0.1 port 0: bound port, address, echo round trip") {
   CHECK(srv.peer_address().rfind("127.0.0.1:", 0) == 0);
   CHECK(srv.peer_address() != "127.0.0.1:" + std::to_string(port));
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(loop.free() == 0);
 }
 
@@ -195,6 +196,7 @@ TEST_CASE("TCP on ::1 port 0") {
   CHECK(srv.ev.wait_closed());
   CHECK(srv.echo_errors.load() == 0);
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(loop.free() == 0);
 }
 
@@ -215,6 +217,7 @@ TEST_CASE("TCP by name: listen on and connect to \"localhost\"") {
   CHECK(peer == "127.0.0.1:" + std::to_string(port));
   CHECK(srv.ev.wait_closed());
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(loop.free() == 0);
 }
 
@@ -232,6 +235,7 @@ TEST_CASE("accepted conns outlive the listener that accepted them") {
   REQUIRE(duplex_conn_connect_tcp(&c, loop, "127.0.0.1", port, &o) == 0);
   CHECK(srv.ev.wait_open());
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   REQUIRE(duplex_conn_write(c, "still here", 10, nullptr, nullptr) == 0);
   CHECK(cev.wait_bytes(10));
   CHECK(cev.data() == "still here");
@@ -263,6 +267,7 @@ TEST_CASE("UNIX socket: listen, connect, echo; the file goes on close") {
   CHECK(srv.peer_address() == ""); // the client socket is unnamed
   CHECK(srv.echo_errors.load() == 0);
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(wait_until([&] { return !exists(path); }));
   CHECK(loop.free() == 0);
 }
@@ -282,6 +287,7 @@ TEST_CASE("UNIX socket: a stale socket file is replaced") {
   REQUIRE_MESSAGE(rc == 0, err_str(rc));
   echo_round_trip(loop, Via::unix_path, path.c_str());
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(loop.free() == 0);
 }
 
@@ -300,6 +306,7 @@ TEST_CASE("UNIX socket: mode bits are applied") {
     REQUIRE(::stat(path.c_str(), &st) == 0);
     CHECK((st.st_mode & 0777) == mode);
     CHECK(duplex_listener_close(l) == 0);
+    CHECK(duplex_listener_unref(l) == 0);
   }
   CHECK(loop.free() == 0);
 }
@@ -327,6 +334,7 @@ TEST_CASE("UNIX socket: a live socket gives DUPLEX_EADDRINUSE and is kept") {
     echo_round_trip(loop, Via::unix_path, path.c_str());
     CHECK(a.wait_all_closed());
     CHECK(duplex_listener_close(la) == 0);
+    CHECK(duplex_listener_unref(la) == 0);
   }
   SUBCASE("a path that is not a socket is never removed") {
     std::string path = dir.file("regular");
@@ -506,6 +514,7 @@ TEST_CASE("get_peer: DUPLEX_ENOTCONN before open, DUPLEX_ENOBUFS when short") {
   CHECK(ev.wait_closed());
   CHECK(duplex_conn_unref(c) == 0);
   CHECK(duplex_listener_close(l) == 0);
+  CHECK(duplex_listener_unref(l) == 0);
   CHECK(loop.free() == 0);
 }
 
@@ -652,6 +661,11 @@ TEST_CASE("freeing the loop closes its listeners and removes their socket files"
     REQUIRE(duplex_listener_tcp(&t, loop, "127.0.0.1", 0, &srv.lopts) == 0);
     CHECK(is_socket_file(path));
     CHECK(loop.free() == 0);
+    // The caller's references outlive the loop: calls return ECLOSED.
+    CHECK(duplex_listener_close(l) == DUPLEX_ECLOSED);
+    CHECK(duplex_listener_close(t) == DUPLEX_ECLOSED);
+    CHECK(duplex_listener_unref(l) == 0);
+    CHECK(duplex_listener_unref(t) == 0);
   }
   CHECK_FALSE(exists(path));
 }
@@ -722,6 +736,7 @@ TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY")
       echo_round_trip(loop, Via::tcp, "127.0.0.1", port);
       CHECK(srv.wait_all_closed());
       CHECK(duplex_listener_close(l) == 0);
+      CHECK(duplex_listener_unref(l) == 0);
     }
   }
   SUBCASE("\"::\" with and without DUPLEX_LISTEN_IPV6ONLY") {
@@ -759,6 +774,7 @@ TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY")
       CHECK(duplex_conn_unref(c) == 0);
       CHECK(srv.wait_all_closed());
       CHECK(duplex_listener_close(l) == 0);
+      CHECK(duplex_listener_unref(l) == 0);
     }
   }
   CHECK(loop.free() == 0);

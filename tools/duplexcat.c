@@ -277,9 +277,12 @@ net_open(duplex_conn *net, void *user)
     cat.net = net;
     duplex_conn_ref(net);
     duplex_listener_close(cat.listener);
+    duplex_listener_unref(cat.listener);
     cat.listener = NULL;
-    if (cat.accept_timer != NULL)
+    if (cat.accept_timer != NULL) {
       duplex_timer_close(cat.accept_timer);
+      duplex_timer_unref(cat.accept_timer);
+    }
     cat.accept_timer = NULL;
   }
   if (cat.verbose > 1 && duplex_conn_get_peer(net, peer, sizeof peer) == 0)
@@ -326,8 +329,10 @@ accept_timeout(duplex_timer *timer, void *user)
 {
   fail("accept", DUPLEX_ETIMEDOUT);
   duplex_listener_close(cat.listener);
+  duplex_listener_unref(cat.listener);
   cat.listener = NULL;
   duplex_timer_close(timer);
+  duplex_timer_unref(timer);
   cat.accept_timer = NULL;
   maybe_stop();
 }
@@ -509,6 +514,10 @@ main(int argc, char **argv)
   if (cat.io != NULL)
     duplex_conn_unref(cat.io);
   duplex_loop_free(cat.loop); /* closes the listener and timer, if any */
+  if (cat.listener != NULL)
+    duplex_listener_unref(cat.listener);
+  if (cat.accept_timer != NULL)
+    duplex_timer_unref(cat.accept_timer);
   free(cat.line);
   return cat.status;
 }

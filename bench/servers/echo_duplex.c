@@ -70,6 +70,7 @@ main(int argc, char **argv)
   }
   rc = duplex_loop_run(loop, DUPLEX_RUN_DEFAULT); /* until killed */
   duplex_listener_close(listener);
+  duplex_listener_unref(listener);
   duplex_loop_free(loop);
   return rc == 0 ? 0 : 1;
 }

@@ -85,5 +85,6 @@ main(int argc, char **argv)
   }
   duplex_loop_run(loop, DUPLEX_RUN_DEFAULT);
   duplex_loop_free(loop);
+  duplex_listener_unref(listener);
   return 0;
 }

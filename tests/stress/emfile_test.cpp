@@ -231,6 +231,7 @@ TEST_CASE("fault: out of descriptors at accept: no busy loop, serving resumes") 
   clients.clear();
   fresh.reset();
   CHECK(duplex_listener_close(lst) == 0);
+  CHECK(duplex_listener_unref(lst) == 0);
   CHECK(wait_until([&] { return srv.closes.load() == srv.opens.load(); }));
   CHECK(loop.free() == 0);
 

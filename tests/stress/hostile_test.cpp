@@ -154,6 +154,7 @@ TEST_CASE("hostile: larger struct sizes: zero tail accepted, non-zero tail refus
     CHECK(l != nullptr);
     if (l)
       CHECK(duplex_listener_close(l) == 0);
+      CHECK(duplex_listener_unref(l) == 0);
   }
   // channel opts
   {

@@ -235,6 +235,7 @@ TEST_CASE("fault: 5% packet loss both ways (netns + nftables): the transfer arri
     uint64_t drops = ns.dropped(ns.a) + ns.dropped(ns.b);
     CHECK(drops > 0);
     CHECK(duplex_listener_close(lst) == 0);
+    CHECK(duplex_listener_unref(lst) == 0);
     CHECK(duplex_conn_unref(conn) == 0);
     CHECK(ra.stop() == 0);
     CHECK(rb.stop() == 0);
