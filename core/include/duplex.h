@@ -625,6 +625,7 @@ DUPLEX_API int duplex_conn_write(duplex_conn *conn, const void *data,
  * total; DUPLEX_EINVAL also for NULL @p bufs with @p nbufs > 0 or more than
  * 1024 buffers.
  * @thread any. @owner @p bufs and their bytes borrowed for the call.
+ * @returns as duplex_conn_write(); DUPLEX_EINVAL also for bad @p bufs.
  * @callback @p done as for duplex_conn_write(). @since 0.1
  */
 DUPLEX_API int duplex_conn_writev(duplex_conn *conn, const duplex_buf *bufs,
@@ -931,6 +932,15 @@ typedef void (*duplex_channel_cb)(duplex_channel *ch, void *data, size_t len,
 typedef void (*duplex_channel_close_cb)(duplex_channel *ch, int reason,
                                         void *user);
 
+/**
+ * Options for duplex_channel_new(). Initialise with
+ * ::DUPLEX_CHANNEL_OPTS_INIT or duplex_channel_opts_init().
+ * Memory: a bytes message of 64 KiB or more is copied into an allocation
+ * of its own, freed when `on_message` returns; smaller ones share the
+ * channel's buffers, which shrink back to a small working size (about
+ * 1 MiB) once delivered. With @ref capacity 0 nothing bounds how much
+ * producers may queue.
+ */
 typedef struct duplex_channel_opts {
   size_t size;                      /**< sizeof(duplex_channel_opts) */
   duplex_channel_cb on_message;     /**< required */

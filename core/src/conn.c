@@ -1,4 +1,4 @@
-/* Conn lifecycle: creation, references, reading, the pump, closing. */
+/* Conn lifecycle: options, creation, references, the pump, closing. */
 #include "internal.h"
 #include "framing.h"
 
@@ -368,7 +368,7 @@ peer_fetch(duplex_loop *loop, void *arg)
     return 0;
   if (!c->opened)
     return DUPLEX_ENOTCONN;
-  if (c->closing)
+  if (c->close_begun)
     return DUPLEX_ECLOSED;
   dpx_conn_set_peer(c);
   return 0;
@@ -439,7 +439,7 @@ dpx_conn_pump_op(duplex_loop *loop, dpx_op *op, int status)
 {
   duplex_conn *c = DPX_CONTAINER_OF(op, duplex_conn, op);
   (void)loop;
-  (void)status; /* on teardown the pump finds the conn closing */
+  (void)status; /* on teardown the pump finds the close begun */
   dpx_conn_lock(c);
   c->op_queued = false;
   dpx_conn_unlock(c);
@@ -499,7 +499,7 @@ pump_work_locked(const duplex_conn *c)
   const dpx_conn_extra *x = dpx_conn_x(c);
   unsigned work = 0;
   /* An abort before the open op ran waits for it (FIFO order). */
-  if (c->abort_requested && c->in_list && !c->closing)
+  if (c->abort_requested && c->in_list && !c->close_begun)
     work |= DPX_WORK_ABORT;
   if (x != NULL && x->timeouts_dirty)
     work |= DPX_WORK_RETIME;
@@ -510,7 +510,7 @@ pump_work_locked(const duplex_conn *c)
   if (c->events != 0)
     work |= DPX_WORK_EVENTS;
   if (!c->abort_requested && w != NULL && c->opened && !c->writing &&
-      !c->closing && !w->shut_pending && w->intake.n > 0)
+      !c->close_begun && !w->shut_pending && w->intake.n > 0)
     work |= DPX_WORK_BATCH;
   return work;
 }
@@ -552,7 +552,7 @@ dpx_conn_pump(duplex_conn *c)
    * consumed by its step, unless a callback asked for something new. */
   if (work & DPX_WORK_ABORT) {
     dpx_conn_begin_close(c, abort_reason);
-    assert(c->closing);
+    assert(c->close_begun);
   }
   if (work & DPX_WORK_RETIME)
     dpx_conn_deadline_retime(c);
@@ -563,7 +563,7 @@ dpx_conn_pump(duplex_conn *c)
   if (work & DPX_WORK_COMPLETED)
     dpx_conn_complete(c, &w->completed, ncompleted, 0);
   if ((ev & DPX_EV_BACKPRESSURE) && c->cfg->cbs.on_backpressure != NULL &&
-      !c->closing)
+      !c->close_begun)
     c->cfg->cbs.on_backpressure(c, queued, conn_user(c));
   if (work & DPX_WORK_BATCH)
     dpx_conn_batch_start(c);
@@ -577,8 +577,8 @@ dpx_conn_pump(duplex_conn *c)
   } else {
     /* Nothing left: a later request must wake us, unless a batch in
      * flight or the pending open will pump anyway. */
-    c->scheduled = c->writing || !c->opened || c->closing;
-    if (!c->closing)
+    c->scheduled = c->writing || !c->opened || c->close_begun;
+    if (!c->close_begun)
       dpx_conn_w_trim_locked(c);
   }
   dpx_conn_unlock(c);
@@ -672,9 +672,9 @@ close_handle(duplex_conn *c, dpx_stream *s, bool reset)
 void
 dpx_conn_begin_close(duplex_conn *c, int reason)
 {
-  if (c->closing)
+  if (c->close_begun)
     return;
-  c->closing = true;
+  c->close_begun = true;
   dpx_conn_read_cut(c);
   dpx_conn_lock(c);
   c->reason = reason;
@@ -703,8 +703,8 @@ void
 dpx_conn_fail_unopened(duplex_conn *c, int reason)
 {
   dpx_conn_lock(c);
-  if (!c->closing) {
-    c->closing = true;
+  if (!c->close_begun) {
+    c->close_begun = true;
     c->reason = reason;
   }
   dpx_conn_mark_closed_locked(c);
@@ -769,7 +769,7 @@ duplex_conn_close(duplex_conn *conn, unsigned how)
     return DUPLEX_EINVAL;
   dpx_conn_lock(conn);
   if (conn->state == DPX_CS_CLOSED ||
-      (conn->state == DPX_CS_CLOSING && how == DUPLEX_CLOSE_GRACEFUL)) {
+      (conn->state == DPX_CS_CLOSE_QUEUED && how == DUPLEX_CLOSE_GRACEFUL)) {
     dpx_conn_unlock(conn);
     return DUPLEX_ECLOSED;
   }
@@ -789,7 +789,7 @@ duplex_conn_close(duplex_conn *conn, unsigned how)
     dpx_ent *e = &w->intake.v[w->intake.n++];
     memset(e, 0, sizeof *e);
     e->kind = DPX_ENT_CLOSE;
-    conn->state = DPX_CS_CLOSING;
+    conn->state = DPX_CS_CLOSE_QUEUED;
   }
   /* Always through the pump, so on_close never runs inside this call. An
    * abort must not wait for a batch stuck on a peer that does not read. */

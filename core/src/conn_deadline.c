@@ -44,7 +44,7 @@ void
 dpx_conn_deadline_touch(duplex_conn *c)
 {
   dpx_conn_extra *x = dpx_conn_x(c);
-  if (c->closing || x == NULL)
+  if (c->close_begun || x == NULL)
     return;
   uint64_t due = deadline_next(c, x);
   if (due == 0) {
@@ -74,7 +74,7 @@ on_deadline(uv_timer_t *t)
   duplex_conn *c = t->data;
   dpx_conn_extra *x = dpx_conn_x(c);
   x->deadline_due = 0;
-  if (c->closing)
+  if (c->close_begun)
     return;
   uint64_t due = deadline_next(c, x);
   if (due == 0)
@@ -145,7 +145,7 @@ void
 dpx_conn_deadline_retime(duplex_conn *c)
 {
   dpx_conn_extra *x = dpx_conn_x(c);
-  if (c->closing || x == NULL)
+  if (c->close_begun || x == NULL)
     return;
   if (!x->stamped && c->opened) {
     /* Deadlines set after the open count from now. */

@@ -111,7 +111,7 @@ deliver_eof(duplex_conn *c)
   }
   if (c->cfg->cbs.on_eof != NULL)
     c->cfg->cbs.on_eof(c, conn_user(c));
-  if (c->shut_done && !c->closing)
+  if (c->shut_done && !c->close_begun)
     dpx_conn_begin_close(c, 0);
 }
 
@@ -120,7 +120,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 bool
 dpx_conn_read_pending(const duplex_conn *c, bool want)
 {
-  if (c->rd_cut || c->closing || !c->opened)
+  if (c->rd_cut || c->close_begun || !c->opened)
     return false;
   if (dpx_conn_has_held(c) || c->eof_pending)
     return want; /* waiting for a resume */
@@ -150,7 +150,7 @@ bool
 dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
 {
   c->rd_want = want;
-  if (!c->opened || c->rd_cut || c->closing)
+  if (!c->opened || c->rd_cut || c->close_begun)
     return false;
   if (!want) {
     dpx_conn_read_stop(c);
@@ -176,7 +176,7 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
       x->held = NULL;
       x->held_len = x->held_off = x->held_cap = 0;
     }
-    if (dpx_conn_has_held(c) || !c->rd_want || c->rd_cut || c->closing)
+    if (dpx_conn_has_held(c) || !c->rd_want || c->rd_cut || c->close_begun)
       return false;
     if (c->eof_pending) {
       deliver_eof(c);

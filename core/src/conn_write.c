@@ -200,7 +200,7 @@ batch_done(duplex_conn *c, int status)
     dpx_conn_begin_close(c, status == DUPLEX_ECANCELED ? c->reason
                                                        : status);
   } else {
-    if (shutdown && !c->closing) {
+    if (shutdown && !c->close_begun) {
       ws->shut_ent = shut;
       ws->shut_pending = true;
       dpx_conn_start_shutdown(c);
@@ -209,10 +209,10 @@ batch_done(duplex_conn *c, int status)
     }
     if (close && shutdown && ws->shut_pending)
       ws->close_after_shut = true; /* close once the write side is shut */
-    else if (close && !c->closing)
+    else if (close && !c->close_begun)
       dpx_conn_begin_close(c, 0);
   }
-  if (writable && !c->closing && c->cfg->cbs.on_writable != NULL)
+  if (writable && !c->close_begun && c->cfg->cbs.on_writable != NULL)
     c->cfg->cbs.on_writable(c, atomic_load(&c->user));
 }
 
@@ -352,7 +352,7 @@ shutdown_finished(duplex_conn *c, int status)
     c->shut_done = true;
   if (ws->shut_ent.done != NULL)
     ws->shut_ent.done(c, status, ws->shut_ent.user);
-  if (c->closing)
+  if (c->close_begun)
     return;
   if (status < 0)
     dpx_conn_begin_close(c, status);
@@ -371,7 +371,7 @@ static void
 on_shutdown(uv_shutdown_t *req, int status)
 {
   duplex_conn *c = req->data;
-  if (status == UV_ECANCELED && c->closing)
+  if (status == UV_ECANCELED && c->close_begun)
     status = DUPLEX_ECANCELED;
   if (status == UV_ENOTSOCK) {
     /* A lone pipe or terminal cannot half-close: closing the fd is how
@@ -387,7 +387,7 @@ on_write_side_closed(uv_handle_t *h)
 {
   duplex_conn *c = h->data;
   c->wr_gone = true;
-  if (c->closing) {
+  if (c->close_begun) {
     /* A close began meanwhile: this was one of the handles it waits for. */
     dpx_conn_handle_closed(c);
     return;
@@ -614,7 +614,7 @@ conn_submit(duplex_conn *c, const write_req *w)
   dpx_wstate *ws = dpx_conn_w(c);
   /* Loop-thread fields are read only on the loop thread. */
   if (w->total > 0 && dpx_on_loop(c->loop) && c->opened && !c->writing &&
-      (ws == NULL || ws->intake.n == 0) && !c->closing &&
+      (ws == NULL || ws->intake.n == 0) && !c->close_begun &&
       w->nbufs <= DPX_DIRECT_BUFS) {
     /* Nothing queued: straight to the socket. A write the kernel takes
      * whole and that wants no callback leaves no trace (no write state). */

@@ -138,7 +138,7 @@ static void
 on_attempt_closed(uv_handle_t *h)
 {
   duplex_conn *c = h->data;
-  if (c->closing) {
+  if (c->close_begun) {
     dpx_conn_handle_closed(c);
     return;
   }
@@ -163,7 +163,7 @@ static void
 on_connect(uv_connect_t *req, int status)
 {
   duplex_conn *c = req->data;
-  if (c->closing)
+  if (c->close_begun)
     return; /* uv_close canceled it; the close callback finishes */
   if (status == 0) {
     dpx_conn_extra *x = dpx_conn_x(c);
@@ -468,7 +468,7 @@ dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status)
 {
   duplex_conn *c = DPX_CONTAINER_OF(op, dpx_conn_extra, open_op)->conn;
   dpx_conn_extra *x = dpx_conn_x(c);
-  if (c->closing)
+  if (c->close_begun)
     return; /* cannot happen with one FIFO; never finish twice */
   dpx_link_insert(&loop->conns, &c->link);
   c->in_list = true;

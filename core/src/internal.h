@@ -186,7 +186,7 @@ enum dpx_conn_kind {
 /* Producer-visible state (under the conn lock). */
 enum dpx_conn_state {
   DPX_CS_OPEN,    /* accepting writes (also while connecting) */
-  DPX_CS_CLOSING, /* graceful close requested */
+  DPX_CS_CLOSE_QUEUED, /* a graceful close waits behind queued writes */
   DPX_CS_CLOSED   /* closed or aborting: everything refused */
 };
 
@@ -298,7 +298,7 @@ struct duplex_conn {
   uint16_t opened : 1;
   uint16_t writing : 1; /* a batch is in flight */
   uint16_t shut_done : 1;
-  uint16_t closing : 1; /* the close has begun: handles closing or gone */
+  uint16_t close_begun : 1; /* handles closing or gone; on_close follows */
   uint16_t pumping : 1; /* inside dpx_conn_pump */
   uint16_t pump_again : 1; /* asked for a pass while pumping */
   uint16_t in_list : 1;
