@@ -86,8 +86,8 @@ func recvAll(c *duplex.Conn) ([]byte, error) {
 	return buf.Bytes(), c.Err()
 }
 
-// The DESIGN.md scenario: producers send on a Go channel; one select copies
-// that channel to the socket and prints what the socket receives.
+// The docs/design.md scenario: producers send on a Go channel; one select
+// copies that channel to the socket and prints what the socket receives.
 func TestScenarioSelectOverSourceAndConn(t *testing.T) {
 	loop := newLoop(t)
 	ln := peer(t)

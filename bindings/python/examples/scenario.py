@@ -1,6 +1,6 @@
-"""The DESIGN.md scenario: producer threads send messages through a channel
-to a socket, and whatever the socket receives is printed. No locks: the
-loop owns the socket, and channel and conn are safe from any thread.
+"""The docs/design.md scenario: producer threads send messages through a
+channel to a socket, and whatever the socket receives is printed. No locks:
+the loop owns the socket, and channel and conn are safe from any thread.
 The socket's peer is an echo server on the same loop."""
 import threading
 

@@ -1,6 +1,6 @@
-"""The DESIGN.md scenario end to end: producer threads -> Channel -> socket,
-and whatever the socket receives is collected (here) or printed (the
-example)."""
+"""The docs/design.md scenario end to end: producer threads -> Channel ->
+socket, and whatever the socket receives is collected (here) or printed
+(the example)."""
 import os
 import subprocess
 import sys
