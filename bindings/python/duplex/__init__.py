@@ -16,12 +16,14 @@ docs/python.md for the whole story, and duplex.aio for asyncio.
 from . import _ffi
 from ._core import (Channel, Conn, Listener, Loop, Timer, adopt, adopt_pair,
                     connect_tcp, connect_unix, listen_tcp, listen_unix)
-from .errors import DuplexError, WouldBlock, err_name, strerror
+from .errors import (DuplexError, WouldBlock, WouldDeadlock, err_name,
+                     strerror)
 
 __all__ = ["Loop", "Conn", "Listener", "Timer", "Channel", "connect_tcp",
            "connect_unix", "adopt", "adopt_pair", "listen_tcp",
-           "listen_unix", "DuplexError", "WouldBlock", "strerror",
-           "err_name", "version", "version_string", "errors", "aio"]
+           "listen_unix", "DuplexError", "WouldBlock", "WouldDeadlock",
+           "strerror", "err_name", "version", "version_string", "errors",
+           "aio"]
 
 
 def version():

@@ -13,7 +13,10 @@ negative code into a DuplexError (an OSError) carrying:
 Codes with an obvious built-in counterpart also derive from it, so
 ``except ConnectionRefusedError`` and ``except BlockingIOError`` work.
 ``DUPLEX_EWOULDBLOCK`` raises :class:`WouldBlock` (a BlockingIOError): the
-write was refused whole and the caller keeps its bytes.
+write was refused whole and the caller keeps its bytes. ``DUPLEX_EDEADLK``
+(a waiting call made on the loop thread, which it would wait for) raises
+:class:`WouldDeadlock`, also a RuntimeError like Python's own "cannot join
+current thread".
 
 The code constants (``EINVAL``, ``ECLOSED``, ...) are read from the loaded
 library at import, so they are the library's own values on every platform.
@@ -34,10 +37,11 @@ def err_name(code):
 
 
 def _scan():
-    # Every code lies in libuv's errno range, libuv's EAI range (-3000s) or
-    # the library's own range (-30000 and below); ask the library for names.
+    # Every code lies in the system range (-errno on Unix, libuv's values
+    # down to -4200 on Windows), libuv's EAI range (-3000s) or the library's
+    # own range (-30000 and below); ask the library for names.
     found = {}
-    for rng in (range(-1, -4200, -1), range(-30001, -30100, -1)):
+    for rng in (range(-1, -4300, -1), range(-30001, -30100, -1)):
         for code in rng:
             name = err_name(code)
             if name != "DUPLEX_UNKNOWN":
@@ -58,6 +62,8 @@ class DuplexError(OSError):
         self.code = code
         self.name = err_name(code)
         self.what = what
+        # On POSIX a system code is -errno (EDEADLK included); EAI codes
+        # (-3000s) and library codes (-30000 and below) have no errno.
         sys_errno = -code if os.name == "posix" and -3000 < code < 0 else None
         super().__init__(sys_errno, strerror(code))
 
@@ -74,6 +80,13 @@ class WouldBlock(DuplexError, BlockingIOError):
     caller keeps its data (wait with Conn.wait_writable() and retry)."""
 
 
+class WouldDeadlock(DuplexError, RuntimeError):
+    """DUPLEX_EDEADLK (-EDEADLK on POSIX): a call that waits for the loop
+    (Loop.close(), join(), wait_closed(), wait_writable(), a waiting
+    Channel.send()) was made on the loop thread, inside a callback. Nothing
+    happened; make the call from another thread."""
+
+
 _BUILTIN = {
     "ECONNREFUSED": ConnectionRefusedError,
     "ECONNRESET": ConnectionResetError,
@@ -85,7 +98,8 @@ _BUILTIN = {
     "EPERM": PermissionError,
     "EINTR": InterruptedError,
 }
-_CLASSES = {CODES["EWOULDBLOCK"]: WouldBlock}
+_CLASSES = {CODES["EWOULDBLOCK"]: WouldBlock,
+            CODES["EDEADLK"]: WouldDeadlock}
 for _short, _base in _BUILTIN.items():
     if _short in CODES:
         _CLASSES[CODES[_short]] = type(

@@ -1,3 +1,5 @@
+import errno
+import os
 import socket
 import threading
 import unittest
@@ -29,6 +31,22 @@ class ErrorObjectTest(unittest.TestCase):
         self.assertIsInstance(wb, BlockingIOError)
         self.assertEqual(errors.EAGAIN, errors.EWOULDBLOCK)
         self.assertIsInstance(errors.error(errors.ETIMEDOUT), TimeoutError)
+
+    def test_edeadlk_is_the_system_code_and_a_runtime_error(self):
+        # DUPLEX_EDEADLK is -EDEADLK like the other errno-named codes (it
+        # was the library code -30004); compare with names, not numbers.
+        if os.name == "posix":
+            self.assertEqual(errors.EDEADLK, -errno.EDEADLK)
+        self.assertEqual(duplex.err_name(errors.EDEADLK), "DUPLEX_EDEADLK")
+        self.assertEqual(duplex.err_name(-30004), "DUPLEX_UNKNOWN")
+        self.assertNotIn(-30004, errors.CODES.values())
+        e = errors.error(errors.EDEADLK, "Loop.join")
+        self.assertIsInstance(e, duplex.WouldDeadlock)
+        self.assertIsInstance(e, duplex.DuplexError)
+        self.assertIsInstance(e, RuntimeError)
+        self.assertEqual(e.code, errors.EDEADLK)
+        if os.name == "posix":
+            self.assertEqual(e.errno, errno.EDEADLK)
 
     def test_every_code_has_a_distinct_name_and_string(self):
         self.assertGreater(len(errors.CODES), 30)
@@ -185,6 +203,23 @@ class ClosedStateTest(unittest.TestCase):
             wait(done)
         self.assertEqual(got, [errors.EDEADLK] * 4)
         b.close()
+
+    def test_waiting_calls_on_the_loop_thread_raise_would_deadlock(self):
+        got = []
+        done = threading.Event()
+
+        def probe():
+            try:
+                loop.join(0)
+            except RuntimeError as e:  # WouldDeadlock is a RuntimeError
+                got.append(e)
+            done.set()
+        with duplex.Loop() as loop:
+            loop.post(probe)
+            wait(done)
+        self.assertEqual(len(got), 1)
+        self.assertIsInstance(got[0], duplex.WouldDeadlock)
+        self.assertEqual(got[0].name, "DUPLEX_EDEADLK")
 
 
 if __name__ == "__main__":
