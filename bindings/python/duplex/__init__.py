@@ -23,7 +23,12 @@ __all__ = ["Loop", "Conn", "Listener", "Timer", "Channel", "connect_tcp",
            "connect_unix", "adopt", "adopt_pair", "listen_tcp",
            "listen_unix", "DuplexError", "WouldBlock", "WouldDeadlock",
            "strerror", "err_name", "version", "version_string", "errors",
-           "aio"]
+           "aio", "WRITE_OVERHEAD"]
+
+
+WRITE_OVERHEAD = _ffi.WRITE_OVERHEAD
+"""What each queued write costs beyond its payload against the watermarks
+and the hard limit (DUPLEX_WRITE_OVERHEAD); Conn.queued counts it too."""
 
 
 def version():

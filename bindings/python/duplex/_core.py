@@ -33,6 +33,7 @@ _ECLOSED = CODES["ECLOSED"]
 _EINVAL = CODES["EINVAL"]
 _EDEADLK = CODES["EDEADLK"]
 _ETIMEDOUT = CODES["ETIMEDOUT"]
+_EWOULDBLOCK = CODES["EWOULDBLOCK"]
 _ENOBUFS = CODES["ENOBUFS"]
 _ENOTSUP = CODES["ENOTSUP"]
 
@@ -622,9 +623,12 @@ class Conn:
         ``done(error)`` (optional) runs once on the loop thread: error is
         None once the bytes went to the kernel, else a DuplexError
         (ECANCELED if the conn closed first). Raises WouldBlock when the
-        conn is past its hard limit (nothing was queued: retry after
-        wait_writable(), or use sendall()), DuplexError ECLOSED /
-        ESHUTDOWN after close / shutdown."""
+        write would take the queue past its hard limit (nothing was queued:
+        retry after wait_writable(), or use sendall()), DuplexError ECLOSED
+        / ESHUTDOWN after close / shutdown. Every queued write costs its
+        length plus duplex.WRITE_OVERHEAD (64) against the limits, so an empty
+        write with ``done`` (it completes once everything queued before it
+        is written) can be refused too."""
         arg, n = _buffer(data)
         if done is None:
             rc = _ffi.conn_write(self._ptr("write"), arg, n, _NO_WRITE_CB,
@@ -673,30 +677,22 @@ class Conn:
         Raises TimeoutError (a DuplexError, ETIMEDOUT) after ``timeout``
         seconds; None waits as long as it takes."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        drained = True
         while True:
             try:
                 return self.write(data, done)
             except WouldBlock:
                 left = (None if deadline is None
                         else max(0.0, deadline - time.monotonic()))
-                # wait_writable() only knows the watermarks: below the high
-                # watermark it returns at once even when this write still
-                # does not fit under the hard limit. Then wait for the queue
-                # to empty instead (a write into an empty queue always
-                # fits), or this would spin.
-                if drained:
-                    ok = self.wait_writable(left)
-                else:
-                    ok = self._wait_flushed(left)
-                drained = not drained
-                if not ok:
+                # The refusal itself marks the conn congested: the wait ends
+                # only once a completion brought the queue back to the low
+                # watermark (or the conn closed), so every retry follows
+                # progress and this never spins, also for a write too big
+                # to fit at the low watermark (the queue keeps draining, and
+                # a write into an empty queue always fits). No flush marker:
+                # a zero-length write costs DUPLEX_WRITE_OVERHEAD and is
+                # refused at the limit like any other.
+                if not self.wait_writable(left):
                     raise error(_ETIMEDOUT, "sendall") from None
-
-    def _wait_flushed(self, timeout):
-        flushed = threading.Event()
-        self.write(b"", done=lambda err: flushed.set())  # a flush marker
-        return flushed.wait(timeout)
 
     def shutdown(self, done=None):
         """Half-close: after every write queued before it is flushed, close
@@ -713,8 +709,10 @@ class Conn:
 
     def close(self, abort=False):
         """Close the conn: gracefully (writes queued before are flushed
-        first) or, with ``abort=True``, at once (pending writes complete
-        with ECANCELED). Idempotent; on_close runs once."""
+        first; on_close gets None) or, with ``abort=True``, at once (pending
+        writes complete with ECANCELED, a TCP peer sees a reset, and
+        on_close gets ConnectionAbortedError, DUPLEX_ECONNABORTED).
+        Idempotent; on_close runs once."""
         p = self._p
         if p is None:
             return
@@ -735,10 +733,14 @@ class Conn:
 
     def wait_writable(self, timeout=None):
         """Block until the conn is writable (below its high watermark, or
-        back at the low watermark). True when writable, False on timeout.
-        Raises ECLOSED if the conn closes, EDEADLK on the loop thread."""
+        back at the low watermark after backpressure or a refused write).
+        True when writable; False when it still is not once ``timeout``
+        seconds passed (``0`` polls without waiting: the library's
+        DUPLEX_EWOULDBLOCK; a positive timeout that expires: its
+        DUPLEX_ETIMEDOUT). Raises ECLOSED if the conn closes, WouldDeadlock
+        (EDEADLK) on the loop thread."""
         rc = _ffi.conn_wait_writable(self._ptr("wait_writable"), _ms(timeout))
-        if rc == _ETIMEDOUT:
+        if rc in (_ETIMEDOUT, _EWOULDBLOCK):
             return False
         check(rc, "wait_writable")
         return True
@@ -755,7 +757,11 @@ class Conn:
     # -- state --
     @property
     def queued(self):
-        """Bytes accepted for writing and not yet handed to the kernel."""
+        """What is queued for writing and not yet completed, as the
+        watermarks and the hard limit count it: the payload bytes plus
+        ``duplex.WRITE_OVERHEAD`` (64) per queued write, so a
+        zero-length write with ``done`` counts too. 0 once the conn is
+        closed (after an abort returned, or from on_close on)."""
         out = c_size_t()
         check(_ffi.conn_get_queued(self._ptr("queued"), byref(out)), "queued")
         return out.value
@@ -793,7 +799,10 @@ class Conn:
 
     @property
     def close_error(self):
-        """None while open or after a clean close, else the DuplexError."""
+        """None while open or after a clean close (graceful, or both
+        directions finished), else the DuplexError: ConnectionAbortedError
+        (ECONNABORTED) after close(abort=True), ECANCELED when the loop was
+        freed, or the error that closed it."""
         r = self._close_reason
         return _err_or_none(r) if r else None
 

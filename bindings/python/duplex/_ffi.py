@@ -115,6 +115,7 @@ CLOSE_GRACEFUL, CLOSE_ABORT = 0, 1
 LISTEN_IPV6ONLY = 0x1
 TIMEOUT_KINDS = {"connect": 0, "idle": 1, "read": 2, "flush": 3}
 WRITE_MAX = 1 << 30
+WRITE_OVERHEAD = 64  # what each queued write costs beyond its payload
 
 # ---- prototypes ---------------------------------------------------------------
 _vp, _pp = c_void_p, POINTER(c_void_p)

@@ -11,8 +11,8 @@ How it works: the conn's callbacks run on the libduplex loop thread and
 only hand events to the asyncio loop with ``call_soon_threadsafe``; all
 Stream state lives on the asyncio thread. Writes call ``Conn.write``
 directly (no hop). A write the conn refuses (past its hard limit) is kept,
-in order, and retried when the conn drains; ``drain()`` waits for that and
-for the conn's high watermark. Reading pauses the conn when more than
+in order, and retried when the conn drains (its on_writable, or a flush
+marker); ``drain()`` waits for that and for the conn's high watermark. Reading pauses the conn when more than
 ``limit`` bytes are buffered unread and resumes it as they are consumed.
 
 Use a Stream from one asyncio loop (its methods are not thread-safe, like
@@ -150,13 +150,18 @@ class Stream:
     def _arm_marker(self):
         # A zero-length write completes once everything queued before it
         # is written: then there is room again, whatever the watermarks.
+        # It costs WRITE_OVERHEAD like any write, so at the hard limit it
+        # is refused too; that refusal, like the write's, marks the conn
+        # congested, and on_writable (_on_bp) retries at the low watermark.
         if not self._marker:
             self._marker = True
             try:
                 self.conn.write(b"", lambda err: self._hop(
                     self._flush_pending))
+            except WouldBlock:
+                self._marker = False  # on_writable will come
             except DuplexError:
-                self._marker = False
+                self._marker = False  # closed: on_close reports why
 
     # -- reading --
     async def _wait_data(self):

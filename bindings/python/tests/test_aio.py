@@ -75,6 +75,36 @@ class AioTest(unittest.TestCase):
         self.assertEqual(len(data), len(chunk) * count)
         self.assertEqual(data, chunk * count)
 
+    def test_a_refused_flush_marker_waits_for_on_writable(self):
+        # The first write fills the queue to the hard limit exactly (its
+        # payload plus WRITE_OVERHEAD), so the next write and the flush
+        # marker armed for it (an empty write costs WRITE_OVERHEAD too) are
+        # both refused: drain() must then be woken by on_writable.
+        a, b = socketpair(bufsize=16 << 10)
+        hard = 256 << 10
+        first = b"f" * (hard - duplex.WRITE_OVERHEAD)
+
+        async def main():
+            s = await duplex.aio.adopt(a, loop=self.loop,
+                                       high_watermark=64 << 10,
+                                       hard_limit=hard)
+            s.write(first)
+            s.write(b"second")
+            self.assertEqual(list(s._pending), [b"second"])
+            self.assertFalse(s._marker)  # refused: nothing outstanding
+            peer = Reader(b)
+            peer.start()
+            await s.drain()
+            self.assertFalse(s._pending)
+            s.write_eof()
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, peer.result)
+            b.close()
+            self.assertIsNone(await s.wait_closed())
+            return data
+
+        self.assertEqual(asyncio.run(main()), first + b"second")
+
     def test_reading_pauses_past_the_limit_and_resumes(self):
         a, b = socketpair()
         payload = b"z" * (1 << 20)

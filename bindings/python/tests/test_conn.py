@@ -172,7 +172,10 @@ class ConnFeatureTest(unittest.TestCase):
         self.assertEqual(cm.exception.code, errors.EWOULDBLOCK)
         self.assertLess(sent, 64 << 20)
         self.assertGreater(conn.queued, 64 << 10)
-        self.assertFalse(conn.wait_writable(0))  # polls: not writable yet
+        # 0 does not wait (the library's EWOULDBLOCK), a positive timeout
+        # that expires is its ETIMEDOUT: both are False here.
+        self.assertFalse(conn.wait_writable(0))
+        self.assertFalse(conn.wait_writable(0.02))
         peer = Reader(b)
         peer.start()  # now the peer drains everything
         self.assertTrue(conn.wait_writable(GUARD))
@@ -183,6 +186,70 @@ class ConnFeatureTest(unittest.TestCase):
         b.close()  # our read side sees EOF: both directions are done
         self.assertIsNone(conn.wait_closed(GUARD))
         self.assertEqual(events[:2], ["bp", "writable"])
+
+    def test_queued_counts_each_write_with_its_overhead(self):
+        # An idle loop writes nothing: the queue is exactly what was taken.
+        a, b = socketpair()
+        loop = duplex.Loop(start=False)
+        ov = duplex.WRITE_OVERHEAD
+        self.assertEqual(ov, 64)
+        done = []
+        try:
+            conn = duplex.adopt(loop, a, high_watermark=200,
+                                low_watermark=10, hard_limit=300)
+            self.assertEqual(conn.queued, 0)
+            conn.write(b"x" * 100)
+            self.assertEqual(conn.queued, 100 + ov)
+            conn.write(b"")  # no bytes, nobody to tell: costs nothing
+            self.assertEqual(conn.queued, 100 + ov)
+            conn.write(b"", done=done.append)  # a flush marker costs
+            conn.writev([b"ab", b"cd"])  # one write, one overhead
+            self.assertEqual(conn.queued, 104 + 3 * ov)  # 296 of 300
+            # At the hard limit a zero-length write with a callback is
+            # refused like any other, and nothing was queued.
+            with self.assertRaises(duplex.WouldBlock):
+                conn.write(b"", done=done.append)
+            self.assertEqual(conn.queued, 104 + 3 * ov)
+            self.assertFalse(conn.wait_writable(0))  # congested, no wait
+        finally:
+            loop.close()
+        self.assertEqual([e.code for e in done], [errors.ECANCELED])
+        self.assertEqual(conn.queued, 0)  # closed
+        b.close()
+
+    def test_abort_reports_econnaborted_and_queued_drops_to_zero(self):
+        a, b = socketpair(bufsize=16 << 10)
+        done = []
+        conn = duplex.adopt(self.loop, a)
+        chunk = b"q" * (64 << 10)
+        for _ in range(4):  # the peer never reads: some of this stays
+            conn.write(chunk, done=done.append)
+        self.assertGreater(conn.queued, 0)
+        conn.close(abort=True)
+        self.assertEqual(conn.queued, 0)  # 0 once the abort returned
+        err = conn.wait_closed(GUARD)
+        self.assertIsInstance(err, ConnectionAbortedError)
+        self.assertEqual(err.code, errors.ECONNABORTED)
+        self.assertEqual(conn.close_error.code, errors.ECONNABORTED)
+        self.assertIn(errors.ECANCELED, [e and e.code for e in done])
+        b.close()
+
+    def test_sendall_of_writes_that_never_fit_at_the_low_watermark(self):
+        # Each write is bigger than hard limit - low watermark: refused
+        # until the queue is empty. sendall waits (no flush marker, which
+        # could be refused too), never spins, and loses nothing.
+        a, b = socketpair(bufsize=16 << 10)
+        peer = Reader(b)
+        peer.start()
+        conn = duplex.adopt(self.loop, a, high_watermark=32 << 10,
+                            low_watermark=8 << 10, hard_limit=64 << 10)
+        chunk = bytes(range(256)) * 240  # 60 KiB
+        for _ in range(40):
+            conn.sendall(chunk, timeout=GUARD)
+        conn.shutdown()
+        self.assertEqual(peer.result(), chunk * 40)
+        b.close()
+        self.assertIsNone(conn.wait_closed(GUARD))
 
     def test_unix_socket_listener(self):
         d = tempfile.mkdtemp()
