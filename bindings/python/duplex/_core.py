@@ -27,7 +27,7 @@ import traceback
 from ctypes import byref, c_size_t, c_uint16, c_void_p
 
 from . import _ffi
-from .errors import CODES, WouldBlock, error, check
+from .errors import CODES, DuplexError, WouldBlock, error, check
 
 _ECLOSED = CODES["ECLOSED"]
 _EINVAL = CODES["EINVAL"]
@@ -343,6 +343,18 @@ class Loop:
     def _use(self, what):
         return Loop._Use(self, what)
 
+    def _borrow(self, closing_ok=False):
+        """Under _cond: the loop pointer with a reference of our own taken
+        on it (drop it with _ffi.loop_unref), or None once freed (or, unless
+        closing_ok, closing). For calls that must not hold up close(): if
+        the loop is freed meanwhile, the reference keeps its memory, and the
+        call returns DUPLEX_ECLOSED instead of touching freed memory."""
+        p = self._p
+        if p is None or (self._closing and not closing_ok):
+            return None
+        _ffi.loop_ref(p)
+        return p
+
     # -- callbacks --
     def _invoke(self, fn, *args):
         try:
@@ -356,9 +368,12 @@ class Loop:
                 self._failure = exc
             self._stop_requested = True
             self._cond.notify_all()
-            p = None if (self._started or self._closing) else self._p
+            p = None if self._started else self._borrow()
         if p is not None:
-            _ffi.loop_stop(p)  # run mode, on the loop thread: run() returns
+            try:
+                _ffi.loop_stop(p)  # run mode, on the loop thread: run() ends
+            finally:
+                _ffi.loop_unref(p)
 
     def _raise_failure(self):
         with self._cond:
@@ -394,12 +409,16 @@ class Loop:
     def _run(self, mode):
         self._raise_failure()
         with self._cond:
-            if self._p is None or self._closing:
+            p = self._borrow()
+            if p is None:
                 raise error(_ECLOSED, "Loop.run")
-            p = self._p
         # Not counted as a use: Loop.close() from another thread must be
         # able to stop a loop that runs here (duplex_loop_free does that).
-        rc = _ffi.loop_run(p, mode)
+        # Our reference keeps the pointer valid if it does.
+        try:
+            rc = _ffi.loop_run(p, mode)
+        finally:
+            _ffi.loop_unref(p)
         with self._cond:
             self._stop_requested = False
         self._raise_failure()
@@ -411,9 +430,12 @@ class Loop:
         with self._cond:
             self._stop_requested = True
             self._cond.notify_all()
-            p = None if self._closing else self._p
+            p = self._borrow()
         if p is not None:
-            _ffi.loop_stop(p)
+            try:
+                _ffi.loop_stop(p)
+            finally:
+                _ffi.loop_unref(p)
 
     def join(self, timeout=None):
         """Wait (not on the loop thread) until stop() is called or a
@@ -444,8 +466,13 @@ class Loop:
     def on_thread(self):
         """True on the loop thread (inside a callback)."""
         with self._cond:
-            p = self._p
-        return p is not None and _ffi.loop_on_thread(p) == 1
+            p = self._borrow(closing_ok=True)
+        if p is None:
+            return False
+        try:
+            return _ffi.loop_on_thread(p) == 1
+        finally:
+            _ffi.loop_unref(p)
 
     @property
     def closed(self):
@@ -457,7 +484,9 @@ class Loop:
         (channel messages still queued are released exactly once). Not on
         the loop thread (DUPLEX_EDEADLK). Idempotent. Re-raises the first
         exception a callback raised, unless it was already raised by run(),
-        join() or a wait_closed()."""
+        join() or a wait_closed(). The loop's Conn, Channel, Listener and
+        Timer objects stay safe to use: their calls raise ECLOSED, and
+        their close() does nothing."""
         with self._cond:
             if self._p is None or self._closing:
                 return
@@ -467,14 +496,17 @@ class Loop:
             while self._users:
                 self._cond.wait()
             p = self._p
-        rc = _ffi.loop_free(p)
+            # Until _p is None, on_thread() may still borrow the pointer:
+            # hold a reference across the free so the memory outlives it.
+            _ffi.loop_ref(p)
+        rc = _ffi.loop_free(p)  # drops the creator's reference
         with self._cond:
             self._p = None
             owned, self._owned = self._owned, {}
             self._cond.notify_all()
-        for key, obj in owned.items():  # loop-owned: invalid from now on
+        _ffi.loop_unref(p)
+        for key in owned:  # no callback can come for these keys any more
             _handles.pop(key)
-            obj._loop_freed()
         _live_loops.discard(self)
         check(rc, "Loop.close")
         if not self._failure_reported:
@@ -902,12 +934,87 @@ def adopt_pair(loop, read_fd, write_fd, **kw):
                             out, lp, read_fd, write_fd, o), kw)
 
 
+# ---- references to timers and listeners -----------------------------------------
+
+class _Ref:
+    """Our reference to a C timer or listener (duplex_timer_new and
+    duplex_listener_* hand one out; the loop holds its own while the object
+    is open). Calls borrow the pointer; retire() stops the lending and
+    returns it for one last call (the close). The reference is dropped with
+    `unref` exactly once, by whichever finishes last: the retiring call or
+    a borrower still in flight. So no call uses a dropped pointer, and no
+    lock is held while close waits in C (a timer's close waits for its
+    running callback, which may itself borrow the pointer)."""
+
+    __slots__ = ("_lock", "_p", "_unref", "_users", "_retired")
+
+    def __init__(self, p, unref):
+        self._lock = threading.Lock()
+        self._p = p
+        self._unref = unref
+        self._users = 0
+        self._retired = False
+
+    @property
+    def retired(self):
+        return self._retired
+
+    def borrow(self, what):
+        with self._lock:
+            if self._retired:
+                raise error(_ECLOSED, what)
+            self._users += 1
+            return self._p
+
+    def retire(self):
+        """The pointer for a last call, or None if already retired. Either
+        way pair it with give_back() unless it returned None."""
+        with self._lock:
+            if self._retired:
+                return None
+            self._retired = True
+            self._users += 1
+            return self._p
+
+    def give_back(self):
+        with self._lock:
+            self._users -= 1
+            p = None
+            if self._retired and self._users == 0:
+                p, self._p = self._p, None
+        if p is not None:
+            self._unref(p)
+
+    def call(self, fn, what, *args):
+        """fn(pointer, *args) on a borrowed pointer; raises for a negative
+        result (ECLOSED once retired)."""
+        p = self.borrow(what)
+        try:
+            rc = fn(p, *args)
+        finally:
+            self.give_back()
+        return check(rc, what)
+
+    def close(self, close_fn):
+        """Close (close_fn) and drop our reference, once. Returns close_fn's
+        result, or None if already retired. DUPLEX_ECLOSED from close_fn
+        means the loop was freed (or closed it) first: nothing to do."""
+        p = self.retire()
+        if p is None:
+            return None
+        try:
+            return close_fn(p)
+        finally:
+            self.give_back()
+
+
 # ---- Listener --------------------------------------------------------------------
 
 class _AcceptSpec:
     """What a listener's accepted conns start with; its key is the `user`
     of the listener's conn options, so it lives until the loop is freed
-    (an accepted conn may open after the listener closed)."""
+    (an accept the loop thread is delivering while another thread closes
+    the listener still finds it)."""
 
     def __init__(self, loop, on_accept, callbacks):
         self.loop = loop
@@ -915,17 +1022,20 @@ class _AcceptSpec:
         self.callbacks = callbacks
         self.listener = None
 
-    def _loop_freed(self):
-        if self.listener is not None:
-            self.listener._p = None
-
 
 class Listener:
-    """Accepts conns on TCP or a UNIX path; owned by the loop.
+    """Accepts conns on TCP or a UNIX path.
 
     ``on_accept(conn)`` runs on the loop thread for each accepted conn,
     which already has the callbacks given to listen_*() (set others on it
-    there). ``on_error(listener, error)`` reports a failed accept."""
+    there). ``on_error(listener, error)`` reports a failed accept.
+
+    The object holds a reference to the C listener and drops it once, in
+    close() (or when collected, closing first). Freeing the loop closes
+    the listener; the object then stays safe: ``port`` and ``address``
+    raise ECLOSED, close() does nothing."""
+
+    _ref = None
 
     def __init__(self):
         raise TypeError("use duplex.listen_tcp() or listen_unix()")
@@ -936,6 +1046,9 @@ class Listener:
         callbacks, rest = _split_callbacks(dict(kw))
         spec = _AcceptSpec(loop, on_accept, callbacks)
         key = _handles.add(spec)
+        self = object.__new__(cls)
+        self._loop = loop
+        self.on_error = on_error
         try:
             copts = _conn_opts(key, **rest)
             lopts = _ffi.listener_opts(conn_opts=ctypes.pointer(copts),
@@ -946,6 +1059,11 @@ class Listener:
             with loop._use(what) as lp:
                 rc = call(lp, byref(out), byref(lopts))
                 if rc == 0:
+                    # At once: accepts use only the spec, but an on_error
+                    # the loop reports before this line finds no listener
+                    # (and is dropped).
+                    self._ref = _Ref(out.value, _ffi.listener_unref)
+                    spec.listener = self
                     with loop._cond:
                         loop._owned[key] = spec
         except BaseException:
@@ -954,55 +1072,45 @@ class Listener:
         if rc != 0:
             _handles.pop(key)
             raise error(rc, what)
-        self = object.__new__(cls)
-        self._loop = loop
-        self._p = out.value
-        self.on_error = on_error
-        spec.listener = self
         return self
 
-    def _ptr(self, what):
-        if self._p is None:
-            raise error(_ECLOSED, what)
-        return self._p
+    def _query(self, fn, what, *args):
+        # Not after the loop was freed (ECLOSED), like the other objects.
+        with self._loop._use(what):
+            return self._ref.call(fn, what, *args)
 
     @property
     def port(self):
         """The bound TCP port (None for a UNIX listener)."""
         out = c_uint16()
-        with self._loop._use("Listener.port"):
-            rc = _ffi.listener_get_port(self._ptr("Listener.port"),
-                                        byref(out))
-        if rc == _ENOTSUP:
-            return None
-        check(rc, "Listener.port")
+        try:
+            self._query(_ffi.listener_get_port, "Listener.port", byref(out))
+        except DuplexError as e:
+            if e.code == _ENOTSUP:
+                return None
+            raise
         return out.value
 
     @property
     def address(self):
         """The bound address: "127.0.0.1:4000", "[::1]:4000" or the path."""
         buf = ctypes.create_string_buffer(1024)
-        with self._loop._use("Listener.address"):
-            check(_ffi.listener_get_address(self._ptr("Listener.address"),
-                                            buf, len(buf)),
-                  "Listener.address")
+        self._query(_ffi.listener_get_address, "Listener.address", buf,
+                    len(buf))
         return buf.value.decode(errors="surrogateescape")
 
     @property
     def closed(self):
-        return self._p is None
+        """True after close(), or once the loop was freed."""
+        return self._ref.retired or self._loop.closed
 
     def close(self):
-        """Stop accepting (conns already accepted stay open). Idempotent."""
-        try:
-            with self._loop._use("Listener.close"):
-                p, self._p = self._p, None
-                if p is not None:
-                    check(_ffi.listener_close(p), "Listener.close")
-        except Exception as e:
-            if getattr(e, "code", None) != _ECLOSED:
-                raise
-            self._p = None
+        """Stop accepting (conns already accepted stay open): no accept
+        starts after this returns. Idempotent, and a no-op once the loop
+        was freed. Drops the object's reference to the C listener."""
+        rc = self._ref.close(_ffi.listener_close)
+        if rc is not None and rc not in (0, _ECLOSED):
+            raise error(rc, "Listener.close")
 
     def __enter__(self):
         return self
@@ -1010,6 +1118,17 @@ class Listener:
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def __del__(self):
+        ref = self._ref
+        if ref is not None:
+            try:
+                ref.close(_ffi.listener_close)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __repr__(self):
+        return f"<duplex.Listener {'closed' if self.closed else 'open'}>"
 
 
 def listen_tcp(loop, host, port=0, *, on_accept=None, on_error=None,
@@ -1042,20 +1161,26 @@ def listen_unix(loop, path, *, on_accept=None, on_error=None, backlog=0,
 # ---- Timer -----------------------------------------------------------------------
 
 class Timer:
-    """A one-shot or repeating ``callback()`` on the loop thread; owned by
-    the loop (closed with it). Times are in seconds."""
+    """A one-shot or repeating ``callback()`` on the loop thread. Times are
+    in seconds.
+
+    The object holds a reference to the C timer and drops it once, in
+    close() (or when collected, closing first). Freeing the loop closes
+    the timer; the object then stays safe: start() and stop() raise
+    ECLOSED, close() does nothing."""
+
+    _ref = None
 
     def __init__(self, loop, callback):
         self._loop = loop
         self.callback = callback
-        self._p = None
         key = _handles.add(self)
         try:
             out = c_void_p()
             with loop._use("Timer") as lp:
                 rc = _ffi.timer_new(byref(out), lp, _t_timer, key)
                 if rc == 0:
-                    self._p = out.value
+                    self._ref = _Ref(out.value, _ffi.timer_unref)
                     self._key = key
                     with loop._cond:
                         loop._owned[key] = self
@@ -1066,40 +1191,35 @@ class Timer:
             _handles.pop(key)
             raise error(rc, "Timer")
 
-    def _loop_freed(self):
-        self._p = None
-
-    def _call(self, fn, what, *args):
-        with self._loop._use(what):
-            if self._p is None:
-                raise error(_ECLOSED, what)
-            check(fn(self._p, *args), what)
-
     def start(self, timeout, repeat=0):
         """Fire after ``timeout`` seconds, then every ``repeat`` seconds
         (0: once). Restarting resets it."""
-        self._call(_ffi.timer_start, "Timer.start", _ms(timeout), _ms(repeat))
+        self._ref.call(_ffi.timer_start, "Timer.start", _ms(timeout),
+                       _ms(repeat))
 
     def stop(self):
         """Stop. From another thread an expiry being delivered may still
         run once."""
-        self._call(_ffi.timer_stop, "Timer.stop")
+        self._ref.call(_ffi.timer_stop, "Timer.stop")
+
+    @property
+    def closed(self):
+        """True after close(), or once the loop was freed."""
+        return self._ref.retired or self._loop.closed
 
     def close(self):
-        """Destroy the timer; its callback never starts again. Idempotent.
-        From another thread it waits for a running callback."""
-        try:
-            with self._loop._use("Timer.close"):
-                p, self._p = self._p, None
-                if p is None:
-                    return
-                check(_ffi.timer_close(p), "Timer.close")
-                with self._loop._cond:
-                    self._loop._owned.pop(self._key, None)
-                _handles.pop(self._key)
-        except Exception as e:
-            if getattr(e, "code", None) != _ECLOSED:
-                raise
+        """Stop the timer for good: its callback never starts after this
+        returns. Idempotent, and a no-op once the loop was freed. From
+        another thread it waits for a running callback. Drops the object's
+        reference to the C timer."""
+        rc = self._ref.close(_ffi.timer_close)
+        if rc is None:
+            return
+        with self._loop._cond:
+            self._loop._owned.pop(self._key, None)
+        _handles.pop(self._key)  # no callback starts any more
+        if rc not in (0, _ECLOSED):
+            raise error(rc, "Timer.close")
 
     def __enter__(self):
         return self
@@ -1107,6 +1227,19 @@ class Timer:
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def __del__(self):
+        # Collected: the handle table no longer holds it, so it was closed
+        # or its loop was freed; drop the reference if close() did not.
+        ref = self._ref
+        if ref is not None:
+            try:
+                ref.close(_ffi.timer_close)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __repr__(self):
+        return f"<duplex.Timer {'closed' if self.closed else 'open'}>"
 
 
 # ---- Channel ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Raw ctypes declarations of libduplex 0.1 (core/include/duplex.h).
+"""Raw ctypes declarations of libduplex (core/include/duplex.h).
 
 Nothing here is Pythonic: the classes in duplex._core wrap it. The
 structures mirror the header field for field; each carries its own
@@ -6,6 +6,10 @@ ctypes.sizeof() in `size`, so the library can tell which version we were
 written against (see docs/abi.md). We never call the *_opts_init()
 functions: they write the library's own sizeof, which could be larger
 than the structure declared here.
+
+Every object is a reference (the ownership model of docs/design.md): the
+binding drops each one it was handed with the matching *_unref(), which a
+library from before that model lacks; loading one fails here, at import.
 """
 import ctypes
 import ctypes.util
@@ -131,6 +135,8 @@ _PROTOS = {
     "duplex_loop_post": (c_int, [_vp, post_cb, _vp]),
     "duplex_loop_on_thread": (c_int, [_vp]),
     "duplex_loop_free": (c_int, [_vp]),
+    "duplex_loop_ref": (c_int, [_vp]),
+    "duplex_loop_unref": (c_int, [_vp]),
     "duplex_conn_connect_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
                                         POINTER(conn_opts)]),
     "duplex_conn_connect_unix": (c_int, [_pp, _vp, c_char_p,
@@ -160,6 +166,8 @@ _PROTOS = {
     "duplex_listener_get_port": (c_int, [_vp, POINTER(c_uint16)]),
     "duplex_listener_get_address": (c_int, [_vp, c_char_p, c_size_t]),
     "duplex_listener_close": (c_int, [_vp]),
+    "duplex_listener_ref": (c_int, [_vp]),
+    "duplex_listener_unref": (c_int, [_vp]),
     "duplex_channel_new": (c_int, [_pp, _vp, POINTER(channel_opts)]),
     "duplex_channel_send_ptr": (c_int, [_vp, _vp, c_size_t, release_cb, _vp,
                                         c_int]),
@@ -170,10 +178,18 @@ _PROTOS = {
     "duplex_timer_start": (c_int, [_vp, c_uint64, c_uint64]),
     "duplex_timer_stop": (c_int, [_vp]),
     "duplex_timer_close": (c_int, [_vp]),
+    "duplex_timer_ref": (c_int, [_vp]),
+    "duplex_timer_unref": (c_int, [_vp]),
 }
 
 for _name, (_res, _args) in _PROTOS.items():
-    _fn = getattr(lib, _name)
+    try:
+        _fn = getattr(lib, _name)
+    except AttributeError:
+        raise ImportError(f"{lib._name} has no {_name}: too old for this "
+                          "binding, which needs the reference-counted "
+                          "timers, listeners and loops (duplex.h, @since "
+                          "0.2)") from None
     _fn.restype = _res
     _fn.argtypes = _args
     globals()[_name[len("duplex_"):]] = _fn
