@@ -160,15 +160,19 @@ TEST_CASE("co_await conn.read() resumes with the close when the conn closes whil
   duplex::Loop loop;
   auto sp = dtest::socket_pair();
   auto c = duplex::Conn::adopt(loop, sp.ours.release());
-  auto reader = [](duplex::Conn conn, Frames &fr,
+  auto reader = [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
                    std::optional<duplex::ReadResult> *out) -> duplex::task<void> {
     Alive a(fr);
     *out = co_await conn.read();
-    // Afterwards every read reports the close at once.
+    // Afterwards every read reports the close at once: the reason while
+    // on_close runs (this resumes inside it), DUPLEX_ECLOSED after.
     auto again = co_await conn.read();
-    CHECK(again.error == errc::DUPLEX_ECLOSED);
+    CHECK(again.error == errc::DUPLEX_ECONNABORTED);
+    co_await l.sleep(0ms);
+    auto later = co_await conn.read();
+    CHECK(later.error == errc::DUPLEX_ECLOSED);
   };
-  duplex::spawn(loop, reader(c, f, &got));
+  duplex::spawn(loop, reader(loop, c, f, &got));
   CHECK(pump(loop, [&] { return f.started == 1; }));
   loop.run_nowait();
   CHECK_FALSE(got);
@@ -177,7 +181,7 @@ TEST_CASE("co_await conn.read() resumes with the close when the conn closes whil
   REQUIRE(got);
   CHECK_FALSE(got->ok());
   CHECK_FALSE(got->eof);
-  CHECK(got->error == errc::DUPLEX_ECLOSED);
+  CHECK(got->error == errc::DUPLEX_ECONNABORTED); // on_close's reason for an abort
 }
 
 TEST_CASE("a coroutine reader that falls behind pauses the conn and loses nothing") {
@@ -330,17 +334,20 @@ TEST_CASE("co_await conn.async_write() refused below the high watermark still co
     *out = co_await conn.async_write(std::string(8000, 'b')); // refused
     conn.shutdown();
   };
+  std::atomic<bool> peer_done{false};
   std::thread peer([&] {
     REQUIRE(attempting.wait());
     dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *, size_t n) {
       drained += n;
       return true;
     });
+    peer_done = true;
   });
   duplex::spawn(loop, writer(c, f, &attempting, &result));
   duplex::Timer guard(loop, [&] { c.close(true); });
   guard.start(10s);
-  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  // The shutdown happens on the loop: keep running it until the peer saw EOF.
+  CHECK(pump(loop, [&] { return f.finished == 1 && peer_done; }));
   peer.join();
   CHECK_FALSE(result);
   CHECK(drained == junk + 8100);
@@ -368,6 +375,130 @@ TEST_CASE("co_await conn.async_write() on a shut down or closed conn returns the
   CHECK(got[0] == errc::DUPLEX_ESHUTDOWN);
   CHECK(got[1] == errc::DUPLEX_ECLOSED);
   CHECK(got[2] == errc::DUPLEX_ECLOSED);
+}
+
+// ---------------------------------------------------------------------------
+// What the awaitables hold: never the view (or handle) they came from
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// Awaits @p aw (any awaitable) and stores its result.
+template <class A, class R>
+duplex::task<void> await_into(A aw, Frames &fr, R *out) {
+  Alive al(fr);
+  *out = co_await std::move(aw);
+}
+
+} // namespace
+
+// The issue's repro: a callback spawns a task made from its ConnRef
+// parameter. Tasks start lazily, so the body runs after the callback (and
+// its ConnRef) returned: the task must hold the conn, not a pointer to the
+// view (that was a stack-use-after-return, caught by ASan).
+TEST_CASE("async_write on a callback's temporary ConnRef, run after the callback returned, writes its bytes") {
+  Frames f;
+  std::vector<std::error_code> results(2, errc::DUPLEX_EUNKNOWN);
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  duplex::ConnHandlers h;
+  h.on_open = [&](duplex::ConnRef r) {
+    duplex::spawn(loop, await_into(r.async_write("hello\n"), f, &results[0]));
+    // A view made for the expression: a temporary gone at its end.
+    duplex::spawn(loop, await_into(duplex::ConnRef(r.native()).async_write("world\n"),
+                                   f, &results[1]));
+  };
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), std::move(h));
+  CHECK(pump(loop, [&] { return f.finished == 2; }));
+  CHECK(results == std::vector<std::error_code>(2));
+  char buf[12];
+  REQUIRE(dtest::read_exactly(sp.peer.get(), buf, sizeof buf));
+  CHECK(std::string(buf, sizeof buf) == "hello\nworld\n");
+}
+
+// The task holds a reference to the conn: made before every Conn handle
+// went and the conn closed and was released by the loop, it still runs
+// (and fails cleanly) instead of touching freed memory.
+TEST_CASE("an async_write task outliving every Conn handle and the conn's close returns DUPLEX_ECLOSED") {
+  Frames f;
+  std::error_code result = errc::DUPLEX_EUNKNOWN;
+  bool closed = false;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  std::optional<duplex::task<std::error_code>> t;
+  {
+    auto c = duplex::Conn::adopt(
+        loop, sp.ours.release(),
+        {.on_close = [&](duplex::ConnRef, std::error_code) { closed = true; }});
+    t.emplace(duplex::ConnRef(c.native()).async_write("late"));
+    c.close(true);
+  } // the last Conn goes
+  CHECK(pump(loop, [&] { return closed; }));
+  for (int i = 0; i < 5; i++)
+    loop.run_nowait(); // the loop has let go of the conn
+  duplex::spawn(loop, await_into(std::move(*t), f, &result));
+  t.reset();
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(result == errc::DUPLEX_ECLOSED);
+}
+
+TEST_CASE("conn.read() and channel.receive() awaiters outlive the handle they came from") {
+  Frames f;
+  duplex::Loop loop;
+
+  SUBCASE("read() on a temporary view of a conn whose handles are all gone") {
+    auto sp = dtest::socket_pair();
+    std::optional<duplex::ReadResult> first, second;
+    std::optional<duplex::ConnRef::read_awaiter> a1, a2;
+    {
+      auto c = duplex::Conn::adopt(loop, sp.ours.release());
+      a1.emplace(duplex::ConnRef(c.native()).read());
+      a2.emplace(duplex::ConnRef(c.native()).read());
+      c.close(true);
+    }
+    for (int i = 0; i < 10; i++)
+      loop.run_nowait(); // closed; the loop has let go of the conn
+    // Both see the close; the second is passed on and awaited elsewhere.
+    duplex::spawn(loop, await_into(std::move(*a1), f, &first));
+    duplex::spawn(loop, await_into(std::move(*a2), f, &second));
+    a1.reset();
+    a2.reset();
+    CHECK(pump(loop, [&] { return f.finished == 2; }));
+    REQUIRE(first);
+    REQUIRE(second);
+    CHECK(first->error == errc::DUPLEX_ECLOSED);
+    CHECK(second->error == errc::DUPLEX_ECLOSED);
+  }
+
+  SUBCASE("receive() on a Channel that was dropped and closed") {
+    std::optional<std::optional<int>> v1, v2;
+    std::optional<duplex::Channel<int>::receive_awaiter> a1, a2;
+    {
+      duplex::Channel<int> ch(loop);
+      CHECK(ch.send(7));
+      ch.close();
+      a1.emplace(ch.receive());
+      a2.emplace(duplex::Channel<int>(ch).receive()); // from a temporary copy
+    }
+    for (int i = 0; i < 10; i++)
+      loop.run_nowait(); // delivered, closed, the C side let go
+    duplex::spawn(loop, [](duplex::Channel<int>::receive_awaiter x,
+                           duplex::Channel<int>::receive_awaiter y, Frames &fr,
+                           std::optional<std::optional<int>> *o1,
+                           std::optional<std::optional<int>> *o2)
+                      -> duplex::task<void> {
+      Alive al(fr);
+      *o1 = co_await std::move(x);
+      *o2 = co_await std::move(y);
+    }(std::move(*a1), std::move(*a2), f, &v1, &v2));
+    a1.reset();
+    a2.reset();
+    CHECK(pump(loop, [&] { return f.finished == 1; }));
+    REQUIRE(v1);
+    REQUIRE(v2);
+    CHECK(*v1 == std::optional<int>(7));
+    CHECK(*v2 == std::nullopt);
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #include <deque>
 #include <functional>
+#include <memory>
 #include <optional>
 
 namespace duplex {
@@ -88,10 +89,12 @@ public:
   void close() noexcept { duplex_channel_close(ch_); }
 
   /// co_await ch.receive(): the next value, or std::nullopt once the
-  /// channel is closed and drained. Loop thread.
+  /// channel is closed and drained. Loop thread. The awaiter holds its own
+  /// share of the channel's state: it may outlive this Channel object.
   class receive_awaiter {
   public:
-    explicit receive_awaiter(detail::ChannelBox<T> *b) : b_(b) {}
+    explicit receive_awaiter(std::shared_ptr<detail::ChannelBox<T>> b) noexcept
+        : b_(std::move(b)) {}
     bool ready() const noexcept { return !b_->rx.empty() || b_->closed; }
     void subscribe(std::coroutine_handle<> h) noexcept { b_->receiver = h; }
     void unsubscribe() noexcept { b_->receiver = nullptr; }
@@ -107,12 +110,9 @@ public:
     std::optional<T> await_resume() { return take(); }
 
   private:
-    detail::ChannelBox<T> *b_;
+    std::shared_ptr<detail::ChannelBox<T>> b_;
   };
-  /// Valid while this Channel is held and its loop lives.
-  [[nodiscard]] receive_awaiter receive() const {
-    return receive_awaiter(box_.get());
-  }
+  [[nodiscard]] receive_awaiter receive() const { return receive_awaiter(box_); }
 
   [[nodiscard]] duplex_channel *native() const noexcept { return ch_; }
 

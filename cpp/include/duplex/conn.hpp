@@ -134,6 +134,129 @@ inline void resume_reader(ConnBox *b) {
 
 duplex_conn_cbs conn_trampolines() noexcept;
 
+/// One reference to a conn (duplex_conn_ref / duplex_conn_unref): what an
+/// awaitable or a coroutine frame holds, so that the conn's memory outlives
+/// it whatever happens to the ConnRef or Conn it came from. Move-only.
+class conn_hold {
+public:
+  explicit conn_hold(duplex_conn *c) noexcept : c_(c) {
+    if (c_ != nullptr)
+      duplex_conn_ref(c_);
+  }
+  conn_hold(conn_hold &&o) noexcept : c_(std::exchange(o.c_, nullptr)) {}
+  conn_hold &operator=(conn_hold &&) = delete;
+  conn_hold(const conn_hold &) = delete;
+  conn_hold &operator=(const conn_hold &) = delete;
+  ~conn_hold() {
+    if (c_ != nullptr)
+      duplex_conn_unref(c_);
+  }
+  [[nodiscard]] duplex_conn *get() const noexcept { return c_; }
+
+private:
+  duplex_conn *c_;
+};
+
+/// co_await conn.read(): the next chunk (or frame), EOF, or the close.
+/// Holds its own reference to the conn, so it may outlive the ConnRef or
+/// Conn it came from (and be passed to another coroutine or first_of()).
+class read_awaiter {
+public:
+  explicit read_awaiter(duplex_conn *c) noexcept : c_(c) {}
+  bool ready() const noexcept {
+    auto *b = box_of(c_.get());
+    return b == nullptr || b->rx != nullptr || b->eof || b->closed;
+  }
+  void subscribe(std::coroutine_handle<> h) noexcept {
+    if (auto *b = box_of(c_.get()))
+      b->reader = h;
+  }
+  void unsubscribe() noexcept {
+    if (auto *b = box_of(c_.get()))
+      b->reader = nullptr;
+  }
+  ReadResult take() {
+    ReadResult r;
+    auto *b = box_of(c_.get());
+    if (b == nullptr) {
+      r.error = make_error_code(errc::DUPLEX_ECLOSED);
+      return r;
+    }
+    if (b->rx != nullptr) {
+      r.data = std::move(b->rx->front());
+      b->rx->pop_front();
+      if (b->rx->empty())
+        b->rx.reset();
+      b->rx_bytes -= r.data.size();
+      if (b->paused_for_rx && b->rx_bytes < b->read_limit / 2) {
+        b->paused_for_rx = false;
+        duplex_conn_resume(c_.get());
+      }
+    } else if (b->eof) {
+      r.eof = true;
+    } else {
+      r.error = b->closed;
+    }
+    return r;
+  }
+  bool await_ready() const noexcept { return ready(); }
+  void await_suspend(std::coroutine_handle<> h) noexcept { subscribe(h); }
+  ReadResult await_resume() { return take(); }
+
+private:
+  conn_hold c_;
+};
+
+/// One attempt of async_write(): awaited only inside the async_write
+/// coroutine's own frame, which owns both the bytes and the conn reference.
+class write_awaiter {
+public:
+  write_awaiter(duplex_conn *c, std::string_view data) noexcept
+      : c_(c), data_(data) {}
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<> h) {
+    h_ = h;
+    int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
+    if (rc == DUPLEX_EWOULDBLOCK) {
+      // A zero-length write is never refused and completes once the
+      // queue ahead of it drained: retry then.
+      retry_ = true;
+      rc = duplex_conn_write(c_, nullptr, 0, done, this);
+    }
+    if (rc == 0)
+      return true;
+    ec_ = to_error_code(rc);
+    retry_ = false;
+    return false;
+  }
+  std::error_code await_resume() const noexcept { return ec_; }
+  bool retry() const noexcept { return retry_ && !ec_; }
+
+private:
+  static void done(duplex_conn *, int status, void *user) {
+    auto *self = static_cast<write_awaiter *>(user);
+    self->ec_ = to_error_code(status);
+    self->h_.resume();
+  }
+  duplex_conn *c_;
+  std::string_view data_;
+  std::coroutine_handle<> h_;
+  std::error_code ec_;
+  bool retry_ = false;
+};
+
+/// The body of ConnRef::async_write(). A free coroutine, not a member: its
+/// frame holds copies of what it needs (a conn reference and the bytes),
+/// never a pointer to the view it was called on.
+inline task<std::error_code> async_write(conn_hold c, std::string data) {
+  for (;;) {
+    write_awaiter w(c.get(), data);
+    std::error_code ec = co_await w;
+    if (!w.retry())
+      co_return ec;
+  }
+}
+
 } // namespace detail
 
 /// A non-owning view of a conn, given to callbacks. Valid during the
@@ -277,101 +400,23 @@ public:
   }
 
   // ---- coroutines (loop thread) ----
+  //
+  // What these return holds a reference to the conn and copies of its
+  // arguments, never `this`: it stays valid after the ConnRef (or Conn) it
+  // was called on is gone, e.g. spawn(loop, use(ref.async_write(...)))
+  // from a callback whose ConnRef parameter dies before the task runs.
 
   /// co_await conn.read(): the next chunk (or frame), EOF, or the close.
-  class read_awaiter {
-  public:
-    explicit read_awaiter(duplex_conn *c) : c_(c) {}
-    bool ready() const noexcept {
-      auto *b = detail::box_of(c_);
-      return b == nullptr || b->rx != nullptr || b->eof || b->closed;
-    }
-    void subscribe(std::coroutine_handle<> h) noexcept {
-      if (auto *b = detail::box_of(c_))
-        b->reader = h;
-    }
-    void unsubscribe() noexcept {
-      if (auto *b = detail::box_of(c_))
-        b->reader = nullptr;
-    }
-    ReadResult take() {
-      ReadResult r;
-      auto *b = detail::box_of(c_);
-      if (b == nullptr) {
-        r.error = make_error_code(errc::DUPLEX_ECLOSED);
-        return r;
-      }
-      if (b->rx != nullptr) {
-        r.data = std::move(b->rx->front());
-        b->rx->pop_front();
-        if (b->rx->empty())
-          b->rx.reset();
-        b->rx_bytes -= r.data.size();
-        if (b->paused_for_rx && b->rx_bytes < b->read_limit / 2) {
-          b->paused_for_rx = false;
-          duplex_conn_resume(c_);
-        }
-      } else if (b->eof) {
-        r.eof = true;
-      } else {
-        r.error = b->closed;
-      }
-      return r;
-    }
-    bool await_ready() const noexcept { return ready(); }
-    void await_suspend(std::coroutine_handle<> h) noexcept { subscribe(h); }
-    ReadResult await_resume() { return take(); }
-
-  private:
-    duplex_conn *c_;
-  };
+  using read_awaiter = detail::read_awaiter;
   [[nodiscard]] read_awaiter read() const { return read_awaiter(c_); }
 
   /// co_await conn.async_write(bytes): the bytes are taken now (moved or
   /// copied into the task); resumes once they were handed to the kernel (or
   /// failed). When the queue is past its hard limit it first waits until
-  /// everything queued before has drained, then tries again.
-  class write_awaiter {
-  public:
-    write_awaiter(duplex_conn *c, const std::string &data) : c_(c), data_(data) {}
-    bool await_ready() const noexcept { return false; }
-    bool await_suspend(std::coroutine_handle<> h) {
-      h_ = h;
-      int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
-      if (rc == DUPLEX_EWOULDBLOCK) {
-        // A zero-length write is never refused and completes once the
-        // queue ahead of it drained: retry then.
-        retry_ = true;
-        rc = duplex_conn_write(c_, nullptr, 0, done, this);
-      }
-      if (rc == 0)
-        return true;
-      ec_ = to_error_code(rc);
-      retry_ = false;
-      return false;
-    }
-    std::error_code await_resume() const noexcept { return ec_; }
-    bool retry() const noexcept { return retry_ && !ec_; }
-
-  private:
-    static void done(duplex_conn *, int status, void *user) {
-      auto *self = static_cast<write_awaiter *>(user);
-      self->ec_ = to_error_code(status);
-      self->h_.resume();
-    }
-    duplex_conn *c_;
-    const std::string &data_;
-    std::coroutine_handle<> h_;
-    std::error_code ec_;
-    bool retry_ = false;
-  };
+  /// everything queued before has drained, then tries again. The task holds
+  /// a reference to the conn until it finishes or is destroyed.
   [[nodiscard]] task<std::error_code> async_write(std::string data) const {
-    for (;;) {
-      write_awaiter w(c_, data);
-      std::error_code ec = co_await w;
-      if (!w.retry())
-        co_return ec;
-    }
+    return detail::async_write(detail::conn_hold(c_), std::move(data));
   }
 
   [[nodiscard]] duplex_conn *native() const noexcept { return c_; }
