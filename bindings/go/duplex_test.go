@@ -11,7 +11,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -629,6 +631,35 @@ func TestConnsComeAndGoWithoutLeakingHandles(t *testing.T) {
 	ln.Close()
 	if n := duplex.LiveHandles(); n != 0 {
 		t.Fatalf("%d handles live with every conn and the listener closed", n)
+	}
+}
+
+// DUPLEX_EDEADLK is -EDEADLK like the other errno-named codes (it was the
+// library code -30004); system codes match their syscall.Errno.
+func TestErrnoSystemCodes(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("libuv's own values on Windows")
+	}
+	if duplex.EDEADLK != duplex.Errno(-int(syscall.EDEADLK)) || duplex.EDEADLK.Name() != "DUPLEX_EDEADLK" {
+		t.Fatalf("EDEADLK = %d (%s)", int(duplex.EDEADLK), duplex.EDEADLK.Name())
+	}
+	if name := duplex.Errno(-30004).Name(); name != "DUPLEX_UNKNOWN" {
+		t.Fatalf("-30004 is %s", name)
+	}
+	for _, c := range []struct {
+		code duplex.Errno
+		sys  syscall.Errno
+	}{{duplex.EDEADLK, syscall.EDEADLK}, {duplex.ECONNREFUSED, syscall.ECONNREFUSED},
+		{duplex.EWOULDBLOCK, syscall.EAGAIN}, {duplex.ECONNABORTED, syscall.ECONNABORTED}} {
+		err := error(&duplex.OpError{Op: "test", Err: c.code})
+		if !errors.Is(err, c.sys) || errors.Is(err, syscall.EINVAL) {
+			t.Fatalf("%s vs %v", c.code.Name(), c.sys)
+		}
+	}
+	for _, code := range []duplex.Errno{duplex.ECLOSED, duplex.EWRONGTHREAD, duplex.EAI_NONAME} {
+		if errors.Is(code, syscall.Errno(-code)) {
+			t.Fatalf("%s matches a syscall.Errno", code.Name())
+		}
 	}
 }
 

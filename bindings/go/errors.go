@@ -6,6 +6,8 @@ import "C"
 import (
 	"net"
 	"os"
+	"runtime"
+	"syscall"
 )
 
 // Errno is a libduplex error code (a negative DUPLEX_E* value). Every error
@@ -67,7 +69,9 @@ func (e Errno) Error() string { return C.GoString(C.duplex_strerror(C.int(e))) }
 func (e Errno) Name() string { return C.GoString(C.duplex_err_name(C.int(e))) }
 
 // Is lets errors.Is match the standard library's sentinels: ECLOSED is
-// net.ErrClosed, ETIMEDOUT is os.ErrDeadlineExceeded.
+// net.ErrClosed, ETIMEDOUT is os.ErrDeadlineExceeded, and on Unix a system
+// code is its syscall.Errno (ECONNREFUSED is syscall.ECONNREFUSED, EDEADLK
+// is syscall.EDEADLK, ...).
 func (e Errno) Is(target error) bool {
 	switch target {
 	case net.ErrClosed:
@@ -75,7 +79,23 @@ func (e Errno) Is(target error) bool {
 	case os.ErrDeadlineExceeded:
 		return e == ETIMEDOUT
 	}
+	if t, ok := target.(syscall.Errno); ok {
+		n, sys := e.sysErrno()
+		return sys && n == t
+	}
 	return false
+}
+
+// sysErrno returns the errno a system code carries, and whether it is
+// one. On Unix every system code is -errno (DUPLEX_EDEADLK included: it is
+// -EDEADLK, no longer a library code); name-resolution codes (EAI_*, the
+// -3000s) and library codes (ECLOSED and the others, -30000 and below) are
+// not. On Windows the codes are libuv's own values: none is reported.
+func (e Errno) sysErrno() (syscall.Errno, bool) {
+	if runtime.GOOS == "windows" || e >= 0 || e <= -3000 {
+		return 0, false
+	}
+	return syscall.Errno(-e), true
 }
 
 // Timeout reports whether the code is ETIMEDOUT (net.Error style).
