@@ -11,6 +11,7 @@ import (
 	"runtime/cgo"
 	"strconv"
 	"sync"
+	"time"
 	"unsafe"
 )
 
@@ -157,8 +158,9 @@ func (c *Conn) Recv() <-chan []byte { return c.recv }
 
 // Err returns nil while Recv is open. Once it is closed: io.EOF if the
 // peer finished sending, net.ErrClosed (wrapping ECLOSED) if the conn was
-// closed on this side first, or the error that ended it (an *OpError
-// wrapping the Errno: ECONNRESET, ECANCELED when the loop was closed, ...).
+// closed on this side first (Close or Abort), or the error that ended it
+// (an *OpError wrapping the Errno: ECONNRESET, ECANCELED when the loop was
+// closed, ...).
 func (c *Conn) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -173,8 +175,10 @@ func (c *Conn) Err() error {
 // have finished (CloseWrite was flushed and the peer's EOF arrived).
 func (c *Conn) Done() <-chan struct{} { return c.done }
 
-// CloseErr returns, once Done is closed, nil if the conn closed as asked
-// or finished normally, or else the error that closed it.
+// CloseErr returns, once Done is closed, nil if the conn was closed with
+// Close or finished normally, an error wrapping ECONNABORTED after Abort
+// (the library's close reason for an abort), or else the error that closed
+// it.
 func (c *Conn) CloseErr() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -253,26 +257,46 @@ func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
 		if Errno(rc) != EWOULDBLOCK {
 			return 0, opErr("write", "", rc)
 		}
-		// Wake at the low watermark (on_writable), or at the latest once
-		// everything queued so far has been written (a flush marker): a
-		// write larger than hard-high may be refused while the queue is
-		// below the high watermark, and then on_writable never comes.
-		flushed, err := c.flushMarker()
-		if err != nil {
-			return 0, err
+		// The refusal marks the conn congested: on_writable comes once the
+		// queue is back at the low watermark. A flush marker wakes us at
+		// the latest once everything queued so far has been written.
+		flushed, rc := c.flushMarker()
+		var recheck *time.Timer
+		var recheckC <-chan time.Time // nil: never ready
+		switch {
+		case rc == 0:
+		case Errno(rc) == EWOULDBLOCK:
+			// The marker costs DUPLEX_WRITE_OVERHEAD like any write and
+			// was refused too: the queue is at the hard limit. Its refusal
+			// counts as congestion as well, so on_writable comes; a slow
+			// re-check guards a wake-up the library might skip (a
+			// backpressure event still unreported when the queue drains).
+			recheck = time.NewTimer(markerRecheck)
+			recheckC = recheck.C
+		default:
+			return 0, opErr("write", "", rc)
 		}
 		select {
 		case <-writable:
-		case <-flushed:
+		case <-flushed: // nil if refused: never ready
+		case <-recheckC:
 		case <-c.done:
 		case <-ctx.Done():
+		}
+		if recheck != nil {
+			recheck.Stop()
 		}
 	}
 }
 
+// markerRecheck is how long a writer whose write and flush marker were
+// both refused waits for on_writable before it tries again anyway.
+const markerRecheck = 100 * time.Millisecond
+
 // flushMarker queues a zero-length write whose completion closes the
-// returned channel (also when canceled).
-func (c *Conn) flushMarker() (<-chan struct{}, error) {
+// returned channel (also when canceled). It can be refused like any
+// write (EWOULDBLOCK at the hard limit): then the channel is nil.
+func (c *Conn) flushMarker() (<-chan struct{}, C.int) {
 	ch := make(chan struct{})
 	h := newHandle(ch)
 	rc := c.call(func(p *C.duplex_conn) C.int {
@@ -280,9 +304,9 @@ func (c *Conn) flushMarker() (<-chan struct{}, error) {
 	})
 	if rc != 0 {
 		deleteHandle(h) // no completion will come
-		return nil, opErr("write", "", rc)
+		return nil, rc
 	}
-	return ch, nil
+	return ch, 0
 }
 
 // CloseWrite half-closes: once every write queued before it is flushed,
@@ -307,7 +331,8 @@ func (c *Conn) Close() error {
 	}))
 }
 
-// Abort closes the conn now: pending writes are discarded.
+// Abort closes the conn now: pending writes are discarded, a TCP peer sees
+// a reset (ECONNRESET, not EOF), and CloseErr reports ECONNABORTED.
 func (c *Conn) Abort() error {
 	c.stopReading()
 	return opErr("abort", "", c.call(func(p *C.duplex_conn) C.int {
@@ -418,10 +443,12 @@ func (c *Conn) onClose(reason C.int) {
 	c.reason = Errno(reason)
 	if !c.ended {
 		c.ended = true
-		if reason != 0 {
-			c.readErr = &OpError{Op: "read", Addr: c.peer, Err: c.reason}
-		} else {
+		// Closed on this side: by Close (reason 0) or Abort (ECONNABORTED).
+		local := reason == 0 || (c.reason == ECONNABORTED && isClosed(c.quit))
+		if local {
 			c.readErr = &OpError{Op: "read", Err: ECLOSED}
+		} else {
+			c.readErr = &OpError{Op: "read", Addr: c.peer, Err: c.reason}
 		}
 		c.closeRecvLocked()
 	}

@@ -634,6 +634,89 @@ func TestConnsComeAndGoWithoutLeakingHandles(t *testing.T) {
 	}
 }
 
+// Abort resets the conn: the peer sees ECONNRESET, CloseErr reports the
+// library's close reason for an abort (ECONNABORTED), and Err, as for any
+// close on this side, net.ErrClosed.
+func TestAbortReportsECONNABORTED(t *testing.T) {
+	loop := newLoop(t)
+	ln := peer(t)
+	peerErr := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			peerErr <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.Copy(io.Discard, c)
+		peerErr <- err
+	}()
+	conn := dial(t, loop, ln.Addr().String())
+	if _, err := conn.Write([]byte("doomed")); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	<-conn.Done()
+	if err := conn.CloseErr(); !errors.Is(err, duplex.ECONNABORTED) {
+		t.Fatalf("CloseErr() after Abort = %v, want ECONNABORTED", err)
+	}
+	for range conn.Recv() {
+	}
+	if err := conn.Err(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Err() after Abort = %v, want net.ErrClosed", err)
+	}
+	if err := <-peerErr; !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the peer read %v, want ECONNRESET", err)
+	}
+	if err := conn.Abort(); !errors.Is(err, duplex.ECLOSED) {
+		t.Fatalf("second Abort: %v", err)
+	}
+}
+
+// The first write fills the queue to the hard limit exactly (its payload
+// plus the 64-byte per-write overhead), so the next write and the flush
+// marker it arms (an empty write costs the overhead too) are both refused:
+// WriteContext must still wake once the peer reads, and lose nothing.
+func TestWriteWaitsWhenItsFlushMarkerIsRefused(t *testing.T) {
+	const overhead = 64   // DUPLEX_WRITE_OVERHEAD
+	const hard = 16 << 20 // more than the kernel takes while nobody reads
+	loop := newLoop(t)
+	ln := peer(t)
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	conn := dial(t, loop, ln.Addr().String(), duplex.WithWatermarks(64<<10, 16<<10, hard))
+	pc := <-accepted
+	defer pc.Close()
+	first := bytes.Repeat([]byte("f"), hard-overhead)
+	if _, err := conn.Write(first); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	n, err := conn.WriteContext(ctx, []byte("second"))
+	cancel()
+	if n != 0 || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WriteContext at the hard limit: %d, %v", n, err)
+	}
+	got := make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(pc); got <- b }()
+	if _, err := conn.Write([]byte("second")); err != nil {
+		t.Fatal(err)
+	}
+	conn.CloseWrite()
+	if b := <-got; !bytes.Equal(b, append(first, "second"...)) {
+		t.Fatalf("peer got %d bytes, want %d", len(b), len(first)+6)
+	}
+	conn.Close()
+	<-conn.Done()
+}
+
 // DUPLEX_EDEADLK is -EDEADLK like the other errno-named codes (it was the
 // library code -30004); system codes match their syscall.Errno.
 func TestErrnoSystemCodes(t *testing.T) {
