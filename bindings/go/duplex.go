@@ -42,6 +42,11 @@ func Version() string { return C.GoString(C.duplex_version_string()) }
 // pending flush marker owns one, deleted exactly once by its last callback.
 var liveHandles atomic.Int64
 
+// liveRefs counts the library references the binding holds on listeners
+// (each dropped exactly once with duplex_listener_unref). Conns drop
+// theirs in on_close, the loop's goes with duplex_loop_free.
+var liveRefs atomic.Int64
+
 func newHandle(v any) cgo.Handle {
 	liveHandles.Add(1)
 	return cgo.NewHandle(v)
@@ -130,9 +135,10 @@ func NewLoop() (*Loop, error) {
 
 // Close stops the loop and closes everything on it: every conn ends (its
 // Recv channel closes, Err reports ECANCELED unless it had ended before),
-// pending writes are canceled, listeners close. It returns when all of
-// that is done; later calls on the loop's conns return ECLOSED. A second
-// Close returns an error wrapping ECLOSED.
+// pending writes are canceled, listeners close (and drop their
+// references). It returns when all of that is done; later calls on the
+// loop's conns and listeners return ECLOSED. A second Close returns an
+// error wrapping ECLOSED.
 func (l *Loop) Close() error {
 	l.mu.Lock()
 	p := l.ptr

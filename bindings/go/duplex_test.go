@@ -26,6 +26,10 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "%d cgo handles leaked\n", n)
 		code = 1
 	}
+	if n := duplex.LiveRefs(); n != 0 && code == 0 {
+		fmt.Fprintf(os.Stderr, "%d listener references leaked\n", n)
+		code = 1
+	}
 	os.Exit(code)
 }
 
@@ -43,6 +47,9 @@ func newLoop(t *testing.T) *duplex.Loop {
 		}
 		if n := duplex.LiveHandles(); n != 0 {
 			t.Errorf("%d cgo handles live after Loop.Close", n)
+		}
+		if n := duplex.LiveRefs(); n != 0 {
+			t.Errorf("%d listener references held after Loop.Close", n)
 		}
 	})
 	return loop
@@ -518,6 +525,79 @@ func TestListenerAcceptAndDialOverTCPAndUnix(t *testing.T) {
 		}
 		if err := ln.Close(); !errors.Is(err, duplex.ECLOSED) {
 			t.Fatalf("second Close: %v", err)
+		}
+		if n := duplex.LiveRefs(); n != 0 {
+			t.Fatalf("%d listener references held after Close", n)
+		}
+	}
+}
+
+// A listener outlives its loop: Loop.Close closes it and drops its
+// reference; every method stays safe, and Close reports ECLOSED.
+func TestListenerOutlivesItsLoop(t *testing.T) {
+	loop, err := duplex.NewLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := loop.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr()
+	if n := duplex.LiveRefs(); n != 1 {
+		t.Fatalf("%d listener references held, want 1", n)
+	}
+	if err := loop.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := duplex.LiveRefs(); n != 0 {
+		t.Fatalf("%d listener references held after Loop.Close", n)
+	}
+	for i := 0; i < 2; i++ {
+		if err := ln.Close(); !errors.Is(err, duplex.ECLOSED) || !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Close %d after Loop.Close: %v", i+1, err)
+		}
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after Loop.Close: %v", err)
+	}
+	if ln.Addr() != addr {
+		t.Fatalf("Addr() = %q after Loop.Close, was %q", ln.Addr(), addr)
+	}
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the socket still accepts after Loop.Close")
+	}
+	if n := duplex.LiveRefs(); n != 0 || duplex.LiveHandles() != 0 {
+		t.Fatalf("%d references, %d handles", n, duplex.LiveHandles())
+	}
+}
+
+// Listener.Close and Loop.Close racing: exactly one of them closes the
+// listener, the reference is dropped once, and nothing hangs.
+func TestListenerCloseRacesLoopClose(t *testing.T) {
+	for i := 0; i < 50; i++ {
+		loop, err := duplex.NewLoop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := loop.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- ln.Close() }()
+		if err := loop.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-errc; err != nil && !errors.Is(err, duplex.ECLOSED) {
+			t.Fatalf("Close racing Loop.Close: %v", err)
+		}
+		if err := ln.Close(); !errors.Is(err, duplex.ECLOSED) {
+			t.Fatalf("Close after both: %v", err)
+		}
+		if n := duplex.LiveRefs(); n != 0 {
+			t.Fatalf("round %d: %d listener references held", i, n)
 		}
 	}
 }

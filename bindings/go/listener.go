@@ -15,6 +15,10 @@ import (
 // conns queue (up to the backlog, WithBacklog) until Accept takes them;
 // beyond that, new ones are aborted. Accepted conns start reading at once;
 // what they receive waits in their Recv channel (flow control as for Dial).
+//
+// The Listener holds the reference duplex_listener_tcp/_unix handed out and
+// drops it (duplex_listener_unref) exactly once, when it is retired: after
+// Close, or when its loop is closed. Any method may be called after either.
 type Listener struct {
 	loop     *Loop
 	h        cgo.Handle
@@ -24,7 +28,7 @@ type Listener struct {
 	closed   chan struct{} // closed once the listener is gone
 
 	mu       sync.Mutex
-	ptr      *C.duplex_listener // nil once finished
+	ptr      *C.duplex_listener // our reference; nil once finished
 	closing  bool
 	finished bool
 }
@@ -66,6 +70,7 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 		rc = C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, C.int(cfg.backlog), C.uintptr_t(ln.h), cfg.lim)
 	}
 	if rc == 0 {
+		liveRefs.Add(1)
 		var buf [1024]C.char
 		if C.duplex_listener_get_address(ln.ptr, &buf[0], C.size_t(len(buf))) == 0 {
 			ln.addr = C.GoString(&buf[0])
@@ -108,7 +113,8 @@ func (ln *Listener) AcceptContext(ctx context.Context) (*Conn, error) {
 
 // Close stops listening and waits until the loop has closed the socket.
 // Conns accepted but not yet taken by Accept are aborted; conns already
-// taken are not affected. A second Close returns an error wrapping ECLOSED.
+// taken are not affected. A second Close, or a Close after the loop was
+// closed (which closed the listener), returns an error wrapping ECLOSED.
 func (ln *Listener) Close() error {
 	ln.mu.Lock()
 	if ln.closing || ln.finished {
@@ -166,13 +172,18 @@ func (ln *Listener) onAccept(p *C.duplex_conn) {
 func (ln *Listener) onClosed(status C.int) {
 	ln.mu.Lock()
 	if status == 0 && ln.ptr != nil {
-		C.duplex_listener_close(ln.ptr) // on the loop thread: immediate
+		// On the loop thread: no accept after this. ECLOSED would mean the
+		// loop let go of it already, which it does only when freed.
+		C.duplex_listener_close(ln.ptr)
 	}
 	ln.mu.Unlock()
 	ln.finish()
 }
 
-// finish retires the listener exactly once: no accept can come any more.
+// finish retires the listener exactly once: no accept can come any more
+// (it was closed on the loop thread, or the loop was freed), so our
+// reference goes. The close does not drop it; the loop's own reference
+// keeps the memory until the loop has let go of the socket.
 func (ln *Listener) finish() {
 	ln.mu.Lock()
 	if ln.finished {
@@ -180,7 +191,11 @@ func (ln *Listener) finish() {
 		return
 	}
 	ln.finished = true
-	ln.ptr = nil
+	if ln.ptr != nil {
+		C.duplex_listener_unref(ln.ptr)
+		ln.ptr = nil
+		liveRefs.Add(-1)
+	}
 	close(ln.accepted)
 	ln.mu.Unlock()
 	for c := range ln.accepted {
