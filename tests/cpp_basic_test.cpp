@@ -765,6 +765,100 @@ TEST_CASE("a moved Timer keeps firing; move-assigning over a Timer closes the ol
   CHECK(b_fired == 0);
 }
 
+// Timer and Listener own a reference to their C object: destroyed after
+// their Loop, they close nothing (the loop's free did) and free everything
+// (ASan: no use of the freed loop, no leak of the C object or the box).
+TEST_CASE("a Timer outliving its Loop is safe to use and destroy") {
+  auto token = std::make_shared<int>(0);
+  int fired = 0;
+  std::optional<duplex::Timer> started, pending, idle, on_thread;
+  {
+    duplex::Loop loop;
+    started.emplace(loop, [&fired, token] { fired++; });
+    started->start(0ms);
+    CHECK(pump(loop, [&] { return fired == 1; }));
+    pending.emplace(loop, [token] { FAIL("fired after its loop"); });
+    pending->start(1h); // still armed when the loop goes
+    idle.emplace(loop, [token] {});
+    CHECK(token.use_count() == 4);
+  }
+  {
+    duplex::Loop loop; // a started loop: its thread is joined by ~Loop
+    loop.start();
+    on_thread.emplace(loop, [token] {});
+    on_thread->start(0ms, 1ms);
+  }
+  for (auto *t : {&started, &pending, &idle, &on_thread}) {
+    REQUIRE((*t)->native() != nullptr);
+    std::error_code ec;
+    (*t)->start(1ms, 0ms, ec);
+    CHECK(ec == errc::DUPLEX_ECLOSED);
+    CHECK_THROWS_AS((*t)->start(1ms), duplex::error);
+    (*t)->stop();
+  }
+  started->close(); // explicitly, then the destructor: both no-ops after
+  CHECK(started->native() == nullptr);
+  started.reset();
+  pending.reset();
+  idle.reset();
+  on_thread.reset();
+  CHECK(fired == 1);
+  CHECK(token.use_count() == 1); // every callback was released
+}
+
+TEST_CASE("a Listener outliving its Loop is safe to use and destroy") {
+  auto token = std::make_shared<int>(0);
+  std::atomic<int> opened{0};
+  std::optional<duplex::Listener> tcp, unix_l, idle;
+  uint16_t port = 0;
+  const std::string path = "/tmp/duplex-cpp-outlive-" + std::to_string(::getpid());
+  {
+    duplex::Loop loop;
+    loop.start();
+    tcp.emplace(duplex::Listener::tcp(
+        loop, "127.0.0.1", 0, {.on_open = [&opened, token](duplex::ConnRef) { opened++; }}));
+    unix_l.emplace(duplex::Listener::unix_path(loop, path, {.on_open = [token](duplex::ConnRef) {}}));
+    port = tcp->port();
+    auto client = duplex::Conn::connect_tcp(loop, "127.0.0.1", port);
+    CHECK(dtest::wait_until([&] { return opened.load() == 1; }));
+  }
+  {
+    duplex::Loop loop; // never run
+    idle.emplace(duplex::Listener::tcp(loop, "127.0.0.1", 0, {.on_open = [token](duplex::ConnRef) {}}));
+  }
+  CHECK(tcp->port() == port); // the reference still answers
+  CHECK(tcp->address() == "127.0.0.1:" + std::to_string(port));
+  CHECK(unix_l->address() == path);
+  tcp->close();
+  CHECK(tcp->native() == nullptr);
+  tcp.reset();
+  unix_l.reset();
+  idle.reset();
+  CHECK(token.use_count() == 1); // every handler table was released
+  CHECK(opened.load() == 1);
+}
+
+TEST_CASE("a Timer destroyed by its own callback stops, and its callback is released after it returns") {
+  auto token = std::make_shared<int>(0);
+  int fired = 0;
+  bool capture_alive_after = false;
+  duplex::Loop loop;
+  std::optional<duplex::Timer> t;
+  t.emplace(loop, [&, token] {
+    fired++;
+    t.reset(); // destroys the Timer from inside its callback
+    capture_alive_after = token.use_count() >= 2; // this lambda still lives
+  });
+  t->start(0ms, 1ms);
+  CHECK(pump(loop, [&] { return fired == 1; }));
+  duplex::Timer fence(loop, [&] { loop.stop(); });
+  fence.start(5ms);
+  loop.run();
+  CHECK(fired == 1);
+  CHECK(capture_alive_after);
+  CHECK(token.use_count() == 1);
+}
+
 // ---------------------------------------------------------------------------
 // Destruction while the loop still has work
 // ---------------------------------------------------------------------------
@@ -970,8 +1064,10 @@ TEST_CASE("past the hard limit write() returns false and the caller keeps its by
   loop.start();
   auto c = duplex::Conn::adopt(loop, cl.sp.ours.release(), {}, small_limits());
 
+  // queued() counts each write's payload plus DUPLEX_WRITE_OVERHEAD.
+  constexpr size_t kQueued = 6000 + DUPLEX_WRITE_OVERHEAD;
   CHECK(c.write(std::string(6000, 'A'))); // into an empty queue: always taken
-  CHECK(dtest::wait_until([&] { return c.queued() == 6000; }));
+  CHECK(dtest::wait_until([&] { return c.queued() == kQueued; }));
 
   // Every copying form: false ("would block"), not an exception.
   std::string more(4000, 'B');
@@ -1002,7 +1098,7 @@ TEST_CASE("past the hard limit write() returns false and the caller keeps its by
   CHECK(u.get() == u_data);
   CHECK(u[999] == 0x55555555u);
   CHECK(watch::freed(ws) + watch::freed(wv) + watch::freed(wu) == 0);
-  CHECK(c.queued() == 6000); // nothing of the refused writes was taken
+  CHECK(c.queued() == kQueued); // nothing of the refused writes was taken
 
   // The peer drains: the same writes go through, each released once.
   REQUIRE(dtest::drain_exactly(cl.sp.peer.get(), cl.junk + 6000));

@@ -501,6 +501,22 @@ TEST_CASE("conn.read() and channel.receive() awaiters outlive the handle they ca
   }
 }
 
+// The awaiter holds a share of the loop's core: awaited after its Loop is
+// gone (here from a task on another loop) it resumes at once, cancelled.
+TEST_CASE("a loop.sleep() awaiter outliving its Loop resumes at once with DUPLEX_ECANCELED") {
+  Frames f;
+  std::error_code slept = errc::DUPLEX_EUNKNOWN;
+  std::optional<duplex::sleep_awaiter> aw;
+  {
+    duplex::Loop gone;
+    aw.emplace(gone.sleep(1h));
+  }
+  duplex::Loop loop;
+  duplex::spawn(loop, await_into(std::move(*aw), f, &slept));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(slept == errc::DUPLEX_ECANCELED);
+}
+
 // ---------------------------------------------------------------------------
 // channel.receive() and loop.sleep()
 // ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ namespace duplex {
 
 /// Accepts conns; each accepted conn gets the handlers and options given
 /// here (on_open is where to take a Conn if you want to keep one).
-/// Move-only; destroying it closes the listening socket.
+/// Move-only. It owns a reference to the C listener: destroying it closes
+/// the listening socket and drops that reference, so a Listener may
+/// outlive its Loop (port() and address() still answer).
 class Listener {
 public:
   Listener() = default;
@@ -30,12 +32,14 @@ public:
     }, 0, mode);
   }
   Listener(Listener &&o) noexcept
-      : l_(std::exchange(o.l_, nullptr)), box_(std::move(o.box_)) {}
+      : l_(std::exchange(o.l_, nullptr)), box_(std::move(o.box_)),
+        core_(std::move(o.core_)) {}
   Listener &operator=(Listener &&o) noexcept {
     if (this != &o) {
       close();
       l_ = std::exchange(o.l_, nullptr);
       box_ = std::move(o.box_);
+      core_ = std::move(o.core_);
     }
     return *this;
   }
@@ -43,23 +47,18 @@ public:
   Listener &operator=(const Listener &) = delete;
   ~Listener() { close(); }
 
-  /// Stop accepting (idempotent). Conns already accepted stay open.
+  /// Stop accepting and let go of the listener (idempotent; also after the
+  /// loop was freed). Conns already accepted stay open.
   void close() noexcept {
     if (l_ == nullptr)
       return;
-    duplex_loop *loop = box_->core->loop;
+    // DUPLEX_ECLOSED once the loop was freed: nothing left to stop.
     duplex_listener_close(l_);
-    l_ = nullptr;
-    // An accept the loop handles before the close still reads the box: free
-    // it with a post queued after the close, so it goes after the close.
-    auto *keep = new std::shared_ptr<detail::ListenerBox>(std::move(box_));
-    if (duplex_loop_post(
-            loop,
-            [](duplex_loop *, int, void *arg) {
-              delete static_cast<std::shared_ptr<detail::ListenerBox> *>(arg);
-            },
-            keep) != 0)
-      delete keep;
+    // An accept the loop is handling right now (on another thread) still
+    // reads the box: the core frees it after that.
+    core_->retire(std::move(box_));
+    duplex_listener_unref(std::exchange(l_, nullptr)); // the creation's
+    core_.reset();
   }
   [[nodiscard]] uint16_t port() const {
     uint16_t p = 0;
@@ -78,6 +77,7 @@ private:
   static Listener create(Loop &loop, ConnHandlers h, const ConnOptions &o,
                          F &&make, int backlog, unsigned mode) {
     Listener l;
+    l.core_ = loop.shared_core();
     l.box_ = std::make_shared<detail::ListenerBox>();
     l.box_->core = loop.core();
     l.box_->h = std::make_shared<const ConnHandlers>(std::move(h));
@@ -95,6 +95,7 @@ private:
   }
   duplex_listener *l_ = nullptr;
   std::shared_ptr<detail::ListenerBox> box_;
+  std::shared_ptr<detail::LoopCore> core_; // outlives the Loop if need be
 };
 
 } // namespace duplex

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 namespace duplex {
 
@@ -17,12 +18,51 @@ namespace detail {
 
 struct SleepWaiter;
 
-/// What C callbacks need from a Loop; heap-allocated so Loop can move.
+/// What C callbacks need from a Loop; heap-allocated so Loop can move, and
+/// shared by what may outlive the Loop (a Listener, a sleep awaiter). It
+/// holds its own reference to the C loop (duplex_loop_ref), so `loop`
+/// stays a valid pointer after duplex_loop_free(): calls through it then
+/// return DUPLEX_ECLOSED.
 struct LoopCore {
   duplex_loop *loop = nullptr;
   std::mutex mu;
   std::exception_ptr error; // first exception thrown by a callback
   SleepWaiter *sleepers = nullptr; // loop thread only
+  bool freed = false; // under mu: duplex_loop_free() has returned
+  std::vector<std::shared_ptr<void>> graveyard; // under mu, see retire()
+
+  LoopCore() = default;
+  LoopCore(const LoopCore &) = delete;
+  LoopCore &operator=(const LoopCore &) = delete;
+  ~LoopCore() {
+    if (loop != nullptr)
+      duplex_loop_unref(loop);
+  }
+
+  /// Free @p p once no callback of this loop can be using it: on the loop
+  /// thread after the callback running now (a post), or, when the loop is
+  /// being freed and takes no posts, once duplex_loop_free() has returned.
+  /// Any thread.
+  void retire(std::shared_ptr<void> p) noexcept {
+    try {
+      auto keep = std::make_unique<std::shared_ptr<void>>(std::move(p));
+      if (duplex_loop_post(
+              loop,
+              [](duplex_loop *, int, void *arg) {
+                delete static_cast<std::shared_ptr<void> *>(arg);
+              },
+              keep.get()) == 0) {
+        keep.release();
+        return;
+      }
+      std::lock_guard<std::mutex> g(mu);
+      if (!freed)
+        graveyard.push_back(std::move(*keep));
+      // else: the loop is gone, nothing can use it: freed here
+    } catch (...) {
+      // out of memory: leak it rather than free it under a callback
+    }
+  }
 
   /// Store the exception in flight (called inside a catch block) and ask
   /// run() to return, so it can rethrow (asio's semantics).
@@ -65,8 +105,10 @@ class Loop {
 public:
   /// Create a loop. Throws duplex::error.
   Loop() : Loop(nullptr) {}
-  explicit Loop(const duplex_loop_opts *opts) : core_(new detail::LoopCore) {
+  explicit Loop(const duplex_loop_opts *opts)
+      : core_(std::make_shared<detail::LoopCore>()) {
     detail::check(duplex_loop_new(&core_->loop, opts), "duplex_loop_new");
+    duplex_loop_ref(core_->loop); // the core's own, dropped with it
   }
   Loop(Loop &&) noexcept = default;
   Loop &operator=(Loop &&o) noexcept {
@@ -95,7 +137,14 @@ public:
         },
         core);
     duplex_loop_free(core->loop);
-    core_.reset();
+    std::vector<std::shared_ptr<void>> dead;
+    {
+      std::lock_guard<std::mutex> g(core->mu);
+      core->freed = true;
+      dead.swap(core->graveyard);
+    }
+    dead.clear();
+    core_.reset(); // the C loop's memory goes with the last share
   }
 
   /// Run on this thread until stop(); rethrows the first exception a
@@ -141,6 +190,10 @@ public:
 
   [[nodiscard]] duplex_loop *native() const noexcept { return core_->loop; }
   [[nodiscard]] detail::LoopCore *core() const noexcept { return core_.get(); }
+  /// A share of the core, for what may outlive this Loop.
+  [[nodiscard]] std::shared_ptr<detail::LoopCore> shared_core() const noexcept {
+    return core_;
+  }
 
   /// Awaitable: resume after @p d on the loop thread (see task.hpp).
   auto sleep(std::chrono::milliseconds d);
@@ -150,7 +203,7 @@ private:
     detail::check(duplex_loop_run(core_->loop, mode), "duplex_loop_run");
     core_->rethrow();
   }
-  std::unique_ptr<detail::LoopCore> core_;
+  std::shared_ptr<detail::LoopCore> core_;
 };
 
 } // namespace duplex

@@ -5,6 +5,7 @@
 
 #include <coroutine>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <type_traits>
@@ -152,12 +153,19 @@ struct SleepWaiter {
       next->prev = prev;
     next = prev = nullptr;
   }
+  /// Close the timer and drop our reference (duplex_timer_new's). On the
+  /// loop thread: no callback starts after this.
+  void drop_timer() noexcept {
+    if (timer != nullptr) {
+      duplex_timer_close(timer);
+      duplex_timer_unref(timer);
+      timer = nullptr;
+    }
+  }
   void finish(std::error_code e) noexcept {
     unlink();
     ec = e;
-    if (timer != nullptr)
-      duplex_timer_close(timer);
-    timer = nullptr;
+    drop_timer();
     h.resume();
   }
 };
@@ -199,9 +207,12 @@ inline void spawn(Loop &loop, task<void> t) {
 /// loop is being freed first.
 class sleep_awaiter {
 public:
-  sleep_awaiter(detail::LoopCore *core, std::chrono::milliseconds d)
-      : d_(d) {
-    w_.core = core;
+  /// Holds a share of the loop's core: awaited after the Loop is gone, it
+  /// resumes at once with errc::DUPLEX_ECANCELED.
+  sleep_awaiter(std::shared_ptr<detail::LoopCore> core,
+                std::chrono::milliseconds d)
+      : core_(std::move(core)), d_(d) {
+    w_.core = core_.get();
   }
   bool await_ready() const noexcept { return false; }
   bool await_suspend(std::coroutine_handle<> h) noexcept {
@@ -215,9 +226,7 @@ public:
     if (rc == 0)
       rc = duplex_timer_start(w_.timer, static_cast<uint64_t>(d_.count()), 0);
     if (rc != 0) {
-      if (w_.timer != nullptr)
-        duplex_timer_close(w_.timer);
-      w_.timer = nullptr;
+      w_.drop_timer();
       // A loop being freed refuses new timers: that is a cancellation.
       w_.ec = to_error_code(rc == DUPLEX_ECLOSED ? DUPLEX_ECANCELED : rc);
       return false; // resume at once with the error
@@ -231,12 +240,13 @@ public:
   std::error_code await_resume() const noexcept { return w_.ec; }
 
 private:
+  std::shared_ptr<detail::LoopCore> core_;
   std::chrono::milliseconds d_;
   detail::SleepWaiter w_;
 };
 
 inline auto Loop::sleep(std::chrono::milliseconds d) {
-  return sleep_awaiter(core_.get(), d);
+  return sleep_awaiter(core_, d);
 }
 
 /// Interface of the queue-backed awaitables (conn reads, channel receives)
