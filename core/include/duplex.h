@@ -846,7 +846,7 @@ DUPLEX_API int duplex_listener_opts_init(duplex_listener_opts *opts);
  * The socket is bound and listening when this returns (clients can connect
  * at once); the loop starts accepting at its next iteration.
  * @thread   any. The socket is bound on the calling thread: this never
- *           waits for the loop.
+ *           waits for the loop. (Windows: not ported yet, DUPLEX_ENOTSUP.)
  * @owner    @p host, @p opts borrowed for the call. @p *out is a reference
  *           the caller must drop with duplex_listener_unref() (after
  *           duplex_listener_close(), or at any time: the loop keeps its own

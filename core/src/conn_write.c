@@ -179,10 +179,15 @@ batch_done(duplex_conn *c, int status)
   if (c->congested && c->queued <= c->cfg->low) {
     c->congested = false;
     dpx_conn_wake_waiters_locked(c);
-    if (c->events & DPX_EV_BACKPRESSURE)
-      c->events &= ~DPX_EV_BACKPRESSURE; /* never told: tell nothing */
-    else
+    if (c->events & DPX_EV_BACKPRESSURE) {
+      /* Drained before the crossing was told: tell nothing of it, unless
+       * a write was refused meanwhile (its writer waits for on_writable). */
+      c->events &= ~DPX_EV_BACKPRESSURE;
+      writable = c->refused;
+    } else {
       writable = true;
+    }
+    c->refused = false;
   }
   dpx_conn_unlock(c);
   c->writing = false;
@@ -605,6 +610,7 @@ conn_submit(duplex_conn *c, const write_req *w)
      * high one (a big write against a partly full queue). */
     r = DUPLEX_EWOULDBLOCK;
     c->congested = true;
+    c->refused = true;
   }
   if (r != 0) {
     dpx_conn_unlock(c);

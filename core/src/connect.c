@@ -322,7 +322,7 @@ lookup_start(duplex_conn *c, dpx_connect_state *cs)
   uv_thread_t tid;
   uv_thread_options_t to;
   to.flags = UV_THREAD_HAS_STACK_SIZE;
-  to.stack_size = 256 * 1024;
+  to.stack_size = 1024 * 1024; /* getaddrinfo and NSS modules */
   int r = uv_thread_create_ex(&tid, &to, lookup_thread, lk);
   if (r != 0) {
     lk->conn = NULL;

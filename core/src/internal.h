@@ -292,6 +292,7 @@ struct duplex_conn {
   uint16_t op_queued : 1; /* conn->op sits in the inbox or deferred list */
   uint16_t want_read : 1;
   uint16_t congested : 1;
+  uint16_t refused : 1; /* a write was refused since the last drain */
   uint16_t events : 2; /* DPX_EV_* waiting for the loop */
   uint16_t : 0;
   /* ---- loop thread only ---- */
