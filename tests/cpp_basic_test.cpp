@@ -610,6 +610,116 @@ TEST_CASE("exceptions from every kind of callback stop at the C boundary and com
   CHECK_NOTHROW(loop.run());
 }
 
+// Without any stop() call: the exception alone makes run() return (the
+// trampoline asks the loop to stop), and run() rethrows it. A hang guard
+// fails the test if run() keeps running instead.
+TEST_CASE("an exception from any callback makes run() return and rethrow it, with no stop() call") {
+  bool guard_fired = false;
+  duplex::Loop loop;
+  duplex::Timer guard(loop, [&] {
+    guard_fired = true;
+    loop.stop();
+  });
+  guard.start(kGuard);
+  auto sp = dtest::socket_pair();
+
+  SUBCASE("a post") {
+    loop.post([] { throw Thrown("post"); });
+    CHECK_THROWS_WITH_AS(loop.run(), "post", Thrown);
+  }
+
+  SUBCASE("on_open / on_read / on_eof / on_close") {
+    auto c = duplex::Conn::adopt(
+        loop, sp.ours.release(),
+        {.on_open = [](duplex::ConnRef) { throw Thrown("on_open"); },
+         .on_read = [](duplex::ConnRef,
+                       std::span<const std::byte>) { throw Thrown("on_read"); },
+         .on_eof = [](duplex::ConnRef) { throw Thrown("on_eof"); },
+         .on_close = [](duplex::ConnRef, std::error_code) { throw Thrown("on_close"); }});
+    CHECK_THROWS_WITH_AS(loop.run(), "on_open", Thrown);
+    REQUIRE(dtest::write_all(sp.peer.get(), "a", 1) == 0);
+    CHECK_THROWS_WITH_AS(loop.run(), "on_read", Thrown);
+    ::shutdown(sp.peer.get(), SHUT_WR);
+    CHECK_THROWS_WITH_AS(loop.run(), "on_eof", Thrown);
+    c.close();
+    CHECK_THROWS_WITH_AS(loop.run(), "on_close", Thrown);
+  }
+
+  SUBCASE("a write's done callback") {
+    auto c = duplex::Conn::adopt(loop, sp.ours.release());
+    CHECK(c.write(as_span("x"), [](std::error_code) { throw Thrown("done"); }));
+    CHECK_THROWS_WITH_AS(loop.run(), "done", Thrown);
+  }
+
+  SUBCASE("on_backpressure / on_writable") {
+    Clogged cl;
+    auto c = duplex::Conn::adopt(
+        loop, cl.sp.ours.release(),
+        {.on_backpressure = [](duplex::ConnRef,
+                               size_t) { throw Thrown("on_backpressure"); },
+         .on_writable = [](duplex::ConnRef) { throw Thrown("on_writable"); }},
+        small_limits());
+    CHECK(c.write(std::string(4000, 'b')));
+    CHECK_THROWS_WITH_AS(loop.run(), "on_backpressure", Thrown);
+    std::thread peer([&] {
+      CHECK(dtest::drain_exactly(cl.sp.peer.get(), cl.junk + 4000));
+    });
+    CHECK_THROWS_WITH_AS(loop.run(), "on_writable", Thrown);
+    peer.join();
+  }
+
+  SUBCASE("a timer") {
+    duplex::Timer t(loop, [] { throw Thrown("timer"); });
+    t.start(0ms, 1ms); // repeating: run() must still return
+    CHECK_THROWS_WITH_AS(loop.run(), "timer", Thrown);
+  }
+
+  SUBCASE("a channel handler") {
+    duplex::Channel<int> ch(loop, [](int &&v) { throw Thrown("message " + std::to_string(v)); });
+    CHECK(ch.send(3));
+    CHECK_THROWS_WITH_AS(loop.run(), "message 3", Thrown);
+  }
+
+  SUBCASE("an accepted conn's on_open") {
+    auto l = duplex::Listener::tcp(
+        loop, "127.0.0.1", 0,
+        {.on_open = [](duplex::ConnRef) { throw Thrown("accepted"); }});
+    auto client = duplex::Conn::connect_tcp(loop, "127.0.0.1", l.port());
+    CHECK_THROWS_WITH_AS(loop.run(), "accepted", Thrown);
+  }
+
+  CHECK_FALSE(guard_fired);
+  // The loop still works, and no stop request is left over: run() returns
+  // only at the stop() below, after the timer fired.
+  bool fired = false;
+  duplex::Timer later(loop, [&] {
+    fired = true;
+    loop.stop();
+  });
+  later.start(20ms);
+  CHECK_NOTHROW(loop.run());
+  CHECK(fired);
+}
+
+// run_once() / run_nowait() return after their iteration anyway: a throw
+// there must not leave a stop request behind that would end the next run()
+// early.
+TEST_CASE("an exception in run_once() / run_nowait() is rethrown and leaves no stop request behind") {
+  duplex::Loop loop;
+  loop.post([] { throw Thrown("nowait"); });
+  CHECK_THROWS_WITH_AS(loop.run_nowait(), "nowait", Thrown);
+  loop.post([] { throw Thrown("once"); });
+  CHECK_THROWS_WITH_AS(loop.run_once(), "once", Thrown);
+  bool fired = false;
+  duplex::Timer later(loop, [&] {
+    fired = true;
+    loop.stop();
+  });
+  later.start(20ms);
+  CHECK_NOTHROW(loop.run());
+  CHECK(fired);
+}
+
 TEST_CASE("Loop::rethrow() raises a started loop's callback exception on the calling thread") {
   duplex::Loop loop;
   loop.start();

@@ -927,6 +927,35 @@ TEST_CASE("an exception thrown inside a spawned task is rethrown by run()") {
   CHECK(f.finished == 2);
 }
 
+TEST_CASE("an exception escaping a spawned task makes run() return and rethrow it, with no stop() call") {
+  Frames f;
+  duplex::Loop loop;
+  Guard g(loop);
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  // Resumed by a timer (sleep), by a read, and by a write's completion.
+  duplex::spawn(loop, [](duplex::Loop &l, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    co_await l.sleep(1ms);
+    throw Thrown("after sleep");
+  }(loop, f));
+  CHECK_THROWS_WITH_AS(loop.run(), "after sleep", Thrown);
+  duplex::spawn(loop, [](duplex::Conn conn, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    auto r = co_await conn.read();
+    throw Thrown("after read " + r.data);
+  }(c, f));
+  REQUIRE(dtest::write_all(sp.peer.get(), "x", 1) == 0);
+  CHECK_THROWS_WITH_AS(loop.run(), "after read x", Thrown);
+  duplex::spawn(loop, [](duplex::Conn conn, Frames &fr) -> duplex::task<void> {
+    Alive al(fr);
+    (void)co_await conn.async_write("y");
+    throw Thrown("after write");
+  }(c, f));
+  CHECK_THROWS_WITH_AS(loop.run(), "after write", Thrown);
+  CHECK(f.finished == 3);
+}
+
 TEST_CASE("a task<T> returns its value to the awaiting task, which may catch its exception") {
   Frames f;
   int value = 0;

@@ -3,6 +3,7 @@
 
 #include <duplex/error.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <coroutine>
 #include <exception>
@@ -29,6 +30,9 @@ struct LoopCore {
   std::exception_ptr error; // first exception thrown by a callback
   SleepWaiter *sleepers = nullptr; // loop thread only
   bool freed = false; // under mu: duplex_loop_free() has returned
+  // run(DEFAULT) is on the stack of the loop thread (the only thread that
+  // calls capture() then); atomic for a started loop's thread.
+  std::atomic<bool> running_default{false};
   std::vector<std::shared_ptr<void>> graveyard; // under mu, see retire()
 
   LoopCore() = default;
@@ -65,14 +69,18 @@ struct LoopCore {
   }
 
   /// Store the exception in flight (called inside a catch block) and ask
-  /// run() to return, so it can rethrow (asio's semantics).
+  /// run() to return, so it can rethrow (asio's semantics). Only run() in
+  /// DEFAULT mode is asked: run_once()/run_nowait() return after their
+  /// iteration anyway, and a stop nobody consumes would end the next run()
+  /// early; a started loop keeps running (rethrow() raises it).
   void capture() noexcept {
     {
       std::lock_guard<std::mutex> g(mu);
       if (!error)
         error = std::current_exception();
     }
-    duplex_loop_stop(loop);
+    if (running_default.load(std::memory_order_relaxed))
+      duplex_loop_stop(loop);
   }
   void rethrow() {
     std::exception_ptr e;
@@ -200,6 +208,17 @@ public:
 
 private:
   void run_mode(unsigned mode) {
+    if (mode != DUPLEX_RUN_DEFAULT) {
+      detail::check(duplex_loop_run(core_->loop, mode), "duplex_loop_run");
+      core_->rethrow();
+      return;
+    }
+    struct Flag { // restored however run() ends (also on EBUSY)
+      std::atomic<bool> &f;
+      bool was;
+      ~Flag() { f.store(was, std::memory_order_relaxed); }
+    } flag{core_->running_default,
+           core_->running_default.exchange(true, std::memory_order_relaxed)};
     detail::check(duplex_loop_run(core_->loop, mode), "duplex_loop_run");
     core_->rethrow();
   }
