@@ -1188,6 +1188,10 @@ TEST_CASE("past the hard limit write() returns false and the caller keeps its by
   std::error_code ec = errc::DUPLEX_EUNKNOWN;
   CHECK_FALSE(c.write(as_span(more), ec));
   CHECK_FALSE(ec); // would block is not an error
+  // Not writable is false, not an exception, with 0 ms (EWOULDBLOCK in C)
+  // as with a wait that runs out (ETIMEDOUT).
+  CHECK_FALSE(c.wait_writable(0ms));
+  CHECK_FALSE(c.wait_writable(5ms));
 
   // Every zero-copy form: refused whole, the container still holds it all.
   std::string s(4000, 'S');

@@ -353,6 +353,49 @@ TEST_CASE("co_await conn.async_write() refused below the high watermark still co
   CHECK(drained == junk + 8100);
 }
 
+// At the hard limit even the zero-length write async_write uses to wait for
+// room is refused (it costs DUPLEX_WRITE_OVERHEAD): it must wait for
+// on_writable instead of failing with EWOULDBLOCK.
+TEST_CASE("co_await conn.async_write() at the hard limit waits for room") {
+  Frames f;
+  std::error_code result = errc::DUPLEX_EUNKNOWN;
+  dtest::Event attempting;
+  size_t drained = 0;
+  std::atomic<bool> peer_done{false};
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  size_t junk = dtest::fill_send_buffer(sp.ours.get());
+  duplex::ConnOptions o;
+  o.high_watermark = 1024;
+  o.low_watermark = 256;
+  o.hard_limit = 4096;
+  auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+  auto writer = [](duplex::Conn conn, Frames &fr, dtest::Event *ev,
+                   std::error_code *out) -> duplex::task<void> {
+    Alive al(fr);
+    // 4000 + DUPLEX_WRITE_OVERHEAD queued: a zero-length write no longer fits
+    CHECK(conn.write(std::string(4000, 'a')));
+    ev->set();
+    *out = co_await conn.async_write(std::string(8000, 'b'));
+    conn.shutdown();
+  };
+  std::thread peer([&] {
+    REQUIRE(attempting.wait());
+    dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *, size_t n) {
+      drained += n;
+      return true;
+    });
+    peer_done = true;
+  });
+  duplex::spawn(loop, writer(c, f, &attempting, &result));
+  duplex::Timer guard(loop, [&] { c.close(true); });
+  guard.start(20s);
+  CHECK(pump(loop, [&] { return f.finished == 1 && peer_done; }));
+  peer.join();
+  CHECK_FALSE(result);
+  CHECK(drained == junk + 12000);
+}
+
 TEST_CASE("co_await conn.async_write() on a shut down or closed conn returns the error at once") {
   Frames f;
   std::vector<std::error_code> got;

@@ -89,8 +89,12 @@ struct ListenerBox : BoxBase {
   std::size_t read_limit = 1 << 20;
 };
 
+class write_awaiter;
+
 struct ConnBox : BoxBase {
   ConnBox() : BoxBase{kConn} {}
+  // async_write()s waiting for room: resumed by on_writable or the close
+  write_awaiter *room_waiters = nullptr;
   LoopCore *core = nullptr;
   std::shared_ptr<const ConnHandlers> h;
   std::size_t read_limit = 1 << 20;
@@ -218,10 +222,18 @@ public:
     h_ = h;
     int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
     if (rc == DUPLEX_EWOULDBLOCK) {
-      // A zero-length write is never refused and completes once the
-      // queue ahead of it drained: retry then.
+      // Retry once the queue ahead of us drained: a zero-length write
+      // completes then. It costs DUPLEX_WRITE_OVERHEAD, so at the limit it
+      // is refused too; the refusal guarantees an on_writable, which wakes
+      // the waiters listed in the conn's box.
       retry_ = true;
       rc = duplex_conn_write(c_, nullptr, 0, done, this);
+      ConnBox *b = rc == DUPLEX_EWOULDBLOCK ? box_of(c_) : nullptr;
+      if (b != nullptr) {
+        next_ = b->room_waiters;
+        b->room_waiters = this;
+        return true;
+      }
     }
     if (rc == 0)
       return true;
@@ -231,6 +243,17 @@ public:
   }
   std::error_code await_resume() const noexcept { return ec_; }
   bool retry() const noexcept { return retry_ && !ec_; }
+
+  /// Resume every waiter of @p b (on_writable: retry; a close: @p ec).
+  static void wake_room(ConnBox *b, std::error_code ec) {
+    write_awaiter *w = std::exchange(b->room_waiters, nullptr);
+    while (w != nullptr) {
+      write_awaiter *next = w->next_;
+      w->ec_ = ec;
+      w->h_.resume();
+      w = next;
+    }
+  }
 
 private:
   static void done(duplex_conn *, int status, void *user) {
@@ -243,6 +266,7 @@ private:
   std::coroutine_handle<> h_;
   std::error_code ec_;
   bool retry_ = false;
+  write_awaiter *next_ = nullptr;
 };
 
 /// The body of ConnRef::async_write(). A free coroutine, not a member: its
@@ -377,7 +401,11 @@ public:
   /// Block (off the loop thread) until writable. false on timeout.
   bool wait_writable(std::chrono::milliseconds timeout, std::error_code &ec) noexcept {
     int rc = duplex_conn_wait_writable(c_, static_cast<int>(timeout.count()));
-    ec = rc == DUPLEX_ETIMEDOUT ? std::error_code{} : to_error_code(rc);
+    // Not writable (0 ms: EWOULDBLOCK; a wait that ran out: ETIMEDOUT) is
+    // a false result, not an error.
+    ec = rc == DUPLEX_ETIMEDOUT || rc == DUPLEX_EWOULDBLOCK
+             ? std::error_code{}
+             : to_error_code(rc);
     return rc == 0;
   }
   bool wait_writable(std::chrono::milliseconds timeout) {
@@ -623,6 +651,7 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
     auto *b = conn_box(c, u);
     if (b->h->on_writable)
       guarded(b->core, [&] { b->h->on_writable(ConnRef(c)); });
+    guarded(b->core, [&] { write_awaiter::wake_room(b, {}); });
   };
   cbs.on_close = [](duplex_conn *c, int reason, void *u) {
     std::unique_ptr<ConnBox> b(conn_box(c, u));
@@ -633,6 +662,7 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
     // Wake a waiting reader: it sees the close. (Writers are resumed by
     // their own completions, which the close cancels.)
     guarded(b->core, [&] { resume_reader(b.get()); });
+    guarded(b->core, [&] { write_awaiter::wake_room(b.get(), b->closed); });
     duplex_conn_set_user(c, nullptr);
   };
   return cbs;
