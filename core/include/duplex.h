@@ -819,6 +819,11 @@ typedef void (*duplex_listen_error_cb)(duplex_listener *listener, int status,
 /**
  * Options for a listener. Each accepted conn is created with @ref conn_opts
  * (callbacks, user pointer, limits) and gets `on_open` when accepted.
+ * An accepted conn comes with no reference for the user: the loop holds
+ * its own until `on_close` has returned, so the pointer is valid in every
+ * callback. To keep it beyond that (another thread writing to it, a table
+ * of clients), take one with duplex_conn_ref() in `on_open` and drop it
+ * after `on_close`.
  */
 typedef struct duplex_listener_opts {
   size_t size;                       /**< sizeof(duplex_listener_opts) */
