@@ -543,6 +543,20 @@ std::vector<Case> make_table(Ctx &c) {
     return rc == 0 && u != &c.closed_user_tag ? -1 : rc;
   }, 0);
 
+  add("duplex_conn_get_local", "NULL conn", [] {
+    char b[8];
+    return duplex_conn_get_local(nullptr, b, sizeof b);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_local", "NULL buf",
+      [&c] { return duplex_conn_get_local(c.open_conn, nullptr, 8); }, DUPLEX_EINVAL);
+  add("duplex_conn_get_local", "zero length", [&c] {
+    char b[1] = {'x'};
+    return duplex_conn_get_local(c.open_conn, b, 0);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_local", "closed conn (still referenced)", [&c] {
+    char b[64];
+    return duplex_conn_get_local(c.closed_conn, b, sizeof b);
+  }, DUPLEX_ECLOSED);
   add("duplex_conn_get_peer", "NULL conn", [] {
     char b[8];
     return duplex_conn_get_peer(nullptr, b, sizeof b);

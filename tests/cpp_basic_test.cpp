@@ -1270,7 +1270,7 @@ TEST_CASE("a zero-copy write to a closed conn throws and leaves the caller its b
 
 TEST_CASE("an echo listener and a TCP client: handlers get ConnRef views, Conn keeps one") {
   int server_opens = 0, server_closes = 0, client_eofs = 0;
-  std::string received, peer_seen;
+  std::string received, peer_seen, server_local;
   std::error_code client_reason = errc::DUPLEX_EUNKNOWN;
   duplex::Conn server_side;
   duplex::Loop loop;
@@ -1279,6 +1279,7 @@ TEST_CASE("an echo listener and a TCP client: handlers get ConnRef views, Conn k
       {.on_open =
            [&](duplex::ConnRef c) {
              server_opens++;
+             server_local = c.local();
              server_side = duplex::Conn(c);
            },
        .on_read = [](duplex::ConnRef c,
@@ -1306,6 +1307,7 @@ TEST_CASE("an echo listener and a TCP client: handlers get ConnRef views, Conn k
   CHECK(client_eofs == 1);
   CHECK_FALSE(client_reason);
   CHECK(peer_seen == "127.0.0.1:" + std::to_string(l.port()));
+  CHECK(server_local == "127.0.0.1:" + std::to_string(l.port())); // its own end
   CHECK(server_opens == 1);
   CHECK(pump(loop, [&] { return server_closes == 1; }));
   std::error_code ec;

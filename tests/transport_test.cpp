@@ -779,3 +779,67 @@ TEST_CASE("TCP on every address: NULL / \"\" are IPv4, \"::\" honours IPV6ONLY")
   }
   CHECK(loop.free() == 0);
 }
+
+TEST_CASE("duplex_conn_get_local names the conn's own end") {
+  Loop loop;
+  // A raw listening socket, so both ends' names are known independently.
+  Fd lfd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(lfd);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(lfd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) == 0);
+  REQUIRE(::listen(lfd.get(), 4) == 0);
+  socklen_t sl = sizeof sa;
+  REQUIRE(::getsockname(lfd.get(), reinterpret_cast<sockaddr *>(&sa), &sl) == 0);
+  const std::string server_addr = "127.0.0.1:" + std::to_string(ntohs(sa.sin_port));
+
+  ConnEvents cev;
+  auto co = cev.opts();
+  duplex_conn *client = nullptr;
+  REQUIRE(duplex_conn_connect_tcp(&client, loop, "127.0.0.1", ntohs(sa.sin_port), &co) == 0);
+  REQUIRE(cev.wait_open());
+  Fd acc(::accept(lfd.get(), nullptr, nullptr));
+  REQUIRE(acc);
+  sockaddr_in pa{};
+  socklen_t pl = sizeof pa;
+  REQUIRE(::getpeername(acc.get(), reinterpret_cast<sockaddr *>(&pa), &pl) == 0);
+  const std::string client_addr = "127.0.0.1:" + std::to_string(ntohs(pa.sin_port));
+
+  char buf[128];
+  CHECK(duplex_conn_get_local(client, buf, sizeof buf) == 0);
+  CHECK(std::string(buf) == client_addr);
+  char peer[128];
+  CHECK(duplex_conn_get_peer(client, peer, sizeof peer) == 0);
+  CHECK(std::string(peer) == server_addr);
+  char tiny[4] = {'x', 'x', 'x', 'x'};
+  CHECK(duplex_conn_get_local(client, tiny, sizeof tiny) == DUPLEX_ENOBUFS);
+  CHECK(tiny[0] == '\0');
+
+  // The accepted end, adopted: its own name is the listening address.
+  ConnEvents sev;
+  auto so = sev.opts();
+  duplex_conn *server = adopt(loop, acc, &so);
+  REQUIRE(sev.wait_open());
+  CHECK(duplex_conn_get_local(server, buf, sizeof buf) == 0);
+  CHECK(std::string(buf) == server_addr);
+
+  // Unnamed ends: "".
+  auto sp = socket_pair();
+  ConnEvents uev;
+  auto uo = uev.opts();
+  duplex_conn *unnamed = adopt(loop, sp.ours, &uo);
+  REQUIRE(uev.wait_open());
+  buf[0] = 'x';
+  CHECK(duplex_conn_get_local(unnamed, buf, sizeof buf) == 0);
+  CHECK(std::string(buf).empty());
+
+  // Closed: DUPLEX_ECLOSED, before and after the loop is freed.
+  REQUIRE(duplex_conn_close(client, DUPLEX_CLOSE_ABORT) == 0);
+  REQUIRE(cev.wait_closed());
+  CHECK(duplex_conn_get_local(client, buf, sizeof buf) == DUPLEX_ECLOSED);
+  CHECK(loop.free() == 0);
+  CHECK(duplex_conn_get_local(server, buf, sizeof buf) == DUPLEX_ECLOSED);
+  for (duplex_conn *c : {client, server, unnamed})
+    CHECK(duplex_conn_unref(c) == 0);
+}

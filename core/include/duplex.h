@@ -794,6 +794,22 @@ DUPLEX_API int duplex_conn_set_user(duplex_conn *conn, void *user);
 DUPLEX_API int duplex_conn_get_peer(const duplex_conn *conn, char *buf,
                                     size_t len);
 
+/**
+ * The conn's own address as text, in the same forms as
+ * duplex_conn_get_peer(): "127.0.0.1:40312", "[::1]:40312", the socket
+ * path a UNIX listener accepted on, or "" for unnamed ends (a UNIX client,
+ * socketpairs, pipes). Read off the socket on each call; nothing is kept.
+ * @thread   any.
+ * @blocks   off the loop thread, until the loop has read the name.
+ * @owner    @p buf borrowed for the call; always NUL-terminated on success.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOTCONN (not open yet),
+ *           DUPLEX_ECLOSED (closed, or its loop was freed),
+ *           DUPLEX_ENOBUFS (@p len too small; @p buf holds "").
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_get_local(const duplex_conn *conn, char *buf,
+                                     size_t len);
+
 /* ---------------------------------------------------------------------- */
 /* Listeners                                                               */
 /* ---------------------------------------------------------------------- */

@@ -413,6 +413,66 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
   return r;
 }
 
+typedef struct local_args {
+  duplex_conn *c;
+  char *buf;
+  size_t len;
+} local_args;
+
+/* Loop thread (or an idle loop): read the conn's own name. */
+static int
+local_fetch(duplex_loop *loop, void *arg)
+{
+  local_args *a = arg;
+  duplex_conn *c = a->c;
+  (void)loop;
+  if (c->close_begun)
+    return DUPLEX_ECLOSED;
+  if (!c->opened)
+    return DUPLEX_ENOTCONN;
+  char name[1024];
+  name[0] = '\0';
+  dpx_stream *rd = dpx_conn_rd(c);
+  if (rd->handle.type == UV_TCP) {
+    struct sockaddr_storage ss;
+    int n = sizeof ss;
+    if (uv_tcp_getsockname(&rd->tcp, (struct sockaddr *)&ss, &n) != 0 ||
+        dpx_format_addr((struct sockaddr *)&ss, name, sizeof name) != 0)
+      name[0] = '\0';
+  } else if (rd->handle.type == UV_NAMED_PIPE) {
+    size_t n = sizeof name - 1;
+    if (uv_pipe_getsockname(&rd->pipe, name, &n) != 0)
+      n = 0;
+    name[n] = '\0';
+  }
+  if (strlen(name) + 1 > a->len)
+    return DUPLEX_ENOBUFS;
+  memcpy(a->buf, name, strlen(name) + 1);
+  return 0;
+}
+
+int
+duplex_conn_get_local(const duplex_conn *conn, char *buf, size_t len)
+{
+  if (conn == NULL || buf == NULL || len == 0)
+    return DUPLEX_EINVAL;
+  duplex_conn *c = (duplex_conn *)conn;
+  buf[0] = '\0';
+  dpx_conn_lock(c);
+  duplex_loop *loop = c->loop;
+  if (loop != NULL)
+    duplex_loop_ref(loop); /* as in get_peer: valid across the exec */
+  dpx_conn_unlock(c);
+  if (loop == NULL)
+    return DUPLEX_ECLOSED;
+  local_args a = { c, buf, len };
+  int r = dpx_loop_exec(loop, local_fetch, &a);
+  duplex_loop_unref(loop);
+  if (r != 0)
+    buf[0] = '\0';
+  return r;
+}
+
 static inline void *
 conn_user(duplex_conn *c)
 {

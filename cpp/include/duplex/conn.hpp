@@ -398,6 +398,12 @@ public:
     char buf[1024];
     return duplex_conn_get_peer(c_, buf, sizeof buf) == 0 ? buf : "";
   }
+  /// The conn's own address ("" when unnamed or closed); see
+  /// duplex_conn_get_local(). Off the loop thread it waits for the loop.
+  [[nodiscard]] std::string local() const {
+    char buf[1024];
+    return duplex_conn_get_local(c_, buf, sizeof buf) == 0 ? buf : "";
+  }
   /// Block (off the loop thread) until writable. false on timeout.
   bool wait_writable(std::chrono::milliseconds timeout, std::error_code &ec) noexcept {
     int rc = duplex_conn_wait_writable(c_, static_cast<int>(timeout.count()));
