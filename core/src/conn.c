@@ -352,6 +352,25 @@ duplex_conn_get_queued(const duplex_conn *conn, size_t *out)
   return 0;
 }
 
+/* Run @p fn on the conn's loop (dpx_loop_exec), or DUPLEX_ECLOSED once the
+ * conn finished. The loop cannot be freed before the conn finished (which
+ * clears c->loop under the conn lock): a reference taken under that lock
+ * keeps its memory for the exec, whatever a concurrent free does. */
+static int
+conn_exec(duplex_conn *c, int (*fn)(duplex_loop *, void *), void *arg)
+{
+  dpx_conn_lock(c);
+  duplex_loop *loop = c->loop;
+  if (loop != NULL)
+    duplex_loop_ref(loop);
+  dpx_conn_unlock(c);
+  if (loop == NULL)
+    return DUPLEX_ECLOSED;
+  int r = dpx_loop_exec(loop, fn, arg);
+  duplex_loop_unref(loop);
+  return r;
+}
+
 /* Loop thread (or an idle loop): read the peer's name off the handle. */
 static int
 peer_fetch(duplex_loop *loop, void *arg)
@@ -384,20 +403,11 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
   dpx_conn_lock(c);
   dpx_conn_extra *x = dpx_conn_x(c);
   bool known = x != NULL && x->peer != NULL;
-  duplex_loop *loop = c->loop;
-  /* The loop cannot be freed before this conn finished (which clears
-   * c->loop under this lock): a reference taken here keeps its memory
-   * for the exec below, whatever a concurrent free does. */
-  if (!known && loop != NULL)
-    duplex_loop_ref(loop);
   dpx_conn_unlock(c);
   if (!known) {
     /* Asked for the first time: the loop thread reads it off the socket
      * and keeps it (an idle conn stores no name nobody asked for). */
-    if (loop == NULL)
-      return DUPLEX_ECLOSED;
-    int r = dpx_loop_exec(loop, peer_fetch, c);
-    duplex_loop_unref(loop);
+    int r = conn_exec(c, peer_fetch, c);
     if (r != 0)
       return r;
     x = dpx_conn_x(c);
@@ -458,16 +468,8 @@ duplex_conn_get_local(const duplex_conn *conn, char *buf, size_t len)
     return DUPLEX_EINVAL;
   duplex_conn *c = (duplex_conn *)conn;
   buf[0] = '\0';
-  dpx_conn_lock(c);
-  duplex_loop *loop = c->loop;
-  if (loop != NULL)
-    duplex_loop_ref(loop); /* as in get_peer: valid across the exec */
-  dpx_conn_unlock(c);
-  if (loop == NULL)
-    return DUPLEX_ECLOSED;
   local_args a = { c, buf, len };
-  int r = dpx_loop_exec(loop, local_fetch, &a);
-  duplex_loop_unref(loop);
+  int r = conn_exec(c, local_fetch, &a);
   if (r != 0)
     buf[0] = '\0';
   return r;

@@ -94,9 +94,7 @@ dpx_conn_set_peer(duplex_conn *c)
     else
       buf[sizeof buf - 1] = '\0';
   }
-  char *p = malloc(strlen(buf) + 1);
-  if (p != NULL)
-    memcpy(p, buf, strlen(buf) + 1);
+  char *p = dpx_strdup(buf);
   dpx_conn_lock(c);
   dpx_conn_extra *x = dpx_conn_x_get_locked(c);
   if (x != NULL) {
@@ -308,11 +306,10 @@ static int
 lookup_start(duplex_conn *c, dpx_connect_state *cs)
 {
   dpx_lookup *lk = calloc(1, sizeof *lk);
-  if (lk == NULL || (lk->host = malloc(strlen(cs->host) + 1)) == NULL) {
+  if (lk == NULL || (lk->host = dpx_strdup(cs->host)) == NULL) {
     free(lk);
     return DUPLEX_ENOMEM;
   }
-  memcpy(lk->host, cs->host, strlen(cs->host) + 1);
   snprintf(lk->port, sizeof lk->port, "%u", (unsigned)cs->port);
   atomic_init(&lk->refs, 2u);
   lk->loop = c->loop;
@@ -529,16 +526,6 @@ conn_launch(duplex_conn **out, duplex_conn *c)
   return 0;
 }
 
-static char *
-dup_str(const char *s)
-{
-  size_t n = strlen(s) + 1;
-  char *p = malloc(n);
-  if (p != NULL)
-    memcpy(p, s, n);
-  return p;
-}
-
 /* A new conn of @p kind with its own copy of @p opts. */
 static int
 conn_create(duplex_conn **out, duplex_loop *loop, int kind,
@@ -571,7 +558,7 @@ duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
   if (r != 0)
     return r;
   dpx_connect_state *cs = calloc(1, sizeof *cs);
-  char *h = dup_str(host);
+  char *h = dpx_strdup(host);
   if (cs == NULL || h == NULL) {
     free(cs);
     free(h);
@@ -604,7 +591,7 @@ duplex_conn_connect_unix(duplex_conn **out, duplex_loop *loop,
   if (r != 0)
     return r;
   dpx_connect_state *cs = calloc(1, sizeof *cs);
-  char *p = dup_str(path);
+  char *p = dpx_strdup(path);
   if (cs == NULL || p == NULL) {
     free(cs);
     free(p);

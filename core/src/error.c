@@ -1,6 +1,7 @@
 /* The error table: strings, names and libuv translation. */
 #include "internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 const char *
@@ -56,6 +57,16 @@ dpx_err(int status)
   if (status <= -3000 && status > -3100)
     return DUPLEX_EAI_OTHER;
   return DUPLEX_EUNKNOWN;
+}
+
+char *
+dpx_strdup(const char *s)
+{
+  size_t n = strlen(s) + 1;
+  char *p = malloc(n);
+  if (p != NULL)
+    memcpy(p, s, n);
+  return p;
 }
 
 int

@@ -21,6 +21,8 @@ int dpx_err(int uv_status);
  * @p our_size (a newer caller) must be zero. */
 int dpx_check_size(const void *p, size_t given, size_t min_size,
                    size_t our_size);
+/* A malloc'ed copy of @p s, or NULL. */
+char *dpx_strdup(const char *s);
 
 /* ---- ops: the unit of work queued to a loop ---------------------------- */
 

@@ -376,16 +376,6 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   return 0;
 }
 
-static char *
-str_dup(const char *s)
-{
-  size_t n = strlen(s) + 1;
-  char *p = malloc(n);
-  if (p != NULL)
-    memcpy(p, s, n);
-  return p;
-}
-
 /* Loop thread: a listener that never got going lets go of its socket. */
 static void
 listener_open_failed(duplex_listener *l, int err)
@@ -441,8 +431,6 @@ listener_open_op(duplex_loop *loop, dpx_op *op, int status)
       l->handles = 3;
       uv_close((uv_handle_t *)&l->poll, on_listener_closed);
       uv_close((uv_handle_t *)&l->retry, on_listener_closed);
-    } else if (l->handles == 0) {
-      l->handles = 1;
     }
 #endif
     if (l->on_error != NULL)
@@ -555,7 +543,7 @@ duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
                       ? ((struct sockaddr_in6 *)&bound)->sin6_port
                       : ((struct sockaddr_in *)&bound)->sin_port);
   dpx_format_addr((struct sockaddr *)&bound, buf, sizeof buf);
-  if ((l->addr = str_dup(buf)) == NULL) {
+  if ((l->addr = dpx_strdup(buf)) == NULL) {
     close(fd);
     listener_free(l);
     return DUPLEX_ENOMEM;
@@ -608,7 +596,7 @@ duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
   if (r != 0)
     return r;
   l->is_unix = true;
-  if ((l->addr = str_dup(path)) == NULL) {
+  if ((l->addr = dpx_strdup(path)) == NULL) {
     listener_free(l);
     return DUPLEX_ENOMEM;
   }
@@ -637,7 +625,7 @@ duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
   /* Ours from here: removed on close. Clients cannot connect before
    * listen(), so setting the mode between bind and listen leaves no window
    * with the wrong permissions. */
-  if ((l->path = str_dup(path)) == NULL)
+  if ((l->path = dpx_strdup(path)) == NULL)
     r = DUPLEX_ENOMEM;
   else if (l->mode != 0 && chmod(path, (mode_t)l->mode) != 0)
     r = sys_err();
