@@ -1,3 +1,3 @@
-module libduplex.dev/duplex
+module github.com/libduplex/libduplex/bindings/go
 
 go 1.19

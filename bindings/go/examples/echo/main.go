@@ -10,7 +10,7 @@ import (
 	"log"
 	"sync"
 
-	"libduplex.dev/duplex"
+	"github.com/libduplex/libduplex/bindings/go/duplex"
 )
 
 func main() {

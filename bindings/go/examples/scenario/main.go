@@ -11,7 +11,7 @@ import (
 	"os"
 	"sync"
 
-	"libduplex.dev/duplex"
+	"github.com/libduplex/libduplex/bindings/go/duplex"
 )
 
 func main() {

@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"libduplex.dev/duplex"
+	"github.com/libduplex/libduplex/bindings/go/duplex"
 )
 
 func TestMain(m *testing.M) {

@@ -23,7 +23,7 @@
 // exported method may be called from any goroutine. See docs/go.md.
 package duplex
 
-// #cgo LDFLAGS: -lduplex
+// #cgo pkg-config: libduplex
 // #include "shim.h"
 import "C"
 
