@@ -8,6 +8,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"os"
 	"runtime/cgo"
 	"strconv"
 	"sync"
@@ -15,21 +16,23 @@ import (
 	"unsafe"
 )
 
-// A Conn is one libduplex connection (TCP or UNIX socket). Incoming bytes
-// arrive on Recv(), a channel, so reading is a select case. Write,
-// WriteContext, CloseWrite, Close and Abort may be called from any
-// goroutine at any time, also after the conn has ended (they then return
-// an error wrapping ECLOSED).
+// A Conn is one libduplex connection (TCP or UNIX socket). It is a
+// net.Conn. Incoming bytes arrive on Recv(), a channel, so reading can be a
+// select case; Read reads the same stream. Every method may be called from
+// any goroutine at any time, also after the conn has ended (calls that
+// need it then return an error wrapping ECLOSED, which matches
+// net.ErrClosed).
 type Conn struct {
 	life sync.RWMutex   // read-held around every C call through ptr
 	ptr  *C.duplex_conn // our reference; nil once the conn has closed
 
-	h    cgo.Handle
-	recv chan []byte
-	open chan struct{} // closed by on_open
-	done chan struct{} // closed by on_close
-	quit chan struct{} // closed by Close/Abort: stop delivering reads
-	stop sync.Once
+	h       cgo.Handle
+	network string // as given to Dial or Listen
+	recv    chan []byte
+	open    chan struct{} // closed by on_open
+	done    chan struct{} // closed by on_close
+	quit    chan struct{} // closed by Close/Abort: stop delivering reads
+	stop    sync.Once
 
 	mu         sync.Mutex
 	pending    [][]byte // chunks that did not fit in recv; reading is paused
@@ -40,20 +43,47 @@ type Conn struct {
 	readErr    error         // why recv closed
 	reason     Errno         // why the conn closed (0: asked for, or finished)
 	writable   chan struct{} // closed and replaced at each on_writable
-	peer       string
+	laddr      net.Addr      // set by on_open
+	raddr      net.Addr
 
 	rmu  sync.Mutex // Read's leftover
 	rbuf []byte
+
+	rdl, wdl *deadline // SetReadDeadline, SetWriteDeadline
 }
 
-func newConn(cfg config) *Conn {
+var _ net.Conn = (*Conn)(nil)
+
+func newConn(network string, cfg config) *Conn {
 	return &Conn{
+		network:  network,
 		recv:     make(chan []byte, cfg.recvQueue),
 		open:     make(chan struct{}),
 		done:     make(chan struct{}),
 		quit:     make(chan struct{}),
 		writable: make(chan struct{}),
+		rdl:      newDeadline(),
+		wdl:      newDeadline(),
 	}
+}
+
+// opError is the *net.OpError of a failed operation on c.
+func (c *Conn) opError(op string, err error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.opErrorLocked(op, err)
+}
+
+func (c *Conn) opErrorLocked(op string, err error) error {
+	return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
+}
+
+// codeError is opError for a C return code; nil for 0.
+func (c *Conn) codeError(op string, rc C.int) error {
+	if rc == 0 {
+		return nil
+	}
+	return c.opError(op, Errno(rc))
 }
 
 func splitHostPort(addr string) (string, C.uint16_t, error) {
@@ -75,30 +105,34 @@ func splitNetworkAddr(op, network, addr string) (string, C.uint16_t, error) {
 	case "tcp", "tcp4", "tcp6":
 		host, port, err := splitHostPort(addr)
 		if err != nil {
-			return "", 0, &OpError{Op: op, Addr: addr, Err: err}
+			return "", 0, &net.OpError{Op: op, Net: network, Err: err}
 		}
 		return host, port, nil
 	case "unix":
 		return addr, 0, nil
 	}
-	return "", 0, &OpError{Op: op, Addr: addr, Err: net.UnknownNetworkError(network)}
+	return "", 0, &net.OpError{Op: op, Net: network, Err: net.UnknownNetworkError(network)}
 }
 
 // Dial connects to addr: network "tcp" (also "tcp4", "tcp6") with
 // "host:port", where host is a name or an address that libduplex resolves
 // without blocking its loop, or "unix" with a socket path. It returns once
-// the conn is open, or with the reason it could not open (wrapping e.g.
-// ECONNREFUSED or EAI_NONAME), or ctx's error if ctx ends first.
+// the conn is open, or a *net.OpError (Op "dial") with the reason it could
+// not open (an Errno such as ECONNREFUSED or EAI_NONAME), or with ctx's
+// error if ctx ends first.
 func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (*Conn, error) {
+	dialErr := func(err error) error {
+		return &net.OpError{Op: "dial", Net: network, Addr: makeAddr(network, addr), Err: err}
+	}
 	if err := ctx.Err(); err != nil {
-		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+		return nil, dialErr(err)
 	}
 	host, port, err := splitNetworkAddr("dial", network, addr)
 	if err != nil {
 		return nil, err
 	}
 	cfg := newConfig(opts)
-	c := newConn(cfg)
+	c := newConn(network, cfg)
 	chost := C.CString(host)
 	defer C.free(unsafe.Pointer(chost))
 	c.h = newHandle(c)
@@ -107,7 +141,7 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 	if l.ptr == nil {
 		l.mu.RUnlock()
 		deleteHandle(c.h)
-		return nil, &OpError{Op: "dial", Addr: addr, Err: ECLOSED}
+		return nil, dialErr(ECLOSED)
 	}
 	// Hold life so that on_close (which may come at once, e.g. for a name
 	// that does not resolve) sees ptr set; connecting never waits for the
@@ -123,7 +157,7 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 	l.mu.RUnlock()
 	if rc != 0 {
 		deleteHandle(c.h) // no callback will come
-		return nil, opErr("dial", addr, rc)
+		return nil, dialErr(Errno(rc))
 	}
 	select {
 	case <-c.open:
@@ -135,17 +169,33 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 		if err == 0 {
 			err = ECLOSED
 		}
-		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+		return nil, dialErr(err)
 	case <-ctx.Done():
 		c.Abort()
 		<-c.done
-		return nil, &OpError{Op: "dial", Addr: addr, Err: ctx.Err()}
+		return nil, dialErr(ctx.Err())
 	}
 }
 
 // DialUnix connects to the UNIX-domain socket at path.
 func (l *Loop) DialUnix(ctx context.Context, path string, opts ...Option) (*Conn, error) {
 	return l.Dial(ctx, "unix", path, opts...)
+}
+
+// DialFunc returns Dial with opts as a function of the shape the standard
+// library's dial hooks take, for example
+//
+//	client := &http.Client{Transport: &http.Transport{DialContext: loop.DialFunc()}}
+//
+// It returns a nil net.Conn (not a nil *Conn) with an error.
+func (l *Loop) DialFunc(opts ...Option) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := l.Dial(ctx, network, addr, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
 }
 
 // Recv returns the channel on which received bytes arrive, one chunk per
@@ -157,10 +207,10 @@ func (l *Loop) DialUnix(ctx context.Context, path string, opts ...Option) (*Conn
 func (c *Conn) Recv() <-chan []byte { return c.recv }
 
 // Err returns nil while Recv is open. Once it is closed: io.EOF if the
-// peer finished sending, net.ErrClosed (wrapping ECLOSED) if the conn was
-// closed on this side first (Close or Abort), or the error that ended it
-// (an *OpError wrapping the Errno: ECONNRESET, ECANCELED when the loop was
-// closed, ...).
+// peer finished sending, an error matching net.ErrClosed (wrapping
+// ECLOSED) if the conn was closed on this side first (Close or Abort), or
+// the error that ended it (a *net.OpError, Op "read", wrapping the Errno:
+// ECONNRESET, ECANCELED when the loop was closed, ...).
 func (c *Conn) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -178,39 +228,116 @@ func (c *Conn) Done() <-chan struct{} { return c.done }
 // CloseErr returns, once Done is closed, nil if the conn was closed with
 // Close or finished normally, an error wrapping ECONNABORTED after Abort
 // (the library's close reason for an abort), or else the error that closed
-// it.
+// it (a *net.OpError, Op "close").
 func (c *Conn) CloseErr() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.reason == 0 {
 		return nil
 	}
-	return &OpError{Op: "conn", Addr: c.peer, Err: c.reason}
+	return c.opErrorLocked("close", c.reason)
 }
 
-// Peer returns the peer's address ("1.2.3.4:80", "[::1]:80", a socket
-// path, or "" when the peer has no name).
-func (c *Conn) Peer() string {
+// LocalAddr returns the conn's own address: a *net.TCPAddr, or a
+// *net.UnixAddr (with an empty Name for an unnamed end, such as a UNIX
+// client). It still answers after the conn has closed.
+func (c *Conn) LocalAddr() net.Addr {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.peer
+	return c.laddr
 }
 
-// Read reads from the same stream as Recv (io.Reader). Use either Read or
-// Recv on one conn, not both. It returns io.EOF after the peer's EOF.
+// RemoteAddr returns the peer's address: a *net.TCPAddr, or a
+// *net.UnixAddr (the path a UNIX client dialled, or an empty Name for an
+// unnamed peer). It still answers after the conn has closed.
+func (c *Conn) RemoteAddr() net.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.raddr
+}
+
+// Read reads from the same stream as Recv (io.Reader, net.Conn). Use
+// either Read or Recv on one conn, not both. It returns io.EOF after the
+// peer's EOF; an error matching net.ErrClosed once Close or Abort was
+// called, also if bytes were still waiting; and an error matching
+// os.ErrDeadlineExceeded (a net.Error whose Timeout is true) once the read
+// deadline has passed, also while Read waits. A Read that fails on its
+// deadline takes no bytes: after SetReadDeadline moves the deadline, Read
+// goes on where the stream was.
 func (c *Conn) Read(p []byte) (int, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
+	if isClosed(c.quit) {
+		return 0, c.opError("read", ECLOSED)
+	}
+	dl := c.rdl.done()
+	if isClosed(dl) {
+		return 0, c.opError("read", os.ErrDeadlineExceeded)
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
 	if len(c.rbuf) == 0 {
-		b, ok := <-c.recv
-		if !ok {
-			return 0, c.Err()
+		select {
+		case b, ok := <-c.recv:
+			if !ok {
+				return 0, c.Err()
+			}
+			c.rbuf = b
+		case <-c.quit:
+			return 0, c.opError("read", ECLOSED)
+		case <-dl:
+			return 0, c.opError("read", os.ErrDeadlineExceeded)
 		}
-		c.rbuf = b
 	}
 	n := copy(p, c.rbuf)
 	c.rbuf = c.rbuf[n:]
 	return n, nil
+}
+
+// SetDeadline sets the read and write deadlines (net.Conn): once the time
+// has passed, Read, Write and WriteContext fail with an error matching
+// os.ErrDeadlineExceeded, also calls that are waiting at that moment. A
+// zero t means no deadline. Moving a deadline later lets calls wait again;
+// the conn itself is not closed by a deadline. After Close it returns an
+// error matching net.ErrClosed.
+func (c *Conn) SetDeadline(t time.Time) error {
+	if err := c.checkOpen(); err != nil {
+		return err
+	}
+	c.rdl.set(t)
+	c.wdl.set(t)
+	return nil
+}
+
+// SetReadDeadline sets the deadline for Read (see SetDeadline). It does not
+// concern Recv, which is a channel: select on a timer instead.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if err := c.checkOpen(); err != nil {
+		return err
+	}
+	c.rdl.set(t)
+	return nil
+}
+
+// SetWriteDeadline sets the deadline for Write and WriteContext (see
+// SetDeadline): a write waiting for room in the queue gives up then, and
+// nothing of it was queued.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	if err := c.checkOpen(); err != nil {
+		return err
+	}
+	c.wdl.set(t)
+	return nil
+}
+
+// checkOpen returns an error once Close or Abort was called or the conn
+// has closed.
+func (c *Conn) checkOpen() error {
+	if isClosed(c.quit) || isClosed(c.done) {
+		return c.opError("set", ECLOSED)
+	}
+	return nil
 }
 
 // call runs f with our reference, or returns ECLOSED once the conn closed.
@@ -224,8 +351,9 @@ func (c *Conn) call(f func(p *C.duplex_conn) C.int) C.int {
 }
 
 // Write queues b whole (it is copied before Write returns) and returns
-// len(b). It is WriteContext without a deadline: when the write queue is
-// past its hard limit it waits until there is room or the conn closes.
+// len(b). It is WriteContext without a context: when the write queue is
+// past its hard limit it waits until there is room, the write deadline
+// passes or the conn is closed.
 func (c *Conn) Write(b []byte) (int, error) {
 	return c.WriteContext(context.Background(), b)
 }
@@ -234,12 +362,21 @@ func (c *Conn) Write(b []byte) (int, error) {
 // reaches the wire after every write this goroutine made before (writes of
 // different goroutines interleave only at write boundaries). If the queue
 // is past its hard limit (backpressure: the peer reads more slowly than we
-// write), it waits until the queue drains or ctx ends; then it returns 0
-// and an error wrapping ctx.Err(), and nothing of b was queued.
+// write), it waits until the queue drains, ctx ends or the write deadline
+// (SetWriteDeadline) passes; then it returns 0 and an error wrapping
+// ctx.Err() or os.ErrDeadlineExceeded, and nothing of b was queued. Once
+// Close or Abort was called it returns an error matching net.ErrClosed.
 func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
 	for {
+		if isClosed(c.quit) {
+			return 0, c.opError("write", ECLOSED)
+		}
+		dl := c.wdl.done()
+		if isClosed(dl) {
+			return 0, c.opError("write", os.ErrDeadlineExceeded)
+		}
 		if err := ctx.Err(); err != nil {
-			return 0, &OpError{Op: "write", Err: err}
+			return 0, c.opError("write", err)
 		}
 		c.mu.Lock()
 		writable := c.writable
@@ -255,7 +392,7 @@ func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
 			return len(b), nil
 		}
 		if Errno(rc) != EWOULDBLOCK {
-			return 0, opErr("write", "", rc)
+			return 0, c.codeError("write", rc)
 		}
 		// The refusal marks the conn congested: on_writable comes once the
 		// queue is back at the low watermark. A flush marker wakes us at
@@ -274,13 +411,15 @@ func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
 			recheck = time.NewTimer(markerRecheck)
 			recheckC = recheck.C
 		default:
-			return 0, opErr("write", "", rc)
+			return 0, c.codeError("write", rc)
 		}
 		select {
 		case <-writable:
 		case <-flushed: // nil if refused: never ready
 		case <-recheckC:
 		case <-c.done:
+		case <-c.quit:
+		case <-dl:
 		case <-ctx.Done():
 		}
 		if recheck != nil {
@@ -313,29 +452,31 @@ func (c *Conn) flushMarker() (<-chan struct{}, C.int) {
 // the write side is shut down and the peer sees EOF. Receiving goes on
 // until the peer's EOF. Later writes fail with ESHUTDOWN.
 func (c *Conn) CloseWrite() error {
-	return opErr("close write", "", c.call(func(p *C.duplex_conn) C.int {
+	return c.codeError("close", c.call(func(p *C.duplex_conn) C.int {
 		return C.duplex_conn_shutdown(p, nil, nil)
 	}))
 }
 
 // Close closes the conn after flushing the writes queued before it. It does
 // not wait: Done is closed when the conn has closed (against a peer that
-// never reads, the flush never ends: use Abort). Reading stops: chunks
-// already in Recv can still be taken, later ones are dropped, and Recv
-// closes once the conn has closed. A second Close returns an error
-// wrapping ECLOSED.
+// never reads, the flush never ends: use Abort). Reading stops: Read,
+// Write and WriteContext, also waiting ones, return an error matching
+// net.ErrClosed; chunks already in Recv can still be taken, later ones are
+// dropped, and Recv closes once the conn has closed. A second Close
+// returns an error wrapping ECLOSED.
 func (c *Conn) Close() error {
 	c.stopReading()
-	return opErr("close", "", c.call(func(p *C.duplex_conn) C.int {
+	return c.codeError("close", c.call(func(p *C.duplex_conn) C.int {
 		return C.duplex_conn_close(p, C.DUPLEX_CLOSE_GRACEFUL)
 	}))
 }
 
 // Abort closes the conn now: pending writes are discarded, a TCP peer sees
-// a reset (ECONNRESET, not EOF), and CloseErr reports ECONNABORTED.
+// a reset (ECONNRESET, not EOF), and CloseErr reports ECONNABORTED. Calls
+// fail as after Close.
 func (c *Conn) Abort() error {
 	c.stopReading()
-	return opErr("abort", "", c.call(func(p *C.duplex_conn) C.int {
+	return c.codeError("close", c.call(func(p *C.duplex_conn) C.int {
 		return C.duplex_conn_close(p, C.DUPLEX_CLOSE_ABORT)
 	}))
 }
@@ -350,12 +491,19 @@ func (c *Conn) stopReading() {
 // do non-blocking channel operations and take mutexes that are only ever
 // held briefly.
 
+// onOpen learns both addresses. On the loop thread neither call waits.
 func (c *Conn) onOpen(p *C.duplex_conn) {
-	var buf [256]C.char
+	var buf [1024]C.char
 	c.mu.Lock()
+	peer, local := "", ""
 	if C.duplex_conn_get_peer(p, &buf[0], C.size_t(len(buf))) == 0 {
-		c.peer = C.GoString(&buf[0])
+		peer = C.GoString(&buf[0])
 	}
+	if C.duplex_conn_get_local(p, &buf[0], C.size_t(len(buf))) == 0 {
+		local = C.GoString(&buf[0])
+	}
+	c.raddr = makeAddr(c.network, peer)
+	c.laddr = makeAddr(c.network, local)
 	if !c.opened {
 		c.opened = true
 		close(c.open)
@@ -446,9 +594,9 @@ func (c *Conn) onClose(reason C.int) {
 		// Closed on this side: by Close (reason 0) or Abort (ECONNABORTED).
 		local := reason == 0 || (c.reason == ECONNABORTED && isClosed(c.quit))
 		if local {
-			c.readErr = &OpError{Op: "read", Err: ECLOSED}
+			c.readErr = c.opErrorLocked("read", ECLOSED)
 		} else {
-			c.readErr = &OpError{Op: "read", Addr: c.peer, Err: c.reason}
+			c.readErr = c.opErrorLocked("read", c.reason)
 		}
 		c.closeRecvLocked()
 	}
@@ -474,5 +622,3 @@ func isClosed(ch <-chan struct{}) bool {
 		return false
 	}
 }
-
-var _ io.ReadWriter = (*Conn)(nil)

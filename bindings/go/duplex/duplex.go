@@ -124,11 +124,11 @@ type Loop struct {
 func NewLoop() (*Loop, error) {
 	var p *C.duplex_loop
 	if rc := C.duplex_loop_new(&p, nil); rc != 0 {
-		return nil, opErr("new loop", "", rc)
+		return nil, loopError("new loop", rc)
 	}
 	if rc := C.duplex_loop_start(p); rc != 0 {
 		C.duplex_loop_free(p)
-		return nil, opErr("start loop", "", rc)
+		return nil, loopError("start loop", rc)
 	}
 	return &Loop{ptr: p, listeners: map[*Listener]struct{}{}}, nil
 }
@@ -144,7 +144,7 @@ func (l *Loop) Close() error {
 	p := l.ptr
 	if p == nil {
 		l.mu.Unlock()
-		return &OpError{Op: "close loop", Err: ECLOSED}
+		return loopError("close loop", C.int(ECLOSED))
 	}
 	// The teardown callbacks run on this goroutine's thread, inside this
 	// call; none of them takes l.mu.
@@ -154,7 +154,7 @@ func (l *Loop) Close() error {
 	}
 	l.mu.Unlock()
 	if rc != 0 {
-		return opErr("close loop", "", rc)
+		return loopError("close loop", rc)
 	}
 	l.lmu.Lock()
 	rest := make([]*Listener, 0, len(l.listeners))

@@ -317,7 +317,7 @@ func TestDialRefused(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close() // nobody listens there now
 	_, err = loop.Dial(context.Background(), "tcp", addr)
-	var op *duplex.OpError
+	var op *net.OpError
 	if !errors.Is(err, duplex.ECONNREFUSED) || !errors.As(err, &op) || op.Op != "dial" {
 		t.Fatalf("dial %s: %v, want ECONNREFUSED", addr, err)
 	}
@@ -494,7 +494,7 @@ func TestListenerAcceptAndDialOverTCPAndUnix(t *testing.T) {
 		}
 		go func() { // a duplex echo server
 			for {
-				c, err := ln.Accept()
+				c, err := ln.AcceptConn()
 				if err != nil {
 					return
 				}
@@ -506,7 +506,7 @@ func TestListenerAcceptAndDialOverTCPAndUnix(t *testing.T) {
 				}()
 			}
 		}()
-		conn, err := loop.Dial(context.Background(), nw, ln.Addr())
+		conn, err := loop.Dial(context.Background(), nw, ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -543,7 +543,7 @@ func TestListenerOutlivesItsLoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr()
+	addr := ln.Addr().String()
 	if n := duplex.LiveRefs(); n != 1 {
 		t.Fatalf("%d listener references held, want 1", n)
 	}
@@ -561,7 +561,7 @@ func TestListenerOutlivesItsLoop(t *testing.T) {
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Accept after Loop.Close: %v", err)
 	}
-	if ln.Addr() != addr {
+	if ln.Addr().String() != addr {
 		t.Fatalf("Addr() = %q after Loop.Close, was %q", ln.Addr(), addr)
 	}
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
@@ -608,7 +608,7 @@ func TestListenErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := loop.Listen("tcp", ln.Addr()); !errors.Is(err, duplex.EADDRINUSE) {
+	if _, err := loop.Listen("tcp", ln.Addr().String()); !errors.Is(err, duplex.EADDRINUSE) {
 		t.Fatalf("listen twice on %s: %v", ln.Addr(), err)
 	}
 	if _, err := loop.Listen("tcp", "example.org:0"); !errors.Is(err, duplex.EINVAL) {
@@ -631,9 +631,9 @@ func TestLoopCloseEndsEverythingAndFreesHandles(t *testing.T) {
 	}
 	var conns []*duplex.Conn
 	for i := 0; i < 5; i++ { // accepted, never taken from Accept
-		conns = append(conns, dial(t, loop, ln.Addr()))
+		conns = append(conns, dial(t, loop, ln.Addr().String()))
 	}
-	server, err := ln.Accept()
+	server, err := ln.AcceptConn()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -691,8 +691,8 @@ func TestConnsComeAndGoWithoutLeakingHandles(t *testing.T) {
 	}
 	defer ln.Close()
 	for i := 0; i < 50; i++ {
-		c := dial(t, loop, ln.Addr())
-		s, err := ln.Accept()
+		c := dial(t, loop, ln.Addr().String())
+		s, err := ln.AcceptConn()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -814,7 +814,7 @@ func TestErrnoSystemCodes(t *testing.T) {
 		sys  syscall.Errno
 	}{{duplex.EDEADLK, syscall.EDEADLK}, {duplex.ECONNREFUSED, syscall.ECONNREFUSED},
 		{duplex.EWOULDBLOCK, syscall.EAGAIN}, {duplex.ECONNABORTED, syscall.ECONNABORTED}} {
-		err := error(&duplex.OpError{Op: "test", Err: c.code})
+		err := error(&net.OpError{Op: "test", Err: c.code})
 		if !errors.Is(err, c.sys) || errors.Is(err, syscall.EINVAL) {
 			t.Fatalf("%s vs %v", c.code.Name(), c.sys)
 		}

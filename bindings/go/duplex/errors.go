@@ -4,6 +4,7 @@ package duplex
 import "C"
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"runtime"
@@ -98,30 +99,34 @@ func (e Errno) sysErrno() (syscall.Errno, bool) {
 	return syscall.Errno(-e), true
 }
 
+// As lets errors.As extract the syscall.Errno of a system code on Unix:
+//
+//	var errno syscall.Errno
+//	if errors.As(err, &errno) { ... } // e.g. syscall.ECONNRESET
+func (e Errno) As(target any) bool {
+	if p, ok := target.(*syscall.Errno); ok {
+		if n, sys := e.sysErrno(); sys {
+			*p = n
+			return true
+		}
+	}
+	return false
+}
+
 // Timeout reports whether the code is ETIMEDOUT (net.Error style).
 func (e Errno) Timeout() bool { return e == ETIMEDOUT }
 
-// OpError says which operation failed, on what address, and why. Err is an
-// Errno for library failures, or a context error for a canceled wait.
-type OpError struct {
-	Op   string // "dial", "listen", "write", "close write", "close", ...
-	Addr string // the address dialled or listened on, when there is one
-	Err  error
-}
+// Conn and Listener operations fail with a *net.OpError, as the net
+// package's do: Op is "dial", "listen", "accept", "read", "write", "close"
+// or "set" (a deadline), Net the network ("tcp", "unix", ...), Source and
+// Addr the local and remote addresses (the target for "dial", the bound
+// address for "listen" and "accept"), and Err the cause: an Errno, or
+// os.ErrDeadlineExceeded for a passed deadline, or a context's error.
 
-func (e *OpError) Error() string {
-	s := "duplex: " + e.Op
-	if e.Addr != "" {
-		s += " " + e.Addr
-	}
-	return s + ": " + e.Err.Error()
-}
-
-func (e *OpError) Unwrap() error { return e.Err }
-
-func opErr(op, addr string, rc C.int) error {
+// loopError is the error of a Loop operation: NewLoop, Loop.Close.
+func loopError(op string, rc C.int) error {
 	if rc == 0 {
 		return nil
 	}
-	return &OpError{Op: op, Addr: addr, Err: Errno(rc)}
+	return fmt.Errorf("duplex: %s: %w", op, Errno(rc))
 }

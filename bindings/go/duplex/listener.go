@@ -6,14 +6,15 @@ import "C"
 
 import (
 	"context"
+	"net"
 	"runtime/cgo"
 	"sync"
 	"unsafe"
 )
 
-// A Listener accepts conns on a TCP address or a UNIX socket path. Accepted
-// conns queue (up to the backlog, WithBacklog) until Accept takes them;
-// beyond that, new ones are aborted. Accepted conns start reading at once;
+// A Listener accepts conns on a TCP address or a UNIX socket path. It is a
+// net.Listener. Accepted conns queue (up to the backlog, WithBacklog) until
+// Accept takes them; beyond that, new ones are aborted. Accepted conns start reading at once;
 // what they receive waits in their Recv channel (flow control as for Dial).
 //
 // The Listener holds the reference duplex_listener_tcp/_unix handed out and
@@ -23,7 +24,8 @@ type Listener struct {
 	loop     *Loop
 	h        cgo.Handle
 	cfg      config
-	addr     string
+	network  string
+	addr     net.Addr
 	accepted chan *Conn
 	closed   chan struct{} // closed once the listener is gone
 
@@ -46,10 +48,14 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	cfg := newConfig(opts)
 	chost := C.CString(host)
 	defer C.free(unsafe.Pointer(chost))
+	listenErr := func(err error) error {
+		return &net.OpError{Op: "listen", Net: network, Addr: makeAddr(network, addr), Err: err}
+	}
 
 	ln := &Listener{
 		loop:     l,
 		cfg:      cfg,
+		network:  network,
 		accepted: make(chan *Conn, cfg.backlog),
 		closed:   make(chan struct{}),
 	}
@@ -58,7 +64,7 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	if l.ptr == nil {
 		l.mu.RUnlock()
 		deleteHandle(ln.h)
-		return nil, &OpError{Op: "listen", Addr: addr, Err: ECLOSED}
+		return nil, listenErr(ECLOSED)
 	}
 	// The loop may accept (and call back with ln.h) before this returns:
 	// hold ln.mu so that it finds ptr set.
@@ -72,9 +78,11 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	if rc == 0 {
 		liveRefs.Add(1)
 		var buf [1024]C.char
+		bound := ""
 		if C.duplex_listener_get_address(ln.ptr, &buf[0], C.size_t(len(buf))) == 0 {
-			ln.addr = C.GoString(&buf[0])
+			bound = C.GoString(&buf[0])
 		}
+		ln.addr = makeAddr(network, bound)
 		l.lmu.Lock()
 		l.listeners[ln] = struct{}{}
 		l.lmu.Unlock()
@@ -83,32 +91,49 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	l.mu.RUnlock()
 	if rc != 0 {
 		deleteHandle(ln.h)
-		return nil, opErr("listen", addr, rc)
+		return nil, listenErr(Errno(rc))
 	}
 	return ln, nil
 }
 
-// Addr returns the bound address: "127.0.0.1:4000", "[::1]:4000", or the
-// socket path. After listening on port 0 it has the chosen port.
-func (ln *Listener) Addr() string { return ln.addr }
+var _ net.Listener = (*Listener)(nil)
 
-// Accept waits for the next conn. After Close it returns an error wrapping
-// ECLOSED (errors.Is(err, net.ErrClosed) holds).
-func (ln *Listener) Accept() (*Conn, error) {
+// Addr returns the bound address, a *net.TCPAddr ("127.0.0.1:4000",
+// "[::1]:4000"; after listening on port 0, with the chosen port) or a
+// *net.UnixAddr (the socket path). It still answers after Close.
+func (ln *Listener) Addr() net.Addr { return ln.addr }
+
+// Accept waits for the next conn and returns it as a net.Conn (a *Conn).
+// After Close it returns an error wrapping ECLOSED (errors.Is(err,
+// net.ErrClosed) holds).
+func (ln *Listener) Accept() (net.Conn, error) {
+	c, err := ln.AcceptConn()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// AcceptConn is Accept returning the *Conn.
+func (ln *Listener) AcceptConn() (*Conn, error) {
 	return ln.AcceptContext(context.Background())
 }
 
-// AcceptContext is Accept that gives up when ctx ends.
+// AcceptContext is AcceptConn that gives up when ctx ends.
 func (ln *Listener) AcceptContext(ctx context.Context) (*Conn, error) {
 	select {
 	case c, ok := <-ln.accepted:
 		if !ok {
-			return nil, &OpError{Op: "accept", Addr: ln.addr, Err: ECLOSED}
+			return nil, ln.opError("accept", ECLOSED)
 		}
 		return c, nil
 	case <-ctx.Done():
-		return nil, &OpError{Op: "accept", Addr: ln.addr, Err: ctx.Err()}
+		return nil, ln.opError("accept", ctx.Err())
 	}
+}
+
+func (ln *Listener) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: ln.network, Addr: ln.addr, Err: err}
 }
 
 // Close stops listening and waits until the loop has closed the socket.
@@ -119,7 +144,7 @@ func (ln *Listener) Close() error {
 	ln.mu.Lock()
 	if ln.closing || ln.finished {
 		ln.mu.Unlock()
-		return &OpError{Op: "close", Addr: ln.addr, Err: ECLOSED}
+		return ln.opError("close", ECLOSED)
 	}
 	ln.closing = true
 	ln.mu.Unlock()
@@ -137,7 +162,7 @@ func (ln *Listener) Close() error {
 		ln.mu.Lock()
 		ln.closing = false
 		ln.mu.Unlock()
-		return opErr("close", ln.addr, rc)
+		return ln.opError("close", Errno(rc))
 	}
 	<-ln.closed // the loop was freed meanwhile: Loop.Close finished us
 	return nil
@@ -145,7 +170,7 @@ func (ln *Listener) Close() error {
 
 // onAccept runs on the loop thread for each accepted conn.
 func (ln *Listener) onAccept(p *C.duplex_conn) {
-	c := newConn(ln.cfg)
+	c := newConn(ln.network, ln.cfg)
 	C.duplex_conn_ref(p)
 	c.ptr = p
 	c.h = newHandle(c)

@@ -36,7 +36,7 @@ func main() {
 
 	var wg sync.WaitGroup
 	for i := 0; *n == 0 || i < *n; i++ {
-		conn, err := ln.Accept()
+		conn, err := ln.AcceptConn()
 		if err != nil {
 			log.Fatal(err)
 		}
