@@ -1063,6 +1063,167 @@ std::vector<Case> make_table(Ctx &c) {
     duplex_loop_unref(l);
     return rp == DUPLEX_ECLOSED && rr == DUPLEX_ECLOSED ? rc : -1;
   }, DUPLEX_ECLOSED);
+
+  // ---- loop figures and groups ----------------------------------------------
+  add("duplex_loop_get_stats", "NULL loop", [] {
+    duplex_loop_stats st = DUPLEX_LOOP_STATS_INIT;
+    return duplex_loop_get_stats(nullptr, &st);
+  }, DUPLEX_EINVAL);
+  add("duplex_loop_get_stats", "NULL out",
+      [&c] { return duplex_loop_get_stats(c.loop, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_loop_get_stats", "size 0", [&c] {
+    duplex_loop_stats st{};
+    return duplex_loop_get_stats(c.loop, &st);
+  }, DUPLEX_EVERSION);
+  add("duplex_loop_get_group", "NULL loop", [] {
+    return duplex_loop_get_group(nullptr, nullptr, nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_loop_get_group", "plain loop: no group, index 0", [&c] {
+    duplex_loop_group *g = reinterpret_cast<duplex_loop_group *>(&c);
+    unsigned i = 7;
+    int rc = duplex_loop_get_group(c.loop, &g, &i);
+    return rc == 0 && (g != nullptr || i != 0) ? -1 : rc;
+  }, 0);
+  add("duplex_group_opts_init", "NULL", [] { return duplex_group_opts_init(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_new", "NULL out", [] { return duplex_group_new(nullptr, nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_new", "unknown flag", [] {
+    duplex_loop_group *g = reinterpret_cast<duplex_loop_group *>(1);
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.flags = 0x80;
+    int rc = duplex_group_new(&g, &o);
+    return out_null(rc, g);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_new", "too many loops", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.loops = DUPLEX_GROUP_MAX_LOOPS + 1;
+    int rc = duplex_group_new(&g, &o);
+    return out_null(rc, g);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_new", "opts size 0", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.size = 0;
+    int rc = duplex_group_new(&g, &o);
+    return out_null(rc, g);
+  }, DUPLEX_EVERSION);
+  add("duplex_group_new", "bad loop opts", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_loop_opts lo = DUPLEX_LOOP_OPTS_INIT;
+    lo.flags = 1;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.loops = 2;
+    o.loop_opts = &lo;
+    int rc = duplex_group_new(&g, &o);
+    return out_null(rc, g);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_start", "NULL", [] { return duplex_group_start(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_stop", "NULL", [] { return duplex_group_stop(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_free", "NULL", [] { return duplex_group_free(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_ref", "NULL", [] { return duplex_group_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_group_unref", "NULL", [] { return duplex_group_unref(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_group_get_count", "NULL", [] {
+    unsigned n;
+    return duplex_group_get_count(nullptr, &n);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_get_loop", "NULL", [] {
+    duplex_loop *l;
+    return duplex_group_get_loop(nullptr, 0, &l);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_pick", "NULL", [] {
+    duplex_loop *l;
+    return duplex_group_pick(nullptr, &l);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_listen_tcp", "NULL group", [] {
+    duplex_listener *l = reinterpret_cast<duplex_listener *>(1);
+    int rc = duplex_group_listen_tcp(&l, nullptr, "127.0.0.1", 0, nullptr);
+    return out_null(rc, l);
+  }, DUPLEX_EINVAL);
+  add("duplex_group_listen_unix", "NULL group", [] {
+    duplex_listener *l = reinterpret_cast<duplex_listener *>(1);
+    int rc = duplex_group_listen_unix(&l, nullptr, "/tmp/x.sock", nullptr);
+    return out_null(rc, l);
+  }, DUPLEX_EINVAL);
+  add("duplex_listener_tcp", "REUSEPORT on a single-loop listener", [&c] {
+    duplex_listener *l = nullptr;
+    duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
+    o.flags = DUPLEX_LISTEN_REUSEPORT;
+    int rc = duplex_listener_tcp(&l, c.loop, "127.0.0.1", 0, &o);
+    return out_null(rc, l);
+  }, DUPLEX_EINVAL);
+  // One group, used after it was freed through a held reference: every
+  // call answers ECLOSED and nothing is dropped twice.
+  add("duplex_group_free", "use after free through a held reference", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.loops = 2;
+    int rc = duplex_group_new(&g, &o);
+    if (rc != 0)
+      return rc;
+    duplex_loop *l0 = nullptr;
+    duplex_group_get_loop(g, 0, &l0);
+    duplex_loop_ref(l0);
+    duplex_group_ref(g);
+    if (duplex_group_unref(g) != 0 || duplex_group_unref(g) != DUPLEX_EBUSY)
+      return -2; // the last reference of a live group stays
+    duplex_group_ref(g);
+    rc = duplex_group_free(g);
+    unsigned n;
+    duplex_loop *l;
+    duplex_listener *ls = nullptr;
+    bool all = rc == 0 && duplex_group_free(g) == DUPLEX_ECLOSED &&
+               duplex_group_start(g) == DUPLEX_ECLOSED &&
+               duplex_group_stop(g) == DUPLEX_ECLOSED &&
+               duplex_group_get_count(g, &n) == DUPLEX_ECLOSED &&
+               duplex_group_get_loop(g, 0, &l) == DUPLEX_ECLOSED &&
+               duplex_group_pick(g, &l) == DUPLEX_ECLOSED &&
+               duplex_group_listen_tcp(&ls, g, "127.0.0.1", 0, nullptr) == DUPLEX_ECLOSED &&
+               duplex_loop_get_group(l0, nullptr, nullptr) == DUPLEX_ECLOSED &&
+               duplex_loop_post(l0, [](duplex_loop *, int, void *) {}, nullptr) ==
+                   DUPLEX_ECLOSED;
+    duplex_loop_unref(l0);
+    duplex_group_unref(g);
+    return all ? 0 : -1;
+  }, 0);
+  add("duplex_group_get_loop", "index out of range", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.loops = 1;
+    int rc = duplex_group_new(&g, &o);
+    if (rc != 0)
+      return rc;
+    duplex_loop *l = reinterpret_cast<duplex_loop *>(1);
+    rc = duplex_group_get_loop(g, 1, &l);
+    // A group's loop is run, started and freed only by its group.
+    duplex_loop *l0 = nullptr;
+    duplex_group_get_loop(g, 0, &l0);
+    bool owned = duplex_loop_run(l0, DUPLEX_RUN_NOWAIT) == DUPLEX_EBUSY &&
+                 duplex_loop_start(l0) == DUPLEX_EBUSY &&
+                 duplex_loop_free(l0) == DUPLEX_EBUSY;
+    duplex_group_free(g);
+    return owned ? out_null(rc, l) : -1;
+  }, DUPLEX_EINVAL);
+  add("duplex_group_listen_unix", "REUSEPORT", [] {
+    duplex_loop_group *g = nullptr;
+    duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+    o.loops = 1;
+    int rc = duplex_group_new(&g, &o);
+    if (rc != 0)
+      return rc;
+    duplex_listener *l = nullptr;
+    duplex_listener_opts lo = DUPLEX_LISTENER_OPTS_INIT;
+    lo.flags = DUPLEX_LISTEN_REUSEPORT;
+    rc = duplex_group_listen_unix(&l, g, "/tmp/duplex-bad-reuse.sock", &lo);
+    rc = out_null(rc, l);
+    duplex_group_free(g);
+    return rc;
+  }, DUPLEX_ENOTSUP);
   return t;
 }
 

@@ -339,6 +339,30 @@ DUPLEX_API int duplex_loop_ref(duplex_loop *loop);
  */
 DUPLEX_API int duplex_loop_unref(duplex_loop *loop);
 
+/** Figures of one loop, read by duplex_loop_get_stats(). */
+typedef struct duplex_loop_stats {
+  size_t size;       /**< sizeof(duplex_loop_stats) as compiled by the caller */
+  uint64_t conns;    /**< live conns: created on this loop, on_close not yet
+                          returned (accepted, connecting, adopted) */
+  uint64_t queued;   /**< bytes queued for writing over all its conns, counted
+                          as duplex_conn_get_queued() counts them */
+  uint64_t accepted; /**< conns listeners accepted onto this loop, in total */
+} duplex_loop_stats;
+
+#define DUPLEX_LOOP_STATS_INIT { sizeof(duplex_loop_stats), 0u, 0u, 0u }
+
+/**
+ * Read the loop's figures. Each figure is exact at some instant while the
+ * call runs; the three are not one snapshot. Nothing waits for the loop.
+ * @thread   any; also on a freed loop through a held reference (the last
+ *           figures stay).
+ * @owner    @p out borrowed; set out->size first (::DUPLEX_LOOP_STATS_INIT).
+ * @returns  0, DUPLEX_EINVAL (NULL), DUPLEX_EVERSION (bad out->size).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_loop_get_stats(const duplex_loop *loop,
+                                     duplex_loop_stats *out);
+
 /* ---------------------------------------------------------------------- */
 /* Connections                                                             */
 /* ---------------------------------------------------------------------- */
@@ -829,8 +853,9 @@ typedef void (*duplex_listen_error_cb)(duplex_listener *listener, int status,
 
 /** Set IPV6_V6ONLY on an IPv6 TCP listener. */
 #define DUPLEX_LISTEN_IPV6ONLY 0x1u
-/** Every flag duplex_listener_opts accepts. */
-#define DUPLEX_LISTEN_FLAGS_ALL 0x1u
+/** Every flag duplex_listener_opts accepts (DUPLEX_LISTEN_REUSEPORT,
+ *  defined with the loop groups, only for group listeners). */
+#define DUPLEX_LISTEN_FLAGS_ALL 0x3u
 
 /**
  * Options for a listener. Each accepted conn is created with @ref conn_opts
@@ -929,6 +954,199 @@ DUPLEX_API int duplex_listener_ref(duplex_listener *listener);
  *  listener is open on its loop (the loop holds its own reference then).
  *  @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
 DUPLEX_API int duplex_listener_unref(duplex_listener *listener);
+
+/* ---------------------------------------------------------------------- */
+/* Loop groups                                                             */
+/* ---------------------------------------------------------------------- */
+
+/**
+ * N loops, each run by its own library-owned thread: a server that uses
+ * every core. The group's loops are ordinary loops (conns, channels,
+ * timers, posts work unchanged) that the group starts, stops and frees:
+ * duplex_loop_run(), duplex_loop_start() and duplex_loop_free() on one of
+ * them return DUPLEX_EBUSY. A conn stays on the loop it was created on for
+ * its whole life; every callback of it runs on that loop's thread.
+ */
+typedef struct duplex_loop_group duplex_loop_group;
+
+/** Pin loop i's thread to the i-th CPU of the process's affinity mask
+ *  (wrapping around). Linux only: elsewhere DUPLEX_ENOTSUP. */
+#define DUPLEX_GROUP_PIN 0x1u
+/** Every flag duplex_group_opts accepts. */
+#define DUPLEX_GROUP_FLAGS_ALL 0x1u
+/** The most loops one group may have. */
+#define DUPLEX_GROUP_MAX_LOOPS 1024u
+
+/** Options for duplex_group_new(). */
+typedef struct duplex_group_opts {
+  size_t size;     /**< sizeof(duplex_group_opts) as compiled by the caller */
+  unsigned loops;  /**< number of loops; 0 = one per CPU the process may
+                        run on (its affinity mask) */
+  unsigned flags;  /**< DUPLEX_GROUP_* */
+  const duplex_loop_opts *loop_opts; /**< for every loop; NULL = defaults */
+} duplex_group_opts;
+
+#define DUPLEX_GROUP_OPTS_INIT { sizeof(duplex_group_opts), 0u, 0u, 0 }
+
+/**
+ * Fill @p opts with defaults (same as ::DUPLEX_GROUP_OPTS_INIT).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2
+ */
+DUPLEX_API int duplex_group_opts_init(duplex_group_opts *opts);
+
+/**
+ * Create a group of loops. Its threads start with duplex_group_start();
+ * work posted before then waits in the loops' inboxes.
+ * @thread   any.
+ * @owner    @p opts borrowed for the call. On success @p *out is the
+ *           caller's reference: duplex_group_free() ends the group and
+ *           drops it. On failure @p *out is NULL and nothing was created.
+ * @returns  0, DUPLEX_EINVAL (NULL out, unknown flag, more than
+ *           ::DUPLEX_GROUP_MAX_LOOPS), DUPLEX_EVERSION, DUPLEX_ENOTSUP
+ *           (DUPLEX_GROUP_PIN off Linux), DUPLEX_ENOMEM, or a code of
+ *           duplex_loop_new().
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_new(duplex_loop_group **out,
+                                const duplex_group_opts *opts);
+
+/**
+ * Start one thread per loop. Also resumes a group stopped with
+ * duplex_group_stop(): work queued meanwhile runs then.
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EBUSY (running already),
+ *           DUPLEX_ECLOSED (freed), or a system code (thread creation:
+ *           the loops started before the failure are stopped again).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_start(duplex_loop_group *group);
+
+/**
+ * Stop the group's threads after their current iteration. Nothing closes:
+ * conns, timers and queued work stay as they are until duplex_group_start()
+ * resumes the loops or duplex_group_free() ends them. Calls on the group's
+ * conns keep working (their requests wait in the queues).
+ * @thread   any thread that is not one of the group's loops.
+ * @blocks   until every thread of the group has returned.
+ * @returns  0 (also when not running), DUPLEX_EINVAL, DUPLEX_EDEADLK (on a
+ *           loop thread of this group), DUPLEX_ECLOSED (freed).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_stop(duplex_loop_group *group);
+
+/**
+ * Stop the threads, then free every loop as duplex_loop_free() does (every
+ * conn closes with DUPLEX_ECANCELED, every pending write completes, every
+ * listener closes; the callbacks run on the calling thread), then drop the
+ * caller's reference.
+ * @thread   any thread that is not running a loop.
+ * @blocks   until the threads returned and every close finished.
+ * @owner    @p group is invalid once this returns 0 unless another
+ *           reference is held (duplex_group_ref()): calls through it then
+ *           return DUPLEX_ECLOSED. Loop pointers taken from the group are
+ *           invalid too unless the caller took duplex_loop_ref() on them.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EDEADLK (called on a loop thread),
+ *           DUPLEX_ECLOSED (freed already; no reference is dropped).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_free(duplex_loop_group *group);
+
+/** Take a reference on the group's memory (not on its loops).
+ *  @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_group_ref(duplex_loop_group *group);
+
+/** Drop a reference taken with duplex_group_ref(); the last reference of a
+ *  group that was not freed is dropped only by duplex_group_free().
+ *  @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_EBUSY. @since 0.2 */
+DUPLEX_API int duplex_group_unref(duplex_loop_group *group);
+
+/**
+ * The number of loops.
+ * @thread any. @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.2
+ */
+DUPLEX_API int duplex_group_get_count(const duplex_loop_group *group,
+                                      unsigned *count);
+
+/**
+ * Loop number @p index (0 .. count-1).
+ * @thread   any.
+ * @owner    @p *out is borrowed: valid until duplex_group_free() begins;
+ *           take duplex_loop_ref() to keep the pointer longer.
+ * @returns  0, DUPLEX_EINVAL (NULL, index out of range), DUPLEX_ECLOSED.
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_get_loop(const duplex_loop_group *group,
+                                     unsigned index, duplex_loop **out);
+
+/**
+ * The least-loaded loop: the one with the fewest live conns (see
+ * duplex_loop_stats), ties broken round-robin. Use it to place an outgoing
+ * conn (duplex_conn_connect_tcp() on the loop it returns). A conn counts
+ * from its creation, so picks in a burst spread too.
+ * @thread any. @owner as duplex_group_get_loop().
+ * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED. @since 0.2
+ */
+DUPLEX_API int duplex_group_pick(duplex_loop_group *group, duplex_loop **out);
+
+/**
+ * The group @p loop belongs to and its index there.
+ * @thread   any.
+ * @owner    @p group and @p index may each be NULL (not wanted).
+ *           @p *group is borrowed, NULL for a loop made by
+ *           duplex_loop_new().
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ECLOSED (the loop was freed).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_loop_get_group(const duplex_loop *loop,
+                                     duplex_loop_group **group,
+                                     unsigned *index);
+
+/**
+ * Group listeners: one accepting socket (the default). Loop 0 accepts;
+ * each accepted socket is handed to the loop with the fewest live conns,
+ * where the conn opens. Works for TCP and UNIX sockets everywhere the
+ * single-loop listener works.
+ */
+#define DUPLEX_LISTEN_BALANCED 0x0u
+/**
+ * Group listeners: one SO_REUSEPORT socket per loop, each accepting onto
+ * its own loop (no hand-off; the kernel spreads clients by a hash of their
+ * addresses, so the shares are uneven with few clients). Linux, TCP only:
+ * elsewhere DUPLEX_ENOTSUP.
+ */
+#define DUPLEX_LISTEN_REUSEPORT 0x2u
+
+/**
+ * Listen on TCP for the whole group: as duplex_listener_tcp() (same host
+ * rules, same options; opts->flags may add DUPLEX_LISTEN_REUSEPORT).
+ * Accepted conns open on their target loop with opts->conn_opts; their
+ * callbacks and `on_open` run there. `on_error` runs on the loop whose
+ * socket or conn failed, with the returned listener. The accept back-off
+ * on descriptor exhaustion works per accepting socket.
+ * duplex_listener_close() on the returned listener stops every socket;
+ * get_port / get_address report the shared address.
+ * @thread   any (bound on the calling thread, as duplex_listener_tcp()).
+ * @owner    as duplex_listener_tcp().
+ * @returns  as duplex_listener_tcp(), and DUPLEX_ENOTSUP (REUSEPORT off
+ *           Linux).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_group_listen_tcp(duplex_listener **out,
+                                       duplex_loop_group *group,
+                                       const char *host, uint16_t port,
+                                       const duplex_listener_opts *opts);
+
+/**
+ * Listen on a UNIX-domain socket for the whole group (balanced strategy
+ * only; DUPLEX_LISTEN_REUSEPORT gives DUPLEX_ENOTSUP). Path rules as
+ * duplex_listener_unix().
+ * @thread any. @owner as duplex_listener_tcp().
+ * @returns as duplex_listener_unix(), and DUPLEX_ENOTSUP. @since 0.2
+ */
+DUPLEX_API int duplex_group_listen_unix(duplex_listener **out,
+                                        duplex_loop_group *group,
+                                        const char *path,
+                                        const duplex_listener_opts *opts);
 
 /* ---------------------------------------------------------------------- */
 /* Channels                                                                */

@@ -193,6 +193,7 @@ dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
   }
   c->op.fn = dpx_conn_pump_op;
   dpx_link_init(&c->link);
+  atomic_fetch_add_explicit(&loop->st_conns, 1u, memory_order_relaxed);
   return c;
 fail:
   free(dpx_conn_x(c));
@@ -215,6 +216,10 @@ wstate_destroy(dpx_wstate *w)
 void
 dpx_conn_free(duplex_conn *c)
 {
+  /* A conn that never reached its loop (creation failed) leaves its count;
+   * every other one left it when it finished. */
+  if (c->loop != NULL)
+    atomic_fetch_sub_explicit(&c->loop->st_conns, 1u, memory_order_relaxed);
   dpx_wstate *w = dpx_conn_w(c);
   if (w != NULL)
     wstate_destroy(w);
@@ -812,14 +817,15 @@ conn_finish(duplex_conn *c)
     c->in_list = false;
   }
   dpx_conn_lock(c);
-  c->queued = 0;
+  dpx_conn_queued_sub_locked(c, c->queued);
   dpx_conn_unlock(c);
   if (c->cfg->cbs.on_close != NULL)
     c->cfg->cbs.on_close(c, c->reason, conn_user(c));
   dpx_conn_lock(c);
   dpx_conn_release_chunks_locked(c);
+  dpx_conn_queued_sub_locked(c, c->queued);
+  atomic_fetch_sub_explicit(&c->loop->st_conns, 1u, memory_order_relaxed);
   c->loop = NULL; /* the loop may go away now */
-  c->queued = 0;
   dpx_conn_unlock(c);
   duplex_conn_unref(c); /* the loop's reference */
 }

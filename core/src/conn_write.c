@@ -174,7 +174,7 @@ batch_done(duplex_conn *c, int status)
   }
   bool writable = false;
   dpx_conn_lock(c);
-  c->queued -= total;
+  dpx_conn_queued_sub_locked(c, total);
   chunks_consume_locked(c, chunk_bytes);
   if (c->congested && c->queued <= c->cfg->low) {
     c->congested = false;
@@ -671,7 +671,7 @@ conn_submit(duplex_conn *c, const write_req *w)
     dpx_conn_unlock(c);
     return r;
   }
-  c->queued += write_cost(w, skip);
+  dpx_conn_queued_add_locked(c, write_cost(w, skip));
   if (!c->congested && c->queued >= c->cfg->high) {
     c->congested = true;
     c->events |= DPX_EV_BACKPRESSURE;

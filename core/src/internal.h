@@ -76,6 +76,7 @@ struct duplex_loop {
   bool started;
   bool in_run; /* a thread is inside duplex_loop_run */
   bool freed;  /* duplex_loop_free finished: only the memory is left */
+  bool halt;   /* the own thread must return, the loop stays (group stop) */
   unsigned exec_waiters; /* threads waiting in dpx_loop_exec */
   uv_thread_t thread;
 
@@ -89,6 +90,18 @@ struct duplex_loop {
   dpx_link listeners;
   dpx_link channels;
   dpx_link timers;
+
+  /* Group membership: set when the group makes the loop, then immutable
+   * (a freed loop answers ECLOSED before anyone looks at it). */
+  duplex_loop_group *group;
+  unsigned group_index;
+  int cpu; /* pin the own thread to this CPU; -1: no pinning */
+
+  /* Figures (duplex_loop_get_stats): written by whichever thread changes
+   * them, read by any; relaxed atomics. */
+  atomic_size_t st_conns;
+  atomic_size_t st_queued;
+  atomic_size_t st_accepted;
 
   /* write chunk pool */
   uv_mutex_t pool_mu;
@@ -120,6 +133,13 @@ dpx_on_loop(const duplex_loop *loop)
 {
   return loop != NULL && dpx_current_loop() == loop;
 }
+
+/* Start the loop's own thread, bypassing the group check (the group does
+ * this for its loops); stop it again and wait until it returned, leaving
+ * the loop idle with its work queued; free it. */
+int dpx_loop_start(duplex_loop *loop);
+void dpx_loop_halt(duplex_loop *loop);
+int dpx_loop_free(duplex_loop *loop);
 
 /* Queue @p op to run on the loop thread. On the loop thread it goes to the
  * deferred list (next iteration); elsewhere to the inbox plus one wake-up.
@@ -394,6 +414,21 @@ dpx_conn_wr(const duplex_conn *c)
   return dpx_conn_rd(c);
 }
 
+/* Under the conn lock: change conn->queued, keeping the loop's figure. */
+static inline void
+dpx_conn_queued_add_locked(duplex_conn *c, size_t n)
+{
+  c->queued += n;
+  atomic_fetch_add_explicit(&c->loop->st_queued, n, memory_order_relaxed);
+}
+static inline void
+dpx_conn_queued_sub_locked(duplex_conn *c, size_t n)
+{
+  c->queued -= n;
+  if (c->loop != NULL)
+    atomic_fetch_sub_explicit(&c->loop->st_queued, n, memory_order_relaxed);
+}
+
 /* A conn holding a reference on @p cfg, with room for one handle of
  * @p handle_size bytes, or two dpx_streams when @p nhandles is 2. */
 duplex_conn *dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
@@ -464,6 +499,13 @@ void dpx_connect_state_free(dpx_connect_state *cs);
 bool dpx_connect_cancel(duplex_conn *conn);
 /* Fill conn->peer from the connected handle. */
 void dpx_conn_set_peer(duplex_conn *conn);
+
+/* group.c: the loop with the fewest live conns (round-robin on ties); the
+ * group's size, its loop @p index, whether duplex_group_free has begun. */
+duplex_loop *dpx_group_pick(duplex_loop_group *group);
+unsigned dpx_group_count(const duplex_loop_group *group);
+duplex_loop *dpx_group_loop(const duplex_loop_group *group, unsigned index);
+bool dpx_group_closed(const duplex_loop_group *group);
 
 /* listener.c, channel.c, timer.c: teardown */
 void dpx_listener_close_all(duplex_loop *loop);

@@ -29,7 +29,14 @@
 
 /* References: the caller's (from duplex_listener_tcp/_unix) and the
  * loop's, held from creation until the listener's handles have closed (or
- * its open op found the loop gone). */
+ * its open op found the loop gone).
+ *
+ * A group listener (duplex_group_listen_*) is the user's handle over one
+ * or more member listeners, each an ordinary listener on one loop of the
+ * group. The group listener holds a reference on each member (its
+ * "caller's"); a member holds one on the group listener while its loop
+ * holds it, for the pointer it reports errors with. A balanced member
+ * hands each accepted socket to the group's least-loaded loop. */
 struct duplex_listener {
   atomic_uint refs;
   /* ---- under the listener's lock (dpx_addr_mu) ---- */
@@ -46,6 +53,10 @@ struct duplex_listener {
   unsigned flags;
   unsigned mode;
   atomic_bool close_requested;
+  duplex_listener *parent;  /* member: the group listener, else NULL */
+  duplex_loop_group *group; /* balanced member: hand sockets out */
+  duplex_listener **members; /* group listener: its members */
+  unsigned nmembers;
   /* ---- loop thread only ---- */
   dpx_link link; /* in loop->listeners while listening */
   dpx_stream h;
@@ -79,6 +90,9 @@ duplex_listener_opts_init(duplex_listener_opts *opts)
 static void
 listener_free(duplex_listener *l)
 {
+  for (unsigned i = 0; i < l->nmembers; i++)
+    duplex_listener_unref(l->members[i]);
+  free(l->members);
   free(l->addr);
   free(l->path);
   dpx_conn_cfg_unref(l->cfg);
@@ -116,7 +130,18 @@ listener_detach(duplex_listener *l)
   l->loop = NULL;
   uv_mutex_unlock(dpx_addr_mu(l));
   atomic_store(&l->close_requested, true);
+  duplex_listener *parent = l->parent;
   duplex_listener_unref(l); /* the loop's reference */
+  if (parent != NULL)
+    duplex_listener_unref(parent); /* the member's */
+}
+
+/* Tell the user: members report as their group listener. */
+static void
+listener_report(duplex_listener *l, int err)
+{
+  if (l->on_error != NULL)
+    l->on_error(l->parent != NULL ? l->parent : l, err, l->user);
 }
 
 static void
@@ -169,28 +194,23 @@ on_accept_failed_closed(uv_handle_t *h)
   dpx_conn_free(h->data);
 }
 
-/* Wrap an accepted socket in a conn and open it (loop thread). On failure
- * the socket is closed and the error reported. */
+/* Open conn @p c (made for its loop, whose thread this is) on the accepted
+ * socket: from @p server (libuv accepts) or @p fd. On failure the socket
+ * is closed and the error reported. */
 static void
-accept_into_conn(duplex_listener *l, uv_stream_t *server, int fd)
+open_accepted(duplex_listener *l, duplex_conn *c, uv_stream_t *server, int fd)
 {
-  duplex_conn *c = dpx_conn_new(l->loop, DPX_CONN_ACCEPTED, l->cfg, 1,
-                                l->is_unix ? sizeof(uv_pipe_t)
-                                           : sizeof(uv_tcp_t));
-  int r = c != NULL ? 0 : UV_ENOMEM;
-  dpx_stream *h = c != NULL ? dpx_conn_handle(c, 0) : NULL;
-  if (r == 0)
-    r = l->is_unix ? uv_pipe_init(&l->loop->uv, &h->pipe, 0)
-                   : uv_tcp_init(&l->loop->uv, &h->tcp);
+  duplex_loop *loop = c->loop;
+  dpx_stream *h = dpx_conn_handle(c, 0);
+  int r = l->is_unix ? uv_pipe_init(&loop->uv, &h->pipe, 0)
+                     : uv_tcp_init(&loop->uv, &h->tcp);
   if (r != 0) {
-    if (c != NULL)
-      dpx_conn_free(c);
+    dpx_conn_free(c);
 #if !defined(_WIN32)
     if (fd >= 0)
       close(fd);
 #endif
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(r), l->user);
+    listener_report(l, dpx_err(r));
     return;
   }
   h->handle.data = c;
@@ -205,14 +225,100 @@ accept_into_conn(duplex_listener *l, uv_stream_t *server, int fd)
       close(fd); /* the handle did not take it */
 #endif
     uv_close(&h->handle, on_accept_failed_closed);
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(r), l->user);
+    listener_report(l, dpx_err(r));
     return;
   }
   c->has_rd = true;
-  dpx_link_insert(&l->loop->conns, &c->link);
+  dpx_link_insert(&loop->conns, &c->link);
   c->in_list = true;
+  atomic_fetch_add_explicit(&loop->st_accepted, 1u, memory_order_relaxed);
   dpx_conn_opened(c);
+}
+
+#if !defined(_WIN32)
+/* An accepted socket on its way to another loop of the group. The conn
+ * exists already, so it counts on its loop from the hand-off on and a
+ * burst of accepts spreads. */
+typedef struct handoff {
+  dpx_op op;
+  duplex_listener *l; /* a reference */
+  duplex_conn *c;
+  int fd;
+} handoff;
+
+static void
+handoff_drop(handoff *h)
+{
+  close(h->fd);
+  dpx_conn_free(h->c);
+  duplex_listener_unref(h->l);
+  free(h);
+}
+
+static void
+handoff_run(duplex_loop *loop, dpx_op *op, int status)
+{
+  handoff *h = DPX_CONTAINER_OF(op, handoff, op);
+  (void)loop;
+  /* Its loop is being freed, or the listener closed after the accept:
+   * nothing is accepted once duplex_listener_close() has returned. */
+  if (status != 0 || atomic_load(&h->l->close_requested)) {
+    handoff_drop(h);
+    return;
+  }
+  open_accepted(h->l, h->c, NULL, h->fd);
+  duplex_listener_unref(h->l);
+  free(h);
+}
+
+static void
+handoff_start(duplex_listener *l, duplex_conn *c, int fd)
+{
+  handoff *h = malloc(sizeof *h);
+  if (h == NULL) {
+    close(fd);
+    dpx_conn_free(c);
+    listener_report(l, DUPLEX_ENOMEM);
+    return;
+  }
+  duplex_listener_ref(l);
+  h->op.fn = handoff_run;
+  h->l = l;
+  h->c = c;
+  h->fd = fd;
+  if (dpx_loop_submit(c->loop, &h->op, true) != 0)
+    handoff_drop(h); /* the group is being freed */
+}
+#endif
+
+/* Wrap an accepted socket in a conn on the loop it goes to and open it
+ * there (loop thread of the listener). */
+static void
+accept_into_conn(duplex_listener *l, uv_stream_t *server, int fd)
+{
+  duplex_loop *target = l->loop;
+#if !defined(_WIN32)
+  if (l->group != NULL)
+    target = dpx_group_pick(l->group);
+#endif
+  duplex_conn *c = dpx_conn_new(target, DPX_CONN_ACCEPTED, l->cfg, 1,
+                                l->is_unix ? sizeof(uv_pipe_t)
+                                           : sizeof(uv_tcp_t));
+  if (c == NULL) {
+#if !defined(_WIN32)
+    if (fd >= 0)
+      close(fd);
+#endif
+    listener_report(l, DUPLEX_ENOMEM);
+    return;
+  }
+#if !defined(_WIN32)
+  if (target != l->loop) {
+    handoff_start(l, c, fd);
+    return;
+  }
+#endif
+  open_accepted(l, c, server, fd);
 }
 
 #if !defined(_WIN32)
@@ -238,8 +344,8 @@ accept_back_off(duplex_listener *l, int err)
                                : l->backoff_ms * 2);
   uv_poll_stop(&l->poll);
   uv_timer_start(&l->retry, on_retry, l->backoff_ms, 0);
-  if (first && l->on_error != NULL)
-    l->on_error(l, err, l->user);
+  if (first)
+    listener_report(l, err);
 }
 
 static int
@@ -311,8 +417,7 @@ on_connection(uv_stream_t *server, int status)
   if (l->closing || atomic_load(&l->close_requested))
     return;
   if (status < 0) {
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(status), l->user);
+    listener_report(l, dpx_err(status));
     return;
   }
   accept_into_conn(l, server, -1);
@@ -331,25 +436,50 @@ accept_start(duplex_listener *l)
  * and nothing waits for the loop. The loop then wraps the descriptor in a
  * handle and starts accepting (the open op). */
 
+/* Options checked and copied; DUPLEX_LISTEN_REUSEPORT only when
+ * @p group_ok (group listeners). */
+static int
+listener_opts_get(duplex_listener_opts *o, const duplex_listener_opts *opts,
+                  bool group_ok)
+{
+  const duplex_listener_opts def = DUPLEX_LISTENER_OPTS_INIT;
+  *o = def;
+  if (opts == NULL)
+    return 0;
+  int r = dpx_check_size(opts, opts->size, sizeof(duplex_listener_opts),
+                         sizeof(duplex_listener_opts));
+  if (r != 0)
+    return r;
+  *o = *opts;
+  unsigned allowed = DUPLEX_LISTEN_FLAGS_ALL;
+  if (!group_ok)
+    allowed &= ~DUPLEX_LISTEN_REUSEPORT;
+  if ((o->flags & ~allowed) != 0 || o->backlog < 0 || o->mode > 0777)
+    return DUPLEX_EINVAL;
+  return 0;
+}
+
+/* Where a new listener belongs: NULL members for duplex_listener_*; a
+ * group listener's member knows its group listener, and a balanced one
+ * its group. */
+typedef struct listen_ctx {
+  duplex_listener *parent;
+  duplex_loop_group *group;
+  bool reuseport;
+} listen_ctx;
+
 static int
 listener_prepare(duplex_listener **out, duplex_loop *loop,
-                 const duplex_listener_opts *opts)
+                 const duplex_listener_opts *opts, const listen_ctx *ctx)
 {
   if (out != NULL)
     *out = NULL;
   if (out == NULL || loop == NULL)
     return DUPLEX_EINVAL;
-  duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
-  if (opts != NULL) {
-    int r = dpx_check_size(opts, opts->size, sizeof(duplex_listener_opts),
-                           sizeof(duplex_listener_opts));
-    if (r != 0)
-      return r;
-    o = *opts;
-    if ((o.flags & ~DUPLEX_LISTEN_FLAGS_ALL) != 0 || o.backlog < 0 ||
-        o.mode > 0777)
-      return DUPLEX_EINVAL;
-  }
+  duplex_listener_opts o;
+  int r0 = listener_opts_get(&o, opts, ctx->parent != NULL);
+  if (r0 != 0)
+    return r0;
   /* The conn options are borrowed for the call: one copy serves every
    * accepted conn. */
   dpx_conn_cfg *cfg;
@@ -372,6 +502,8 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   l->fd = -1;
   atomic_init(&l->close_requested, false);
   dpx_link_init(&l->link);
+  l->parent = ctx->parent;
+  l->group = ctx->group;
   *out = l;
   return 0;
 }
@@ -386,8 +518,8 @@ listener_open_failed(duplex_listener *l, int err)
 #endif
     l->fd = -1;
   }
-  if (err != 0 && l->on_error != NULL)
-    l->on_error(l, err, l->user);
+  if (err != 0)
+    listener_report(l, err);
   if (l->has_handle) {
     l->closing = true;
     uv_close(&l->h.handle, on_listener_closed);
@@ -433,8 +565,7 @@ listener_open_op(duplex_loop *loop, dpx_op *op, int status)
       uv_close((uv_handle_t *)&l->retry, on_listener_closed);
     }
 #endif
-    if (l->on_error != NULL)
-      l->on_error(l, dpx_err(r), l->user);
+    listener_report(l, dpx_err(r));
     uv_close(&l->h.handle, on_listener_closed);
     return;
   }
@@ -448,8 +579,12 @@ static int
 listener_submit(duplex_listener **out, duplex_listener *l)
 {
   l->open_op.fn = listener_open_op;
+  if (l->parent != NULL)
+    duplex_listener_ref(l->parent); /* dropped when the loop lets go */
   int r = dpx_loop_submit(l->loop, &l->open_op, true);
   if (r != 0) {
+    if (l->parent != NULL)
+      duplex_listener_unref(l->parent);
 #if !defined(_WIN32)
     close(l->fd);
     if (l->path != NULL)
@@ -493,9 +628,10 @@ make_socket(int family)
   return fd;
 }
 
-int
-duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
-                    uint16_t port, const duplex_listener_opts *opts)
+static int
+listen_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
+           uint16_t port, const duplex_listener_opts *opts,
+           const listen_ctx *ctx)
 {
   struct sockaddr_storage addr;
   memset(&addr, 0, sizeof addr);
@@ -510,7 +646,7 @@ duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
       uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0)
     return DUPLEX_EINVAL;
   duplex_listener *l;
-  int r = listener_prepare(&l, loop, opts);
+  int r = listener_prepare(&l, loop, opts, ctx);
   if (r != 0)
     return r;
   dpx_stdio_ensure_open();
@@ -521,6 +657,15 @@ duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
   }
   int on = 1;
   (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+#if defined(SO_REUSEPORT)
+  if (ctx->reuseport &&
+      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0) {
+    r = sys_err();
+    close(fd);
+    listener_free(l);
+    return r;
+  }
+#endif
   if (addr.ss_family == AF_INET6) {
     int v6only = (l->flags & DUPLEX_LISTEN_IPV6ONLY) ? 1 : 0;
     (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
@@ -551,6 +696,14 @@ duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
   return listener_submit(out, l);
 }
 
+int
+duplex_listener_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
+                    uint16_t port, const duplex_listener_opts *opts)
+{
+  const listen_ctx plain = { NULL, NULL, false };
+  return listen_tcp(out, loop, host, port, opts, &plain);
+}
+
 /* Is something listening on the UNIX socket at @p path? A refused connect
  * means the file is stale. The probe never blocks: a live listener whose
  * backlog is full answers EAGAIN, which counts as live. */
@@ -576,9 +729,9 @@ unix_path_is_stale(const char *path)
   return r != 0 && e == ECONNREFUSED;
 }
 
-int
-duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
-                     const char *path, const duplex_listener_opts *opts)
+static int
+listen_unix(duplex_listener **out, duplex_loop *loop, const char *path,
+            const duplex_listener_opts *opts, const listen_ctx *ctx)
 {
   if (out == NULL)
     return DUPLEX_EINVAL;
@@ -592,7 +745,7 @@ duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
       (opts->flags & DUPLEX_LISTEN_IPV6ONLY))
     return DUPLEX_EINVAL;
   duplex_listener *l;
-  int r = listener_prepare(&l, loop, opts);
+  int r = listener_prepare(&l, loop, opts, ctx);
   if (r != 0)
     return r;
   l->is_unix = true;
@@ -640,6 +793,131 @@ duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
   l->fd = fd;
   return listener_submit(out, l);
 }
+
+int
+duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
+                     const char *path, const duplex_listener_opts *opts)
+{
+  const listen_ctx plain = { NULL, NULL, false };
+  return listen_unix(out, loop, path, opts, &plain);
+}
+
+/* ---- group listeners ------------------------------------------------------ */
+
+/* The user's handle over the members; it holds a reference on each. */
+static int
+group_listener_new(duplex_listener **out, unsigned members)
+{
+  duplex_listener *p = calloc(1, sizeof *p);
+  duplex_listener **m = calloc(members, sizeof *m);
+  if (p == NULL || m == NULL) {
+    free(p);
+    free(m);
+    return DUPLEX_ENOMEM;
+  }
+  atomic_init(&p->refs, 1u); /* the caller's */
+  atomic_init(&p->close_requested, false);
+  dpx_link_init(&p->link);
+  p->fd = -1;
+  p->members = m;
+  *out = p;
+  return 0;
+}
+
+/* Members made: the group listener takes their address. */
+static int
+group_listener_done(duplex_listener **out, duplex_listener *p)
+{
+  duplex_listener *first = p->members[0];
+  p->is_unix = first->is_unix;
+  p->port = first->port;
+  if ((p->addr = dpx_strdup(first->addr)) == NULL) {
+    for (unsigned i = 0; i < p->nmembers; i++)
+      duplex_listener_close(p->members[i]);
+    duplex_listener_unref(p); /* freed once the members let go */
+    return DUPLEX_ENOMEM;
+  }
+  *out = p;
+  return 0;
+}
+
+/* A member could not be made: undo the others. */
+static int
+group_listener_fail(duplex_listener *p, int err)
+{
+  for (unsigned i = 0; i < p->nmembers; i++)
+    duplex_listener_close(p->members[i]);
+  duplex_listener_unref(p);
+  return err;
+}
+
+static int
+group_listen_check(duplex_listener **out, duplex_loop_group *g,
+                   const duplex_listener_opts *opts, duplex_listener_opts *o)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (out == NULL || g == NULL)
+    return DUPLEX_EINVAL;
+  int r = listener_opts_get(o, opts, true);
+  if (r != 0)
+    return r;
+  return dpx_group_closed(g) ? DUPLEX_ECLOSED : 0;
+}
+
+int
+duplex_group_listen_tcp(duplex_listener **out, duplex_loop_group *g,
+                        const char *host, uint16_t port,
+                        const duplex_listener_opts *opts)
+{
+  duplex_listener_opts o;
+  int r = group_listen_check(out, g, opts, &o);
+  if (r != 0)
+    return r;
+  bool reuseport = (o.flags & DUPLEX_LISTEN_REUSEPORT) != 0;
+#if !defined(__linux__) || !defined(SO_REUSEPORT)
+  if (reuseport)
+    return DUPLEX_ENOTSUP;
+#endif
+  o.flags &= ~DUPLEX_LISTEN_REUSEPORT;
+  unsigned n = reuseport ? dpx_group_count(g) : 1u;
+  duplex_listener *p;
+  if ((r = group_listener_new(&p, n)) != 0)
+    return r;
+  listen_ctx ctx = { p, reuseport ? NULL : g, reuseport };
+  for (unsigned i = 0; i < n; i++) {
+    duplex_listener *m;
+    /* Port 0 picks a port once; every other socket joins it. */
+    r = listen_tcp(&m, dpx_group_loop(g, i), host, port, &o, &ctx);
+    if (r != 0)
+      return group_listener_fail(p, r);
+    p->members[p->nmembers++] = m;
+    port = m->port;
+  }
+  return group_listener_done(out, p);
+}
+
+int
+duplex_group_listen_unix(duplex_listener **out, duplex_loop_group *g,
+                         const char *path, const duplex_listener_opts *opts)
+{
+  duplex_listener_opts o;
+  int r = group_listen_check(out, g, opts, &o);
+  if (r != 0)
+    return r;
+  if (o.flags & DUPLEX_LISTEN_REUSEPORT)
+    return DUPLEX_ENOTSUP;
+  duplex_listener *p;
+  if ((r = group_listener_new(&p, 1u)) != 0)
+    return r;
+  listen_ctx ctx = { p, g, false };
+  duplex_listener *m;
+  r = listen_unix(&m, dpx_group_loop(g, 0), path, &o, &ctx);
+  if (r != 0)
+    return group_listener_fail(p, r);
+  p->members[p->nmembers++] = m;
+  return group_listener_done(out, p);
+}
 #else
 /* Windows: TCP sockets could be bound here as on Unix; named pipes only
  * exist through libuv's handle. Both are bound on the loop at its next
@@ -657,6 +935,23 @@ duplex_listener_unix(duplex_listener **out, duplex_loop *loop,
                      const char *path, const duplex_listener_opts *opts)
 {
   (void)out; (void)loop; (void)path; (void)opts;
+  return DUPLEX_ENOTSUP;
+}
+
+int
+duplex_group_listen_tcp(duplex_listener **out, duplex_loop_group *g,
+                        const char *host, uint16_t port,
+                        const duplex_listener_opts *opts)
+{
+  (void)out; (void)g; (void)host; (void)port; (void)opts;
+  return DUPLEX_ENOTSUP;
+}
+
+int
+duplex_group_listen_unix(duplex_listener **out, duplex_loop_group *g,
+                         const char *path, const duplex_listener_opts *opts)
+{
+  (void)out; (void)g; (void)path; (void)opts;
   return DUPLEX_ENOTSUP;
 }
 #endif
@@ -705,6 +1000,16 @@ duplex_listener_close(duplex_listener *l)
 {
   if (l == NULL)
     return DUPLEX_EINVAL;
+  if (l->members != NULL) {
+    /* A group listener: closed once every member is. */
+    if (atomic_exchange(&l->close_requested, true))
+      return DUPLEX_ECLOSED;
+    int r = DUPLEX_ECLOSED;
+    for (unsigned i = 0; i < l->nmembers; i++)
+      if (duplex_listener_close(l->members[i]) == 0)
+        r = 0;
+    return r;
+  }
   uv_mutex_lock(dpx_addr_mu(l));
   duplex_loop *loop = l->loop;
   if (loop == NULL || atomic_exchange(&l->close_requested, true)) {

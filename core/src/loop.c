@@ -1,8 +1,16 @@
 /* Loop, inbox, deferred list, run/start/stop/free. */
+
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* CPU_SET, pthread_setaffinity_np */
+#endif
 #include "internal.h"
 
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
 
 DPX_THREAD_LOCAL duplex_loop *dpx_tls_loop;
 
@@ -89,7 +97,7 @@ on_wake(uv_async_t *h)
   duplex_loop *loop = DPX_CONTAINER_OF(h, duplex_loop, wake);
   bool stop;
   uv_mutex_lock(&loop->mu);
-  stop = loop->quit || (loop->stop_requested && !loop->started);
+  stop = loop->quit || loop->halt || (loop->stop_requested && !loop->started);
   uv_mutex_unlock(&loop->mu);
   drain_inbox(loop, loop->tearing_down ? DUPLEX_ECANCELED : 0);
   if (stop)
@@ -349,6 +357,7 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
   dpx_link_init(&loop->channels);
   dpx_link_init(&loop->timers);
   loop->state = DPX_LOOP_IDLE;
+  loop->cpu = -1;
   *out = loop;
   return 0;
 
@@ -410,6 +419,8 @@ duplex_loop_run(duplex_loop *loop, unsigned mode)
     return DUPLEX_EINVAL;
   if (dpx_tls_loop == loop)
     return DUPLEX_EDEADLK;
+  if (loop->group != NULL)
+    return DUPLEX_EBUSY; /* its group runs it */
   int r = run_enter(loop);
   if (r != 0)
     return r;
@@ -437,15 +448,32 @@ duplex_loop_run(duplex_loop *loop, unsigned mode)
 }
 
 static void
+pin_to_cpu(int cpu)
+{
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  /* Best effort: a CPU taken away since the group was made leaves the
+   * thread where the scheduler puts it. */
+  (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+#else
+  (void)cpu;
+#endif
+}
+
+static void
 loop_thread_main(void *arg)
 {
   duplex_loop *loop = arg;
   dpx_thread_block_signals();
+  if (loop->cpu >= 0)
+    pin_to_cpu(loop->cpu);
   dpx_tls_loop = loop;
   for (;;) {
     uv_run(&loop->uv, UV_RUN_DEFAULT);
     uv_mutex_lock(&loop->mu);
-    bool quit = loop->quit;
+    bool quit = loop->quit || loop->halt;
     loop->stop_requested = false;
     uv_mutex_unlock(&loop->mu);
     if (quit)
@@ -459,6 +487,14 @@ duplex_loop_start(duplex_loop *loop)
 {
   if (loop == NULL)
     return DUPLEX_EINVAL;
+  if (loop->group != NULL)
+    return DUPLEX_EBUSY; /* its group starts it */
+  return dpx_loop_start(loop);
+}
+
+int
+dpx_loop_start(duplex_loop *loop)
+{
   uv_mutex_lock(&loop->mu);
   while (loop->state == DPX_LOOP_EXEC)
     uv_cond_wait(&loop->cv, &loop->mu);
@@ -480,6 +516,26 @@ duplex_loop_start(duplex_loop *loop)
   }
   uv_mutex_unlock(&loop->mu);
   return r;
+}
+
+void
+dpx_loop_halt(duplex_loop *loop)
+{
+  uv_mutex_lock(&loop->mu);
+  if (!loop->started || loop->state != DPX_LOOP_RUNNING) {
+    uv_mutex_unlock(&loop->mu);
+    return;
+  }
+  loop->halt = true;
+  uv_async_send(&loop->wake);
+  uv_mutex_unlock(&loop->mu);
+  uv_thread_join(&loop->thread);
+  uv_mutex_lock(&loop->mu);
+  loop->halt = false;
+  loop->started = false;
+  loop->state = DPX_LOOP_IDLE;
+  uv_cond_broadcast(&loop->cv);
+  uv_mutex_unlock(&loop->mu);
 }
 
 int
@@ -633,10 +689,60 @@ duplex_loop_unref(duplex_loop *loop)
 }
 
 int
+duplex_loop_get_stats(const duplex_loop *loop, duplex_loop_stats *out)
+{
+  if (loop == NULL || out == NULL)
+    return DUPLEX_EINVAL;
+  size_t given = out->size;
+  int r = dpx_check_size(out, given, offsetof(duplex_loop_stats, accepted) +
+                                         sizeof(uint64_t),
+                         sizeof(duplex_loop_stats));
+  if (r != 0)
+    return r;
+  duplex_loop_stats st = DUPLEX_LOOP_STATS_INIT;
+  st.conns = atomic_load_explicit(&loop->st_conns, memory_order_relaxed);
+  st.queued = atomic_load_explicit(&loop->st_queued, memory_order_relaxed);
+  st.accepted =
+      atomic_load_explicit(&loop->st_accepted, memory_order_relaxed);
+  memcpy(out, &st, sizeof st);
+  out->size = given;
+  return 0;
+}
+
+int
+duplex_loop_get_group(const duplex_loop *loop, duplex_loop_group **group,
+                      unsigned *index)
+{
+  if (loop == NULL)
+    return DUPLEX_EINVAL;
+  duplex_loop *l = (duplex_loop *)loop;
+  uv_mutex_lock(&l->mu);
+  bool gone = l->state == DPX_LOOP_FREEING;
+  uv_mutex_unlock(&l->mu);
+  if (gone)
+    return DUPLEX_ECLOSED;
+  if (group != NULL)
+    *group = l->group;
+  if (index != NULL)
+    *index = l->group_index;
+  return 0;
+}
+
+int
 duplex_loop_free(duplex_loop *loop)
 {
   if (loop == NULL)
     return DUPLEX_EINVAL;
+  if (dpx_tls_loop != NULL)
+    return DUPLEX_EDEADLK;
+  if (loop->group != NULL)
+    return DUPLEX_EBUSY; /* duplex_group_free() frees it */
+  return dpx_loop_free(loop);
+}
+
+int
+dpx_loop_free(duplex_loop *loop)
+{
   if (dpx_tls_loop != NULL)
     return DUPLEX_EDEADLK; /* on this or another loop's thread */
   uv_mutex_lock(&loop->mu);

@@ -75,6 +75,18 @@ AT(duplex_channel_opts, user, 24);
 AT(duplex_channel_opts, capacity, 32);
 AT(duplex_channel_opts, flags, 40);
 
+SIZE_IS(duplex_loop_stats, 32, 8);
+AT(duplex_loop_stats, size, 0);
+AT(duplex_loop_stats, conns, 8);
+AT(duplex_loop_stats, queued, 16);
+AT(duplex_loop_stats, accepted, 24);
+
+SIZE_IS(duplex_group_opts, 24, 8);
+AT(duplex_group_opts, size, 0);
+AT(duplex_group_opts, loops, 8);
+AT(duplex_group_opts, flags, 12);
+AT(duplex_group_opts, loop_opts, 16);
+
 #endif
 
 int

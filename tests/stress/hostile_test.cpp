@@ -152,9 +152,10 @@ TEST_CASE("hostile: larger struct sizes: zero tail accepted, non-zero tail refus
     pl.v.backlog = INT32_MAX; // the kernel caps it
     CHECK(rc_of(duplex_listener_tcp(&l, loop, "127.0.0.1", 0, &pl.v)) == 0);
     CHECK(l != nullptr);
-    if (l)
+    if (l) {
       CHECK(duplex_listener_close(l) == 0);
       CHECK(duplex_listener_unref(l) == 0);
+    }
   }
   // channel opts
   {
