@@ -23,7 +23,6 @@
 // exported method may be called from any goroutine. See docs/go.md.
 package duplex
 
-// #cgo pkg-config: libduplex
 // #include "shim.h"
 import "C"
 
