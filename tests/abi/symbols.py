@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """The shared library exports exactly the duplex_* functions duplex.h
 declares: nothing internal leaks (dpx_*, libuv) and nothing is missing.
-Usage: symbols.py LIBDUPLEX_SO DUPLEX_H"""
+Usage: symbols.py LIBDUPLEX_SO DUPLEX_H
+$NM names the nm to use (a cross build's, for a foreign library)."""
+import os
 import re
 import subprocess
 import sys
 
 lib, header = sys.argv[1], sys.argv[2]
-out = subprocess.run(["nm", "-D", "--defined-only", lib], check=True,
+out = subprocess.run([os.environ.get("NM") or "nm", "-D", "--defined-only", lib], check=True,
                      capture_output=True, text=True).stdout
 exported = set()
 for line in out.splitlines():
