@@ -362,3 +362,74 @@ TEST_CASE("a producer blocked in wait_writable gets DUPLEX_ECLOSED on close") {
   CHECK(duplex_conn_unref(conn) == 0);
   CHECK(loop.free() == 0);
 }
+
+// duplex_conn_wait_room waits for the room one write needs, not for the low
+// watermark: a producer with a big write refused keeps going as soon as that
+// write fits.
+TEST_CASE("wait_room waits for the room a write needs, not for the low watermark") {
+  ConnEvents ev;
+  Loop loop;
+  auto sp = socket_pair();
+  size_t prefill = fill_send_buffer(sp.ours.get());
+  constexpr size_t kHighHere = 200 * 1024;
+  auto opts = ev.opts(kHighHere, kLow, kHard);
+  duplex_conn *conn = adopt(loop, sp.ours, &opts);
+  REQUIRE(ev.wait_open());
+  CHECK(duplex_conn_wait_room(conn, kHard * 4, 0) == 0); // empty queue: anything fits
+  WriteCounter w;
+  std::vector<uint8_t> first(100 * 1024, 'f'); // above low, below high
+  REQUIRE(duplex_conn_write(conn, first.data(), first.size(), WriteCounter::cb, &w) == 0);
+  std::vector<uint8_t> big(kHighHere, 'B'); // does not fit beside it
+  CHECK(duplex_conn_write(conn, big.data(), big.size(), WriteCounter::cb, &w) ==
+        DUPLEX_EWOULDBLOCK);
+  // The refusal counts as congestion until the low watermark...
+  CHECK(duplex_conn_wait_writable(conn, 0) == DUPLEX_EWOULDBLOCK);
+  // ...but a write that fits beside the queue needs no wait at all.
+  const size_t fits = kHard - (first.size() + DUPLEX_WRITE_OVERHEAD) - DUPLEX_WRITE_OVERHEAD;
+  CHECK(duplex_conn_wait_room(conn, fits, 0) == 0);
+  CHECK(duplex_conn_wait_room(conn, fits + 1, 0) == DUPLEX_EWOULDBLOCK);
+  CHECK(duplex_conn_wait_room(conn, big.size(), 20) == DUPLEX_ETIMEDOUT);
+  // A waiter for the big write wakes once the peer drains enough.
+  std::atomic<int> waited{kUnset};
+  std::thread waiter([&] { waited = duplex_conn_wait_room(conn, big.size(), -1); });
+  Drainer d(sp.peer.get(), prefill + first.size() + big.size());
+  waiter.join();
+  CHECK(waited.load() == 0);
+  REQUIRE(duplex_conn_write(conn, big.data(), big.size(), WriteCounter::cb, &w) == 0);
+  d.done.wait();
+  CHECK(d.ok.load());
+  CHECK(wait_until([&] { return w.total.load() == 2; }));
+  CHECK(w.ok.load() == 2);
+  // On the loop thread it would wait for itself.
+  std::atomic<int> on_loop_rc{kUnset};
+  REQUIRE(on_loop(loop, [&] { on_loop_rc = duplex_conn_wait_room(conn, 1, -1); }));
+  CHECK(on_loop_rc.load() == DUPLEX_EDEADLK);
+  REQUIRE(duplex_conn_close(conn, DUPLEX_CLOSE_GRACEFUL) == 0);
+  CHECK(ev.wait_closed());
+  CHECK(duplex_conn_wait_room(conn, 1, 0) == DUPLEX_ECLOSED);
+  CHECK(duplex_conn_unref(conn) == 0);
+  CHECK(loop.free() == 0);
+}
+
+TEST_CASE("a producer blocked in wait_room gets DUPLEX_ECLOSED on close") {
+  ConnEvents ev;
+  Loop loop;
+  auto sp = socket_pair();
+  fill_send_buffer(sp.ours.get());
+  auto opts = ev.opts(kHigh, kLow, kHard);
+  duplex_conn *conn = adopt(loop, sp.ours, &opts);
+  REQUIRE(ev.wait_open());
+  std::vector<uint8_t> block(kHard / 2, 'q');
+  WriteCounter w;
+  REQUIRE(duplex_conn_write(conn, block.data(), block.size(), WriteCounter::cb, &w) == 0);
+  std::atomic<int> waited{kUnset};
+  std::thread waiter([&] { waited = duplex_conn_wait_room(conn, kHard, -1); });
+  std::this_thread::sleep_for(10ms); // let it block (not required for the result)
+  REQUIRE(duplex_conn_close(conn, DUPLEX_CLOSE_ABORT) == 0);
+  waiter.join();
+  CHECK(waited.load() == DUPLEX_ECLOSED);
+  CHECK(ev.wait_closed());
+  CHECK(wait_until([&] { return w.total.load() == 1; }));
+  CHECK(duplex_conn_unref(conn) == 0);
+  CHECK(loop.free() == 0);
+}

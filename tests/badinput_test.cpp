@@ -513,6 +513,14 @@ std::vector<Case> make_table(Ctx &c) {
       [&c] { return duplex_conn_wait_writable(c.closed_conn, 0); }, DUPLEX_ECLOSED);
   add("duplex_conn_wait_writable", "closed conn, wait",
       [&c] { return duplex_conn_wait_writable(c.closed_conn, 1000); }, DUPLEX_ECLOSED);
+  add("duplex_conn_wait_room", "NULL", [] { return duplex_conn_wait_room(nullptr, 1, 0); },
+      DUPLEX_EINVAL);
+  add("duplex_conn_wait_room", "timeout -2",
+      [&c] { return duplex_conn_wait_room(c.open_conn, 1, -2); }, DUPLEX_EINVAL);
+  add("duplex_conn_wait_room", "closed conn, wait",
+      [&c] { return duplex_conn_wait_room(c.closed_conn, 1, 1000); }, DUPLEX_ECLOSED);
+  add("duplex_conn_wait_room", "SIZE_MAX into an empty queue fits",
+      [&c] { return duplex_conn_wait_room(c.open_conn, SIZE_MAX, 0); }, 0);
 
   add("duplex_conn_get_queued", "NULL conn", [] {
     size_t q;

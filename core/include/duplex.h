@@ -778,6 +778,25 @@ DUPLEX_API int duplex_conn_resume(duplex_conn *conn);
 DUPLEX_API int duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms);
 
 /**
+ * Block until a write of @p len bytes would be taken: the queue is empty
+ * (an empty queue takes a write of any size) or queued + @p len +
+ * ::DUPLEX_WRITE_OVERHEAD is within the hard limit. A writer that got
+ * DUPLEX_EWOULDBLOCK for a large write waits here for exactly the room it
+ * needs, rather than for the low watermark. Another thread may take the
+ * room first: retry the write and wait again on DUPLEX_EWOULDBLOCK.
+ * @thread   any thread except the loop thread.
+ * @blocks   up to @p timeout_ms, for the loop to drain the queue.
+ * @param    timeout_ms  as for duplex_conn_wait_writable().
+ * @returns  0 (the write fits now), DUPLEX_EWOULDBLOCK (it does not,
+ *           @p timeout_ms 0), DUPLEX_ETIMEDOUT, DUPLEX_ECLOSED (closed, or
+ *           closed while waiting), DUPLEX_EDEADLK (on the loop thread),
+ *           DUPLEX_EINVAL.
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_wait_room(duplex_conn *conn, size_t len,
+                                     int timeout_ms);
+
+/**
  * What is queued for writing and not yet completed: payload bytes plus
  * ::DUPLEX_WRITE_OVERHEAD per write (the measure the watermarks use).
  * @thread any. @owner @p out borrowed for the call.

@@ -146,6 +146,8 @@ is_data(const dpx_ent *e)
 }
 
 /* The batch is over with @p status: account, complete, act on markers. */
+static void wake_room_waiters_locked(duplex_conn *c, dpx_wstate *ws);
+
 static void
 batch_done(duplex_conn *c, int status)
 {
@@ -176,6 +178,8 @@ batch_done(duplex_conn *c, int status)
   dpx_conn_lock(c);
   dpx_conn_queued_sub_locked(c, total);
   chunks_consume_locked(c, chunk_bytes);
+  if (ws->waiters != NULL)
+    wake_room_waiters_locked(c, ws);
   if (c->congested && c->queued <= c->cfg->low) {
     c->congested = false;
     dpx_conn_wake_waiters_locked(c);
@@ -742,11 +746,30 @@ duplex_conn_write_zc(duplex_conn *conn, void *data, size_t len,
 
 /* ---- waiting for room ------------------------------------------------------ */
 
-int
-duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
+/* Under the conn lock: whether the wait for @p need is over. */
+static bool
+room_for(const duplex_conn *c, size_t need)
 {
-  if (conn == NULL || timeout_ms < -1)
-    return DUPLEX_EINVAL;
+  if (need == SIZE_MAX)
+    return !c->congested;
+  /* A write into an empty queue is always taken (conn_write's rule). */
+  return c->queued == 0 ||
+         (need <= c->cfg->hard && c->queued <= c->cfg->hard - need);
+}
+
+/* Under the conn lock, after the queue shrank: wake the room waiters
+ * whose write fits now. */
+static void
+wake_room_waiters_locked(duplex_conn *c, dpx_wstate *ws)
+{
+  for (dpx_waiter *w = ws->waiters; w != NULL; w = w->next)
+    if (w->need != SIZE_MAX && room_for(c, w->need))
+      uv_cond_signal(&w->cv);
+}
+
+static int
+wait_for_room(duplex_conn *conn, size_t need, int timeout_ms)
+{
   dpx_conn_lock(conn);
   if (dpx_on_loop(conn->loop)) {
     dpx_conn_unlock(conn);
@@ -755,6 +778,7 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
   uint64_t deadline =
       timeout_ms > 0 ? uv_hrtime() + (uint64_t)timeout_ms * 1000000u : 0;
   dpx_waiter w;
+  w.need = need;
   dpx_wstate *ws = NULL; /* kept while a waiter is linked to it */
   bool linked = false;
   int r;
@@ -763,12 +787,12 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
       r = DUPLEX_ECLOSED;
       break;
     }
-    if (!conn->congested) {
+    if (room_for(conn, need)) {
       r = 0;
       break;
     }
     if (timeout_ms == 0) {
-      r = DUPLEX_EWOULDBLOCK; /* not writable, and asked not to wait */
+      r = DUPLEX_EWOULDBLOCK; /* no room, and asked not to wait */
       break;
     }
     if (!linked) {
@@ -776,7 +800,7 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
         r = DUPLEX_ENOMEM;
         break;
       }
-      ws = dpx_conn_w(conn); /* congested: bytes are queued in it */
+      ws = dpx_conn_w(conn); /* bytes are queued in it */
       w.next = ws->waiters;
       ws->waiters = &w;
       linked = true;
@@ -801,6 +825,25 @@ duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
   }
   dpx_conn_unlock(conn);
   return r;
+}
+
+int
+duplex_conn_wait_writable(duplex_conn *conn, int timeout_ms)
+{
+  if (conn == NULL || timeout_ms < -1)
+    return DUPLEX_EINVAL;
+  return wait_for_room(conn, SIZE_MAX, timeout_ms);
+}
+
+int
+duplex_conn_wait_room(duplex_conn *conn, size_t len, int timeout_ms)
+{
+  if (conn == NULL || timeout_ms < -1)
+    return DUPLEX_EINVAL;
+  size_t need = len <= SIZE_MAX - 1 - DUPLEX_WRITE_OVERHEAD
+                    ? len + DUPLEX_WRITE_OVERHEAD
+                    : SIZE_MAX - 1;
+  return wait_for_room(conn, need, timeout_ms);
 }
 
 int

@@ -216,6 +216,7 @@ enum dpx_conn_state {
 
 typedef struct dpx_waiter {
   struct dpx_waiter *next;
+  size_t need; /* wait_room: the cost that must fit; SIZE_MAX: writable */
   uv_cond_t cv;
 } dpx_waiter;
 
@@ -255,7 +256,7 @@ typedef struct dpx_wstate {
   dpx_entvec intake;      /* entries waiting for the next batch */
   dpx_chunk *chunk_head;  /* FIFO of chunks holding copied bytes */
   dpx_chunk *chunk_tail;
-  dpx_waiter *waiters;    /* threads in duplex_conn_wait_writable */
+  dpx_waiter *waiters;    /* threads in duplex_conn_wait_writable/_room */
   /* ---- loop thread only ---- */
   dpx_entvec batch;     /* entries being written */
   dpx_entvec completed; /* direct writes already on the wire */
