@@ -52,13 +52,6 @@ func goOnClose(p *C.duplex_conn, reason C.int, user C.uintptr_t) {
 	}
 }
 
-//export goWriteDone
-func goWriteDone(user C.uintptr_t, status C.int) {
-	h := cgo.Handle(user)
-	close(h.Value().(chan struct{}))
-	deleteHandle(h)
-}
-
 //export goListenerClosed
 func goListenerClosed(user C.uintptr_t, status C.int) {
 	cgo.Handle(user).Value().(*Listener).onClosed(status)

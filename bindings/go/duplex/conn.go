@@ -12,6 +12,7 @@ import (
 	"runtime/cgo"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -34,17 +35,19 @@ type Conn struct {
 	quit    chan struct{} // closed by Close/Abort: stop delivering reads
 	stop    sync.Once
 
-	mu         sync.Mutex
-	pending    [][]byte // chunks that did not fit in recv; reading is paused
-	flushing   bool     // a goroutine is delivering pending
-	ended      bool     // EOF or closed: recv closes once pending is out
-	recvClosed bool
-	opened     bool
-	readErr    error         // why recv closed
-	reason     Errno         // why the conn closed (0: asked for, or finished)
-	writable   chan struct{} // closed and replaced at each on_writable
-	laddr      net.Addr      // set by on_open
-	raddr      net.Addr
+	mu          sync.Mutex
+	pending     [][]byte // chunks that did not fit in recv; reading is paused
+	flushing    bool     // a goroutine is delivering pending
+	ended       bool     // EOF or closed: recv closes once pending is out
+	recvClosed  bool
+	opened      bool
+	readErr     error                  // why recv closed
+	reason      Errno                  // why the conn closed (0: asked for, or finished)
+	writable    chan struct{}          // closed and replaced at each on_writable
+	roomWaits   map[*roomWait]struct{} // writers waiting for room (WriteContext)
+	roomWaiting bool                   // the room waiter runs (waitRoom)
+	laddr       net.Addr               // set by on_open
+	raddr       net.Addr
 
 	rmu  sync.Mutex // Read's leftover
 	rbuf []byte
@@ -394,58 +397,116 @@ func (c *Conn) WriteContext(ctx context.Context, b []byte) (int, error) {
 		if Errno(rc) != EWOULDBLOCK {
 			return 0, c.codeError("write", rc)
 		}
-		// The refusal marks the conn congested: on_writable comes once the
-		// queue is back at the low watermark. A flush marker wakes us at
-		// the latest once everything queued so far has been written.
-		flushed, rc := c.flushMarker()
-		var recheck *time.Timer
-		var recheckC <-chan time.Time // nil: never ready
-		switch {
-		case rc == 0:
-		case Errno(rc) == EWOULDBLOCK:
-			// The marker costs DUPLEX_WRITE_OVERHEAD like any write and
-			// was refused too: the queue is at the hard limit. Its refusal
-			// counts as congestion as well, so on_writable comes; a slow
-			// re-check guards a wake-up the library might skip (a
-			// backpressure event still unreported when the queue drains).
-			recheck = time.NewTimer(markerRecheck)
-			recheckC = recheck.C
-		default:
-			return 0, c.codeError("write", rc)
-		}
+		// Wait for room: duplex_conn_wait_room, on the conn's room waiter
+		// (see waitRoom), tells when a write of this size fits; the
+		// refusal also marks the conn congested, so on_writable comes once
+		// the queue is back at the low watermark. Whichever is first.
+		w := &roomWait{need: len(b), wake: make(chan struct{})}
+		c.addRoomWait(w)
 		select {
+		case <-w.wake:
 		case <-writable:
-		case <-flushed: // nil if refused: never ready
-		case <-recheckC:
 		case <-c.done:
 		case <-c.quit:
 		case <-dl:
 		case <-ctx.Done():
 		}
-		if recheck != nil {
-			recheck.Stop()
+		c.mu.Lock()
+		delete(c.roomWaits, w)
+		rc = w.rc
+		c.mu.Unlock()
+		if rc != 0 && Errno(rc) != ECLOSED { // ECLOSED: the retry says so
+			return 0, c.codeError("write", rc)
 		}
 	}
 }
 
-// markerRecheck is how long a writer whose write and flush marker were
-// both refused waits for on_writable before it tries again anyway.
-const markerRecheck = 100 * time.Millisecond
+// A roomWait is a writer waiting for room for need bytes. The room waiter
+// sets rc (under c.mu) and closes wake.
+type roomWait struct {
+	need int
+	wake chan struct{}
+	rc   C.int // 0: the write may fit now; else why the wait ended
+}
 
-// flushMarker queues a zero-length write whose completion closes the
-// returned channel (also when canceled). It can be refused like any
-// write (EWOULDBLOCK at the hard limit): then the channel is nil.
-func (c *Conn) flushMarker() (<-chan struct{}, C.int) {
-	ch := make(chan struct{})
-	h := newHandle(ch)
-	rc := c.call(func(p *C.duplex_conn) C.int {
-		return C.dpxgo_flush_marker(p, C.uintptr_t(h))
-	})
-	if rc != 0 {
-		deleteHandle(h) // no completion will come
-		return nil, rc
+// roomSlice bounds each duplex_conn_wait_room call of the room waiter, in
+// milliseconds: between calls it picks up writers that came or went, and
+// it ends this long at most after the last writer stopped waiting.
+const roomSlice = 100
+
+// liveRoomWaiters counts room waiters running (each holds a reference).
+var liveRoomWaiters atomic.Int64
+
+// addRoomWait registers w and starts the conn's room waiter if none runs.
+func (c *Conn) addRoomWait(w *roomWait) {
+	c.mu.Lock()
+	if c.roomWaits == nil {
+		c.roomWaits = map[*roomWait]struct{}{}
 	}
-	return ch, 0
+	c.roomWaits[w] = struct{}{}
+	start := !c.roomWaiting
+	c.roomWaiting = true
+	c.mu.Unlock()
+	if start {
+		liveRoomWaiters.Add(1)
+		go c.waitRoom()
+	}
+}
+
+// waitRoom is the conn's room waiter: one goroutine per conn, running
+// while writers wait for room. duplex_conn_wait_room blocks its thread (a
+// cgo call), so the conn's writers share it, however many they are: it
+// waits for the smallest of their writes to fit, then wakes them all to
+// retry (a bigger write that still does not fit waits again). It holds a
+// conn reference of its own and not c.life, so on_close never waits for
+// it; a close ends its wait at once (ECLOSED).
+func (c *Conn) waitRoom() {
+	defer liveRoomWaiters.Add(-1)
+	rc := C.int(ECLOSED)
+	c.life.RLock()
+	p := c.ptr
+	if p != nil {
+		C.duplex_conn_ref(p)
+	}
+	c.life.RUnlock()
+	if p != nil {
+		defer C.duplex_conn_unref(p)
+	}
+	for {
+		c.mu.Lock()
+		if len(c.roomWaits) == 0 {
+			c.roomWaiting = false
+			c.mu.Unlock()
+			return
+		}
+		need := -1
+		for w := range c.roomWaits {
+			if need < 0 || w.need < need {
+				need = w.need
+			}
+		}
+		c.mu.Unlock()
+		if p != nil {
+			rc = C.duplex_conn_wait_room(p, C.size_t(need), roomSlice)
+		}
+		if Errno(rc) == ETIMEDOUT {
+			continue
+		}
+		// Room (0): every waiting writer retries. Closed or failed: they
+		// learn why, and no later writer needs this waiter.
+		c.mu.Lock()
+		for w := range c.roomWaits {
+			w.rc = rc
+			close(w.wake)
+			delete(c.roomWaits, w)
+		}
+		if rc != 0 {
+			c.roomWaiting = false
+			c.mu.Unlock()
+			return
+		}
+		c.mu.Unlock()
+	}
 }
 
 // CloseWrite half-closes: once every write queued before it is flushed,

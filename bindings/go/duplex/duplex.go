@@ -37,8 +37,8 @@ func Version() string { return C.GoString(C.duplex_version_string()) }
 
 // ---- handles ---------------------------------------------------------------
 
-// liveHandles counts cgo handles not yet deleted: each conn, listener and
-// pending flush marker owns one, deleted exactly once by its last callback.
+// liveHandles counts cgo handles not yet deleted: each conn and listener
+// owns one, deleted exactly once by its last callback.
 var liveHandles atomic.Int64
 
 // liveRefs counts the library references the binding holds on listeners

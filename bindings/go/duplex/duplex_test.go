@@ -51,8 +51,21 @@ func newLoop(t *testing.T) *duplex.Loop {
 		if n := duplex.LiveRefs(); n != 0 {
 			t.Errorf("%d listener references held after Loop.Close", n)
 		}
+		if !roomWaitersGone() {
+			t.Errorf("%d room waiters still run after Loop.Close", duplex.LiveRoomWaiters())
+		}
 	})
 	return loop
+}
+
+// roomWaitersGone waits (up to 2 s) until no room waiter runs: a closed
+// conn ends its waiter's wait at once, and one whose writers stopped
+// waiting ends within its 100 ms slice.
+func roomWaitersGone() bool {
+	for i := 0; i < 200 && duplex.LiveRoomWaiters() != 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return duplex.LiveRoomWaiters() == 0
 }
 
 // peer is a plain net.Listener (the standard library) on a free port.
@@ -618,8 +631,8 @@ func TestListenErrors(t *testing.T) {
 }
 
 // Closing the loop ends every conn: Recv closes with ECANCELED, later calls
-// return ECLOSED, and every handle (conns, listeners, waiting writers'
-// flush markers, accepted conns nobody took) is deleted.
+// return ECLOSED, every handle (conns, listeners, accepted conns nobody
+// took) is deleted, and a waiting writer's room waiter ends.
 func TestLoopCloseEndsEverythingAndFreesHandles(t *testing.T) {
 	loop, err := duplex.NewLoop()
 	if err != nil {
@@ -680,6 +693,9 @@ func TestLoopCloseEndsEverythingAndFreesHandles(t *testing.T) {
 	}
 	if n := duplex.LiveHandles(); n != 0 {
 		t.Fatalf("%d handles live after Loop.Close", n)
+	}
+	if !roomWaitersGone() {
+		t.Fatalf("%d room waiters run after Loop.Close", duplex.LiveRoomWaiters())
 	}
 }
 
@@ -756,10 +772,11 @@ func TestAbortReportsECONNABORTED(t *testing.T) {
 }
 
 // The first write fills the queue to the hard limit exactly (its payload
-// plus the 64-byte per-write overhead), so the next write and the flush
-// marker it arms (an empty write costs the overhead too) are both refused:
-// WriteContext must still wake once the peer reads, and lose nothing.
-func TestWriteWaitsWhenItsFlushMarkerIsRefused(t *testing.T) {
+// plus the 64-byte per-write overhead), so the next one, however small, is
+// refused and waits for room (duplex_conn_wait_room): it gives up with its
+// context, its room waiter ends, and once the peer reads the same write
+// goes through and nothing is lost.
+func TestWriteAtTheHardLimitWaitsForRoom(t *testing.T) {
 	const overhead = 64   // DUPLEX_WRITE_OVERHEAD
 	const hard = 16 << 20 // more than the kernel takes while nobody reads
 	loop := newLoop(t)
@@ -784,6 +801,9 @@ func TestWriteWaitsWhenItsFlushMarkerIsRefused(t *testing.T) {
 	if n != 0 || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("WriteContext at the hard limit: %d, %v", n, err)
 	}
+	if !roomWaitersGone() {
+		t.Fatal("the room waiter still runs after its writer gave up")
+	}
 	got := make(chan []byte, 1)
 	go func() { b, _ := io.ReadAll(pc); got <- b }()
 	if _, err := conn.Write([]byte("second")); err != nil {
@@ -792,6 +812,69 @@ func TestWriteWaitsWhenItsFlushMarkerIsRefused(t *testing.T) {
 	conn.CloseWrite()
 	if b := <-got; !bytes.Equal(b, append(first, "second"...)) {
 		t.Fatalf("peer got %d bytes, want %d", len(b), len(first)+6)
+	}
+	conn.Close()
+	<-conn.Done()
+}
+
+// Many writers waiting at the hard limit of one conn share one room
+// waiter (one thread blocked in duplex_conn_wait_room, not one each); all
+// of them get through once the peer reads, and the waiter ends.
+func TestWritersAtTheHardLimitShareOneRoomWaiter(t *testing.T) {
+	const writers, size = 16, 100 << 10
+	loop := newLoop(t)
+	ln := peer(t)
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	conn := dial(t, loop, ln.Addr().String(), duplex.WithWatermarks(64<<10, 16<<10, 256<<10))
+	pc := <-accepted
+	defer pc.Close()
+	// Fill the kernel buffers and the queue until a write would wait.
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		_, err := conn.WriteContext(ctx, make([]byte, size))
+		cancel()
+		if err != nil {
+			break
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for i := 0; i < writers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := conn.Write(make([]byte, size)); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	for i := 0; ; i++ {
+		if running, waiting := conn.RoomWaiting(); running && waiting == writers {
+			break
+		}
+		if i == 500 {
+			running, waiting := conn.RoomWaiting()
+			t.Fatalf("room waiter running %v with %d writers, want %d", running, waiting, writers)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := duplex.LiveRoomWaiters(); n != 1 {
+		t.Fatalf("%d room waiters for one conn", n)
+	}
+	go io.Copy(io.Discard, pc)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if !roomWaitersGone() {
+		t.Fatal("the room waiter still runs with no writer waiting")
 	}
 	conn.Close()
 	<-conn.Done()

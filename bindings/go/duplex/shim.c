@@ -36,13 +36,6 @@ on_close(duplex_conn *c, int reason, void *user)
 }
 
 static void
-on_write_done(duplex_conn *c, int status, void *user)
-{
-  (void)c;
-  goWriteDone((uintptr_t)user, status);
-}
-
-static void
 on_listener_close(duplex_loop *loop, int status, void *arg)
 {
   (void)loop;
@@ -127,12 +120,6 @@ int
 dpxgo_set_user(duplex_conn *conn, uintptr_t user)
 {
   return duplex_conn_set_user(conn, (void *)user);
-}
-
-int
-dpxgo_flush_marker(duplex_conn *conn, uintptr_t user)
-{
-  return duplex_conn_write(conn, NULL, 0, on_write_done, (void *)user);
 }
 
 int

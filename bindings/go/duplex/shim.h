@@ -22,8 +22,6 @@ int dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop,
                       const char *path, int backlog, uintptr_t user,
                       dpxgo_limits lim);
 int dpxgo_set_user(duplex_conn *conn, uintptr_t user);
-/* A zero-length write whose completion calls goWriteDone(user, status). */
-int dpxgo_flush_marker(duplex_conn *conn, uintptr_t user);
 /* Post goListenerClosed(user, status) to the loop thread. */
 int dpxgo_post_listener_close(duplex_loop *loop, uintptr_t user);
 
