@@ -9,6 +9,8 @@
 // Single-threaded: the loop is never started; it is pumped on this thread.
 #include "fixture.hpp"
 
+#include <csignal>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
@@ -1070,6 +1072,53 @@ std::vector<Case> make_table(Ctx &c) {
     int rr = duplex_loop_run(l, DUPLEX_RUN_NOWAIT);
     duplex_loop_unref(l);
     return rp == DUPLEX_ECLOSED && rr == DUPLEX_ECLOSED ? rc : -1;
+  }, DUPLEX_ECLOSED);
+
+  // ---- signals --------------------------------------------------------------
+  add("duplex_signal_new", "NULL out", [&c] {
+    return duplex_signal_new(nullptr, c.loop, SIGUSR1, [](duplex_signal *, int, void *) {},
+                             nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_signal_new", "NULL loop", [] {
+    duplex_signal *s = reinterpret_cast<duplex_signal *>(1);
+    int rc = duplex_signal_new(&s, nullptr, SIGUSR1, [](duplex_signal *, int, void *) {},
+                               nullptr);
+    return out_null(rc, s);
+  }, DUPLEX_EINVAL);
+  add("duplex_signal_new", "NULL callback", [&c] {
+    duplex_signal *s = nullptr;
+    int rc = duplex_signal_new(&s, c.loop, SIGUSR1, nullptr, nullptr);
+    return out_null(rc, s);
+  }, DUPLEX_EINVAL);
+  for (int bad : {0, -1, 100000, SIGKILL, SIGSTOP})
+    add("duplex_signal_new", "signum " + std::to_string(bad), [&c, bad] {
+      duplex_signal *s = nullptr;
+      int rc = duplex_signal_new(&s, c.loop, bad, [](duplex_signal *, int, void *) {},
+                                 nullptr);
+      return out_null(rc, s);
+    }, DUPLEX_EINVAL);
+  add("duplex_signal_close", "NULL", [] { return duplex_signal_close(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_signal_get_signum", "NULL", [] {
+    int n;
+    return duplex_signal_get_signum(nullptr, &n);
+  }, DUPLEX_EINVAL);
+  add("duplex_signal_ref", "NULL", [] { return duplex_signal_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_signal_unref", "NULL", [] { return duplex_signal_unref(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_signal_close", "second close through the caller's reference", [&c] {
+    duplex_signal *s = nullptr;
+    int rc = duplex_signal_new(&s, c.loop, SIGWINCH, [](duplex_signal *, int, void *) {},
+                               nullptr);
+    if (rc != 0)
+      return rc;
+    rc = duplex_signal_close(s);
+    int spins = 0;
+    pump_until(c.loop, [&spins] { return ++spins > 5; });
+    if (rc == 0)
+      rc = duplex_signal_close(s);
+    duplex_signal_unref(s);
+    return rc;
   }, DUPLEX_ECLOSED);
 
   // ---- loop figures and groups ----------------------------------------------

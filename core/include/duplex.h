@@ -975,6 +975,71 @@ DUPLEX_API int duplex_listener_ref(duplex_listener *listener);
 DUPLEX_API int duplex_listener_unref(duplex_listener *listener);
 
 /* ---------------------------------------------------------------------- */
+/* Signals                                                                 */
+/* ---------------------------------------------------------------------- */
+
+/**
+ * A POSIX signal delivered to a loop (libuv's signal watcher): the handler
+ * itself only records the signal, the callback runs on the loop thread
+ * like any other event, so a server stops cleanly on SIGTERM without a
+ * thread or pipe of its own. Several watchers (on one or more loops) may
+ * watch the same signal: each gets it. The process's previous disposition
+ * of the signal returns when the last watcher of it closes. On Windows
+ * libuv emulates SIGINT, SIGBREAK, SIGHUP and SIGWINCH only.
+ */
+typedef struct duplex_signal duplex_signal;
+
+/**
+ * A watched signal arrived. Several arrivals before the loop runs may be
+ * reported once (signals coalesce).
+ * @callback on the loop thread; may close the watcher or free nothing else.
+ */
+typedef void (*duplex_signal_cb)(duplex_signal *sig, int signum, void *user);
+
+/**
+ * Watch @p signum on @p loop. The signal is caught from the moment this
+ * returns 0 (its callback runs on the loop, even if it arrived before the
+ * loop ran).
+ * @thread   any.
+ * @blocks   when the loop runs on another thread: until it installed the
+ *           watcher (one iteration). On the loop thread or an idle loop it
+ *           acts at once.
+ * @owner    @p *out is the caller's reference: duplex_signal_close() stops
+ *           watching, duplex_signal_unref() drops it. The loop holds its own
+ *           while watching. On failure @p *out is NULL.
+ * @returns  0, DUPLEX_EINVAL (NULL, no callback, signum out of range,
+ *           SIGKILL or SIGSTOP), DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop freed),
+ *           or a system code from libuv.
+ * @since    0.2
+ */
+DUPLEX_API int duplex_signal_new(duplex_signal **out, duplex_loop *loop,
+                                 int signum, duplex_signal_cb cb, void *user);
+
+/**
+ * Stop watching. No callback starts after this returns; off the loop
+ * thread, a callback already running finishes first. Freeing the loop
+ * closes every watcher on it.
+ * @thread   any.
+ * @blocks   only while a callback of this watcher is running elsewhere.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ECLOSED (closed already, or its loop
+ *           was freed).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_signal_close(duplex_signal *sig);
+
+/** The signal number watched. @thread any (also after close).
+ *  @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_signal_get_signum(const duplex_signal *sig,
+                                        int *signum);
+
+/** Take a reference. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_signal_ref(duplex_signal *sig);
+
+/** Drop a reference; memory goes with the last one (never while the loop
+ *  watches with it). @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_signal_unref(duplex_signal *sig);
+
+/* ---------------------------------------------------------------------- */
 /* Loop groups                                                             */
 /* ---------------------------------------------------------------------- */
 

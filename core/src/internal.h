@@ -90,6 +90,7 @@ struct duplex_loop {
   dpx_link listeners;
   dpx_link channels;
   dpx_link timers;
+  dpx_link signals;
 
   /* Group membership: set when the group makes the loop, then immutable
    * (a freed loop answers ECLOSED before anyone looks at it). */
@@ -512,6 +513,7 @@ bool dpx_group_closed(const duplex_loop_group *group);
 void dpx_listener_close_all(duplex_loop *loop);
 void dpx_channel_cancel_all(duplex_loop *loop);
 void dpx_timer_close_all(duplex_loop *loop);
+void dpx_signal_close_all(duplex_loop *loop);
 
 /* Format a socket address as "1.2.3.4:80" / "[::1]:80". */
 int dpx_format_addr(const struct sockaddr *sa, char *buf, size_t len);

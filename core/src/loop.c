@@ -356,6 +356,7 @@ duplex_loop_new(duplex_loop **out, const duplex_loop_opts *opts)
   dpx_link_init(&loop->listeners);
   dpx_link_init(&loop->channels);
   dpx_link_init(&loop->timers);
+  dpx_link_init(&loop->signals);
   loop->state = DPX_LOOP_IDLE;
   loop->cpu = -1;
   *out = loop;
@@ -610,7 +611,8 @@ teardown_pending(duplex_loop *loop)
          loop->conns.next != &loop->conns ||
          loop->listeners.next != &loop->listeners ||
          loop->channels.next != &loop->channels ||
-         loop->timers.next != &loop->timers;
+         loop->timers.next != &loop->timers ||
+         loop->signals.next != &loop->signals;
 }
 
 static void
@@ -631,6 +633,7 @@ teardown(duplex_loop *loop)
     dpx_listener_close_all(loop);
     dpx_channel_cancel_all(loop);
     dpx_timer_close_all(loop);
+    dpx_signal_close_all(loop);
     if (!teardown_pending(loop))
       break; /* everything finished synchronously */
     /* Close callbacks, canceled writes and thread-pool completions
