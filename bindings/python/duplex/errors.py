@@ -7,11 +7,16 @@ negative code into a DuplexError (an OSError) carrying:
                ``duplex.errors.ECONNREFUSED``);
 - ``name``     ``duplex_err_name(code)``, e.g. ``"DUPLEX_ECONNREFUSED"``;
 - ``strerror`` ``duplex_strerror(code)``, e.g. ``"connection refused"``;
-- ``errno``    the positive errno for system codes, None for library and
-               name-resolution codes.
+- ``errno``    the positive errno for system codes; for name-resolution
+               codes the socket module's ``EAI_*`` value (as
+               ``socket.gaierror`` has it; None for ``EAI_OTHER``); None
+               for the library's own codes.
 
 Codes with an obvious built-in counterpart also derive from it, so
-``except ConnectionRefusedError`` and ``except BlockingIOError`` work.
+``except ConnectionRefusedError`` and ``except BlockingIOError`` work, and
+the name-resolution codes (``DUPLEX_EAI_*``) derive from
+``socket.gaierror``, as asyncio's and the socket module's resolver errors
+are.
 ``DUPLEX_EWOULDBLOCK`` raises :class:`WouldBlock` (a BlockingIOError): the
 write was refused whole and the caller keeps its bytes. ``DUPLEX_EDEADLK``
 (a waiting call made on the loop thread, which it would wait for) raises
@@ -22,6 +27,7 @@ The code constants (``EINVAL``, ``ECLOSED``, ...) are read from the loaded
 library at import, so they are the library's own values on every platform.
 """
 import os
+import socket
 
 from . import _ffi
 
@@ -63,8 +69,12 @@ class DuplexError(OSError):
         self.name = err_name(code)
         self.what = what
         # On POSIX a system code is -errno (EDEADLK included); EAI codes
-        # (-3000s) and library codes (-30000 and below) have no errno.
-        sys_errno = -code if os.name == "posix" and -3000 < code < 0 else None
+        # (-3000s) get the socket module's EAI value, and library codes
+        # (-30000 and below) have no errno.
+        if os.name == "posix" and -3000 < code < 0:
+            sys_errno = -code
+        else:
+            sys_errno = _EAI_ERRNO.get(code)
         super().__init__(sys_errno, strerror(code))
 
     def __str__(self):
@@ -98,6 +108,16 @@ _BUILTIN = {
     "EPERM": PermissionError,
     "EINTR": InterruptedError,
 }
+# libuv's resolver codes -> getaddrinfo()'s, as socket.gaierror carries them.
+_EAI_ERRNO = {CODES[name]: getattr(socket, name) for name in (
+    "EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA", "EAI_FAMILY")
+    if name in CODES and hasattr(socket, name)}
+
+for _short in ("EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA",
+               "EAI_FAMILY", "EAI_OTHER"):
+    if _short in CODES:
+        _BUILTIN[_short] = socket.gaierror
+
 _CLASSES = {CODES["EWOULDBLOCK"]: WouldBlock,
             CODES["EDEADLK"]: WouldDeadlock}
 for _short, _base in _BUILTIN.items():
