@@ -798,18 +798,34 @@ class Conn:
         check(_ffi.conn_get_queued(self._ptr("queued"), byref(out)), "queued")
         return out.value
 
-    @property
-    def peer(self):
-        """The peer's address: "1.2.3.4:80", "[::1]:80", a socket path, or
-        "" for unnamed peers. Raises ENOTCONN before the conn opened."""
+    def _name(self, fn, what):
         size = 128
         while True:
             buf = ctypes.create_string_buffer(size)
-            rc = _ffi.conn_get_peer(self._ptr("peer"), buf, size)
+            rc = fn(self._ptr(what), buf, size)
             if rc != _ENOBUFS or size > 65536:
-                check(rc, "peer")
+                check(rc, what)
                 return buf.value.decode(errors="surrogateescape")
             size *= 4
+
+    @property
+    def peer(self):
+        """The peer's address: "1.2.3.4:80", "[::1]:80", a socket path, or
+        "" for unnamed peers (socketpairs, pipes). Raises ENOTCONN before
+        the conn opened. An accepted or adopted conn reads it off the
+        socket the first time (off the loop thread that waits for the
+        loop) and keeps it."""
+        return self._name(_ffi.conn_get_peer, "peer")
+
+    @property
+    def local(self):
+        """The conn's own address, in the same forms as ``peer``:
+        "127.0.0.1:40312", "[::1]:40312", the path a UNIX listener accepted
+        on, or "" for unnamed ends (a UNIX client, socketpairs, pipes).
+        Read off the socket on each call (off the loop thread that waits
+        for the loop). Raises ENOTCONN before the conn opened, ECLOSED once
+        it closed."""
+        return self._name(_ffi.conn_get_local, "local")
 
     @property
     def loop(self):

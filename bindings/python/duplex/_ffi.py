@@ -159,6 +159,7 @@ _PROTOS = {
     "duplex_conn_get_queued": (c_int, [_vp, POINTER(c_size_t)]),
     "duplex_conn_set_user": (c_int, [_vp, _vp]),
     "duplex_conn_get_peer": (c_int, [_vp, c_char_p, c_size_t]),
+    "duplex_conn_get_local": (c_int, [_vp, c_char_p, c_size_t]),
     "duplex_listener_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
                                     POINTER(listener_opts)]),
     "duplex_listener_unix": (c_int, [_pp, _vp, c_char_p,

@@ -275,6 +275,60 @@ class ConnFeatureTest(unittest.TestCase):
         self.assertFalse(os.path.exists(path))
         os.rmdir(d)
 
+    def test_local_and_peer_addresses(self):
+        # TCP: each end's local address is the other end's peer address.
+        accepted = []
+        seen = threading.Event()
+
+        def on_accept(c):  # loop thread: the names come at once
+            accepted.append((c.local, c.peer))
+            seen.set()
+
+        server = duplex.listen_tcp(self.loop, "127.0.0.1", 0,
+                                   on_accept=on_accept)
+        opened = threading.Event()
+        conn = duplex.connect_tcp(self.loop, "127.0.0.1", server.port,
+                                  on_open=lambda c: opened.set())
+        wait(opened, "on_open")
+        wait(seen, "accept")
+        local, peer = conn.local, conn.peer  # off the loop thread: waits
+        self.assertEqual(peer, server.address)
+        self.assertEqual(accepted, [(server.address, local)])
+        self.assertTrue(local.startswith("127.0.0.1:"), local)
+        conn.close()
+        conn.wait_closed(GUARD)
+        with self.assertRaises(duplex.DuplexError) as cm:
+            conn.local  # read on demand: gone once closed
+        self.assertEqual(cm.exception.code, errors.ECLOSED)
+        server.close()
+
+    def test_local_address_of_unnamed_and_unix_ends(self):
+        a, b = socketpair()
+        pair = duplex.adopt(self.loop, a)
+        self.assertEqual((pair.local, pair.peer), ("", ""))
+        pair.close()
+        b.close()
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "sock")
+        names = []
+        seen = threading.Event()
+        server = duplex.listen_unix(
+            self.loop, path,
+            on_accept=lambda c: (names.append((c.local, c.peer)),
+                                 seen.set()))
+        opened = threading.Event()
+        conn = duplex.connect_unix(self.loop, path,
+                                   on_open=lambda c: opened.set())
+        wait(opened, "on_open")
+        wait(seen, "accept")
+        self.assertEqual((conn.local, conn.peer), ("", path))
+        self.assertEqual(names, [(path, "")])
+        conn.close()
+        conn.wait_closed(GUARD)
+        server.close()
+        self.loop.close()
+        os.rmdir(d)
+
     def test_timer_and_post_run_on_the_loop_thread(self):
         fired = []
         done = threading.Event()
