@@ -705,25 +705,25 @@ class Conn:
 
     def sendall(self, data, timeout=None, done=None):
         """write(), but when the conn is past its hard limit wait until it
-        has room and retry. Not on the loop thread (DUPLEX_EDEADLK).
+        has room for the write (wait_room()) and retry. Not on the loop
+        thread (DUPLEX_EDEADLK).
         Raises TimeoutError (a DuplexError, ETIMEDOUT) after ``timeout``
         seconds; None waits as long as it takes."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        size = None
         while True:
             try:
                 return self.write(data, done)
             except WouldBlock:
+                if size is None:
+                    size = memoryview(data).nbytes
                 left = (None if deadline is None
                         else max(0.0, deadline - time.monotonic()))
-                # The refusal itself marks the conn congested: the wait ends
-                # only once a completion brought the queue back to the low
-                # watermark (or the conn closed), so every retry follows
-                # progress and this never spins, also for a write too big
-                # to fit at the low watermark (the queue keeps draining, and
-                # a write into an empty queue always fits). No flush marker:
-                # a zero-length write costs DUPLEX_WRITE_OVERHEAD and is
-                # refused at the limit like any other.
-                if not self.wait_writable(left):
+                # Wait for exactly the room this write needs (an empty
+                # queue takes any write), then retry: another thread may
+                # have taken the room first, so the retry can be refused
+                # again, but only after the queue moved.
+                if not self.wait_room(size, left):
                     raise error(_ETIMEDOUT, "sendall") from None
 
     def shutdown(self, done=None):
@@ -775,6 +775,24 @@ class Conn:
         if rc in (_ETIMEDOUT, _EWOULDBLOCK):
             return False
         check(rc, "wait_writable")
+        return True
+
+    def wait_room(self, size, timeout=None):
+        """Block until a write of ``size`` bytes would be taken: the queue
+        is empty (an empty queue takes a write of any size) or it fits
+        under the hard limit (``size`` plus duplex.WRITE_OVERHEAD). Returns
+        True then, False when it still does not fit after ``timeout``
+        seconds (``0`` checks without waiting). Another thread may take
+        the room first: retry the write, wait again if it is refused.
+        Raises ECLOSED if the conn closes, WouldDeadlock on the loop
+        thread."""
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        p = self._ptr("wait_room")
+        rc = _ffi.conn_wait_room(p, size, _ms(timeout))
+        if rc in (_ETIMEDOUT, _EWOULDBLOCK):
+            return False
+        check(rc, "wait_room")
         return True
 
     def set_timeout(self, kind, seconds):

@@ -156,6 +156,7 @@ _PROTOS = {
     "duplex_conn_pause": (c_int, [_vp]),
     "duplex_conn_resume": (c_int, [_vp]),
     "duplex_conn_wait_writable": (c_int, [_vp, c_int]),
+    "duplex_conn_wait_room": (c_int, [_vp, c_size_t, c_int]),
     "duplex_conn_get_queued": (c_int, [_vp, POINTER(c_size_t)]),
     "duplex_conn_set_user": (c_int, [_vp, _vp]),
     "duplex_conn_get_peer": (c_int, [_vp, c_char_p, c_size_t]),

@@ -251,6 +251,44 @@ class ConnFeatureTest(unittest.TestCase):
         b.close()
         self.assertIsNone(conn.wait_closed(GUARD))
 
+    def test_wait_room_waits_for_the_room_a_write_needs(self):
+        # An idle loop writes nothing, so the queue holds still.
+        a, b = socketpair()
+        loop = duplex.Loop(start=False)
+        ov = duplex.WRITE_OVERHEAD
+        try:
+            conn = duplex.adopt(loop, a, high_watermark=200,
+                                low_watermark=10, hard_limit=300)
+            self.assertTrue(conn.wait_room(10 ** 6, 0))  # empty: any size
+            conn.write(b"x" * 100)
+            self.assertTrue(conn.wait_room(300 - 100 - 2 * ov, 0))
+            self.assertFalse(conn.wait_room(300 - 100 - 2 * ov + 1, 0))
+            self.assertFalse(conn.wait_room(300 - 100 - 2 * ov + 1, 0.02))
+            with self.assertRaises(ValueError):
+                conn.wait_room(-1)
+        finally:
+            loop.close()
+        with self.assertRaises(duplex.DuplexError) as cm:
+            conn.wait_room(1)
+        self.assertEqual(cm.exception.code, errors.ECLOSED)
+        b.close()
+
+    def test_wait_room_on_the_loop_thread_would_deadlock(self):
+        a, b = socketpair()
+        got = []
+
+        def on_open(c):
+            try:
+                c.wait_room(1)
+            except duplex.WouldDeadlock as e:
+                got.append(e.code)
+            c.close()
+
+        conn = duplex.adopt(self.loop, a, on_open=on_open)
+        conn.wait_closed(GUARD)
+        self.assertEqual(got, [errors.EDEADLK])
+        b.close()
+
     def test_unix_socket_listener(self):
         d = tempfile.mkdtemp()
         path = os.path.join(d, "sock")
