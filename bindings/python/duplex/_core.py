@@ -20,6 +20,7 @@ How C reaches Python (see docs/abi.md and docs/python.md):
 import atexit
 import ctypes
 import math
+import signal
 import sys
 import threading
 import time
@@ -80,6 +81,94 @@ def _ms(seconds, none=-1):
     if seconds < 0:
         raise ValueError("timeout must be >= 0 or None")
     return min(int(math.ceil(seconds * 1000)), 2**31 - 1)
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------
+# Python runs signal handlers on the main thread, between bytecodes. A main
+# thread blocked inside a C call runs none, so the calls that may block
+# for long wait in slices there (wait_writable, wait_room, sendall, a
+# waiting Channel.send), and run() on the main thread keeps a timer that
+# enters Python every _SLICE seconds. Nothing changes on other threads, which
+# never see KeyboardInterrupt.
+
+_SLICE = 0.05  # seconds
+
+
+def _on_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sliced(call, timeout):
+    """call(ms) repeatedly for at most _SLICE each, until it returns
+    something other than ETIMEDOUT or ``timeout`` seconds (None: no limit)
+    passed; then ETIMEDOUT. Between slices Python runs signal handlers,
+    so Ctrl-C raises KeyboardInterrupt here."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    slice_ms = _ms(_SLICE)
+    while True:
+        if deadline is None:
+            ms = slice_ms
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _ETIMEDOUT
+            ms = min(slice_ms, _ms(left))
+        rc = call(ms)
+        if rc != _ETIMEDOUT:
+            return rc
+
+
+def _wait_call(call, timeout):
+    """A waiting C call: call(ms) with ``timeout`` seconds (None: for
+    ever), in slices on the main thread so that Ctrl-C gets through."""
+    if timeout == 0 or not _on_main_thread():
+        return call(_ms(timeout))
+    return _sliced(call, timeout)
+
+
+class _SigintGuard:
+    """Keeps Ctrl-C out of callback trampolines while C runs callbacks on
+    the main thread (run mode, freeing a loop).
+
+    Entering a trampoline is where the main thread next runs bytecode, so
+    that is where Python runs the pending SIGINT handler; what the handler
+    raises there, before any try block, ctypes would print and drop
+    ("Exception ignored on calling ctypes callback function"). So, while
+    the guard is in place, the Python-level SIGINT handler is wrapped:
+    what it raises (KeyboardInterrupt for the default handler) is kept in
+    ``caught`` and raised by the caller once C returned. Handlers that are
+    not Python callables (SIG_IGN, SIG_DFL) are left alone."""
+
+    def __init__(self):
+        self.caught = None
+        self.stop = None      # set by run(): stops the loop (loop thread)
+        self._prev = None
+        try:
+            prev = signal.getsignal(signal.SIGINT)
+            if callable(prev):
+                self._handler = self._on_signal
+                signal.signal(signal.SIGINT, self._handler)
+                self._prev = prev
+        except (ValueError, OSError):  # not the main interpreter
+            pass
+
+    def _on_signal(self, signum, frame):
+        try:
+            self._prev(signum, frame)
+        except BaseException as e:  # noqa: B036 - raised by restore()'s caller
+            if self.caught is None:
+                self.caught = e
+
+    def restore(self):
+        if self._prev is None:
+            return
+        try:
+            # Unless a callback installed a handler of its own meanwhile.
+            if signal.getsignal(signal.SIGINT) is self._handler:
+                signal.signal(signal.SIGINT, self._prev)
+        except (ValueError, OSError):
+            pass
+        self._prev = None
 
 
 def _cstr(text, what):
@@ -314,6 +403,8 @@ class Loop:
         self._failure = None     # first exception raised by a callback
         self._failure_reported = False
         self._owned = {}         # handle -> Timer/_AcceptSpec, dropped on free
+        self._guard = None       # _SigintGuard of a run() on the main thread
+        self._poll = None        # its Timer (see _run)
         _live_loops.add(self)
         if start:
             self.start()
@@ -397,14 +488,23 @@ class Loop:
 
     def run(self):
         """Run the loop on this thread until stop() (or a callback raises;
-        the exception is re-raised here). Ctrl-C is seen only once it
-        returns: prefer the started mode plus join() in a main thread."""
+        the exception is re-raised here). On the main thread Ctrl-C stops
+        it too: run() raises KeyboardInterrupt (within about 50 ms; a
+        callback that is running finishes first)."""
         return self._run(_ffi.RUN_DEFAULT)
 
     def run_once(self, wait=True):
         """One loop iteration on this thread (waiting for events if
-        ``wait``)."""
+        ``wait``). On the main thread Ctrl-C raises KeyboardInterrupt once
+        the iteration is over (it does not end the wait)."""
         return self._run(_ffi.RUN_ONCE if wait else _ffi.RUN_NOWAIT)
+
+    def _poll_tick(self):
+        # Loop thread = the main thread, inside run(): entering this
+        # callback ran the SIGINT handler if a signal was pending.
+        guard = self._guard
+        if guard is not None and guard.caught is not None and guard.stop:
+            guard.stop()
 
     def _run(self, mode):
         self._raise_failure()
@@ -415,12 +515,34 @@ class Loop:
         # Not counted as a use: Loop.close() from another thread must be
         # able to stop a loop that runs here (duplex_loop_free does that).
         # Our reference keeps the pointer valid if it does.
+        guard = poll = None
         try:
+            if _on_main_thread() and not self._started:
+                guard = self._guard = _SigintGuard()
+                if mode == _ffi.RUN_DEFAULT and guard._prev is not None:
+                    # Stopped from a callback, never from the handler: a
+                    # stop made after run() returned would end the next
+                    # run() early.
+                    guard.stop = lambda: _ffi.loop_stop(p)
+                    if self._poll is None:
+                        self._poll = Timer(self, self._poll_tick)
+                    poll = self._poll
+                    poll.start(_SLICE, _SLICE)
             rc = _ffi.loop_run(p, mode)
         finally:
+            if poll is not None:
+                try:
+                    poll.stop()
+                except DuplexError:
+                    pass  # the loop was freed meanwhile
+            if guard is not None:
+                self._guard = None
+                guard.restore()
             _ffi.loop_unref(p)
         with self._cond:
             self._stop_requested = False
+        if guard is not None and guard.caught is not None:
+            raise guard.caught
         self._raise_failure()
         check(rc, "Loop.run")
 
@@ -499,7 +621,14 @@ class Loop:
             # Until _p is None, on_thread() may still borrow the pointer:
             # hold a reference across the free so the memory outlives it.
             _ffi.loop_ref(p)
-        rc = _ffi.loop_free(p)  # drops the creator's reference
+        # Callbacks with ECANCELED run here, on this thread: keep Ctrl-C
+        # out of them (see _SigintGuard) and raise it once done.
+        guard = _SigintGuard() if _on_main_thread() else None
+        try:
+            rc = _ffi.loop_free(p)  # drops the creator's reference
+        finally:
+            if guard is not None:
+                guard.restore()
         with self._cond:
             self._p = None
             owned, self._owned = self._owned, {}
@@ -508,6 +637,8 @@ class Loop:
         for key in owned:  # no callback can come for these keys any more
             _handles.pop(key)
         _live_loops.discard(self)
+        if guard is not None and guard.caught is not None:
+            raise guard.caught
         check(rc, "Loop.close")
         if not self._failure_reported:
             self._raise_failure()
@@ -771,7 +902,8 @@ class Conn:
         DUPLEX_EWOULDBLOCK; a positive timeout that expires: its
         DUPLEX_ETIMEDOUT). Raises ECLOSED if the conn closes, WouldDeadlock
         (EDEADLK) on the loop thread."""
-        rc = _ffi.conn_wait_writable(self._ptr("wait_writable"), _ms(timeout))
+        p = self._ptr("wait_writable")
+        rc = _wait_call(lambda ms: _ffi.conn_wait_writable(p, ms), timeout)
         if rc in (_ETIMEDOUT, _EWOULDBLOCK):
             return False
         check(rc, "wait_writable")
@@ -789,7 +921,7 @@ class Conn:
         if size < 0:
             raise ValueError("size must be >= 0")
         p = self._ptr("wait_room")
-        rc = _ffi.conn_wait_room(p, size, _ms(timeout))
+        rc = _wait_call(lambda ms: _ffi.conn_wait_room(p, size, ms), timeout)
         if rc in (_ETIMEDOUT, _EWOULDBLOCK):
             return False
         check(rc, "wait_room")
@@ -1326,9 +1458,12 @@ class Channel:
         (timeout None), raise WouldBlock at once (0), or raise TimeoutError
         after ``timeout`` seconds. Waiting is refused on the loop thread
         (EDEADLK). Raises ECLOSED after close()."""
+        p = self._ptr("Channel.send")
         msg = _handles.add((obj,))  # before the send: delivery may be at once
-        rc = _ffi.channel_send_ptr(self._ptr("Channel.send"), msg, 0,
-                                   _t_channel_release, self._key, _ms(timeout))
+        # Ctrl-C between two slices leaves msg in the table: the last
+        # slice may have taken it, and then it must still be delivered.
+        rc = _wait_call(lambda ms: _ffi.channel_send_ptr(
+            p, msg, 0, _t_channel_release, self._key, ms), timeout)
         if rc != 0:
             _handles.pop(msg)  # the library did not take it
             raise error(rc, "Channel.send")
