@@ -267,7 +267,7 @@ def _t_read(conn_p, data, length, user):
     conn = _conn_of(conn_p, user)
     if conn is not None and conn.on_read is not None:
         # The view is borrowed for this call only: copy it into bytes.
-        payload = ctypes.string_at(data, length) if length else b""
+        payload = data[:length] if length else b""
         conn._loop._invoke(conn.on_read, conn, payload)
 
 
@@ -370,6 +370,42 @@ _CBS = _ffi.conn_cbs(on_open=_t_open, on_read=_t_read, on_eof=_t_eof,
                      on_writable=_t_writable, on_close=_t_close)
 _CBS_PTR = ctypes.pointer(_CBS)
 _NO_WRITE_CB = _ffi.write_cb()  # NULL function pointer
+
+
+# ---- the loop thread's Python thread state ----------------------------------------
+# ctypes gives a C thread that calls into Python a thread state for that
+# one call (PyGILState_Ensure ... Release): made and torn down for every
+# callback, its frame stack mapped and unmapped with it. A started loop's
+# thread keeps one instead, from a post right after the start until just
+# before the loop is freed: one more Ensure then, and its Release at the
+# end.
+
+_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_ensure.restype = ctypes.c_int
+_gil_ensure.argtypes = []
+_gil_release = ctypes.pythonapi.PyGILState_Release
+_gil_release.restype = None
+_gil_release.argtypes = [ctypes.c_int]
+_pinned = {}  # loop pointer -> its thread's kept GIL state
+_unpinned = {}  # loop pointer -> Event set once the state was dropped
+
+
+@_trampoline(_ffi.post_cb)
+def _t_pin(loop_p, status, _arg):
+    if status == 0 and loop_p not in _pinned:  # 0: on the loop thread
+        _pinned[loop_p] = _gil_ensure()
+
+
+@_trampoline(_ffi.post_cb)
+def _t_unpin(loop_p, status, _arg):
+    # Only on the loop thread (status 0): released anywhere else it would
+    # end the wrong thread's state.
+    state = _pinned.pop(loop_p, None) if status == 0 else None
+    if state is not None:
+        _gil_release(state)  # the thread state goes when this call returns
+    done = _unpinned.pop(loop_p, None)
+    if done is not None:
+        done.set()
 
 
 # ---- Loop ------------------------------------------------------------------------
@@ -485,6 +521,25 @@ class Loop:
         with self._use("Loop.start") as p:
             check(_ffi.loop_start(p), "Loop.start")
             self._started = True
+            _ffi.loop_post(p, _t_pin, None)  # not in the handle table
+
+    def _unpin_thread_state(self):
+        """Before the free: drop the started loop thread's kept thread
+        state, on that thread (a post, waited for briefly)."""
+        if not self._started:
+            return
+        done = threading.Event()
+        with self._cond:
+            p = self._borrow()
+        if p is None:
+            return
+        try:
+            _unpinned[p] = done
+            if _ffi.loop_post(p, _t_unpin, None) == 0:
+                done.wait(1.0)
+            _unpinned.pop(p, None)
+        finally:
+            _ffi.loop_unref(p)
 
     def run(self):
         """Run the loop on this thread until stop() (or a callback raises;
@@ -614,6 +669,10 @@ class Loop:
                 return
             if _ffi.loop_on_thread(self._p) == 1:
                 raise error(_EDEADLK, "Loop.close")
+        self._unpin_thread_state()
+        with self._cond:
+            if self._p is None or self._closing:
+                return  # another thread closed it meanwhile
             self._closing = True
             while self._users:
                 self._cond.wait()
@@ -629,6 +688,10 @@ class Loop:
         finally:
             if guard is not None:
                 guard.restore()
+        # Its thread is gone: a state it still kept (the unpin did not run
+        # in time) must not pass for that of a later loop at this address
+        # (our reference keeps this one's memory until below).
+        _pinned.pop(p, None)
         with self._cond:
             self._p = None
             owned, self._owned = self._owned, {}
