@@ -1,6 +1,7 @@
 """libduplex for Python: duplex connections owned by an event loop, written
-from any thread. Pure ctypes over libduplex.so (set DUPLEX_LIBRARY to its
-path, or install it where the dynamic loader finds it).
+from any thread. Pure ctypes over libduplex.so.0: an installed one (in
+/usr/local or /usr, or found through LD_LIBRARY_PATH), or the one
+DUPLEX_LIBRARY names. The distribution is called libduplex.
 
     import duplex
     with duplex.Loop() as loop:                      # the loop's own thread
@@ -11,7 +12,7 @@ path, or install it where the dynamic loader finds it).
         conn.wait_closed()
 
 Callbacks run on the loop thread and take the GIL: keep them short. See
-docs/python.md for the whole story, and duplex.aio for asyncio.
+docs/python.md for the whole story, and duplex.aio for asyncio streams.
 """
 from . import _ffi
 from ._core import (Channel, Conn, Listener, Loop, Timer, adopt, adopt_pair,

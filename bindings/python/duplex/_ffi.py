@@ -19,22 +19,60 @@ from ctypes import (CFUNCTYPE, POINTER, Structure, c_char, c_char_p, c_int,
                     c_uint32, c_uint64, c_void_p)
 
 
+def _standard_dirs():
+    """Where `meson install` puts the library for the usual prefixes
+    (/usr/local, /usr, this Python's prefix), for when the dynamic loader
+    does not know it yet (ldconfig not run after the install)."""
+    import sys
+    import sysconfig
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # x86_64-linux-gnu
+    dirs = []
+    for prefix in ("/usr/local", "/usr", sys.prefix, sys.base_prefix):
+        if multiarch:
+            dirs.append(os.path.join(prefix, "lib", multiarch))
+        dirs += [os.path.join(prefix, "lib64"), os.path.join(prefix, "lib")]
+    seen = set()
+    return [d for d in dirs if not (d in seen or seen.add(d))]
+
+
+def _candidates():
+    """Names and paths to try, best first: the soname through the dynamic
+    loader (LD_LIBRARY_PATH, its cache, /lib and /usr/lib), what
+    ctypes.util.find_library() finds, the soname in the standard
+    directories, then unversioned names."""
+    import sys
+    if sys.platform == "darwin":
+        soname, other = "libduplex.0.dylib", ["libduplex.dylib"]
+    elif sys.platform == "win32":
+        soname, other = "duplex.dll", ["libduplex.dll"]
+    else:
+        soname, other = "libduplex.so.0", ["libduplex.so"]
+    yield soname
+    found = ctypes.util.find_library("duplex")
+    if found:
+        yield found
+    for d in _standard_dirs():
+        path = os.path.join(d, soname)
+        if os.path.exists(path):
+            yield path
+    yield from other
+
+
 def _load():
     path = os.environ.get("DUPLEX_LIBRARY")
     if path:
         return ctypes.CDLL(path)
-    names = [ctypes.util.find_library("duplex"), "libduplex.so.0",
-             "libduplex.so", "libduplex.0.dylib", "duplex.dll"]
     errors = []
-    for name in names:
-        if not name:
-            continue
+    for name in _candidates():
         try:
             return ctypes.CDLL(name)
         except OSError as e:
             errors.append(str(e))
-    raise ImportError("libduplex not found; set DUPLEX_LIBRARY to the path "
-                      "of libduplex.so (" + "; ".join(errors) + ")")
+    raise ImportError("libduplex not found: install it (meson install; "
+                      "the loader must find libduplex.so.0, e.g. in "
+                      "/usr/local/lib or through LD_LIBRARY_PATH) or set "
+                      "DUPLEX_LIBRARY to its path (" + "; ".join(errors)
+                      + ")")
 
 
 lib = _load()
