@@ -9,7 +9,7 @@ duplex.aio.open_connection(), alternating for ``rounds`` rounds against the
 same echo server in another process: the C example echo_server (found
 next to DUPLEX_LIBRARY's build, or --server PATH), else a small Python one.
 Prints the median time of each and their ratio. Other load on the machine
-moves the figures; compare medians of several rounds.
+moves the figures a lot; `chrt -f 10 python3 ...` (as root) keeps it out.
 """
 import argparse
 import asyncio
