@@ -56,3 +56,8 @@ func goOnClose(p *C.duplex_conn, reason C.int, user C.uintptr_t) {
 func goListenerClosed(user C.uintptr_t, status C.int) {
 	cgo.Handle(user).Value().(*Listener).onClosed(status)
 }
+
+//export goListenerBarrier
+func goListenerBarrier(user C.uintptr_t, status C.int) {
+	cgo.Handle(user).Value().(*Listener).onBarrier()
+}

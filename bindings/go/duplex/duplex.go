@@ -27,6 +27,7 @@ package duplex
 import "C"
 
 import (
+	"fmt"
 	"runtime/cgo"
 	"sync"
 	"sync/atomic"
@@ -59,9 +60,10 @@ func deleteHandle(h cgo.Handle) {
 // ---- options ----------------------------------------------------------------
 
 type config struct {
-	recvQueue int
-	backlog   int
-	lim       C.dpxgo_limits
+	recvQueue   int
+	backlog     int
+	listenFlags uint // DUPLEX_LISTEN_*
+	lim         C.dpxgo_limits
 }
 
 func newConfig(opts []Option) config {
@@ -107,13 +109,25 @@ func WithBacklog(n int) Option {
 	}
 }
 
+// WithReusePort makes LoopGroup.Listen open one SO_REUSEPORT socket per
+// loop of the group, each accepting onto its own loop, instead of one
+// socket whose conns loop 0 hands to the least-loaded loop. The kernel
+// spreads clients by a hash of their addresses, so the shares are uneven
+// with few clients. Linux and TCP only: elsewhere, and for "unix", Listen
+// returns an error wrapping ENOTSUP; Loop.Listen refuses it (EINVAL).
+func WithReusePort() Option {
+	return func(c *config) { c.listenFlags |= C.DUPLEX_LISTEN_REUSEPORT }
+}
+
 // ---- loop --------------------------------------------------------------------
 
 // A Loop is one libduplex event loop running on a thread of its own. Every
-// conn and listener belongs to one loop. Close frees it.
+// conn and listener belongs to one loop. Close frees it, except for the
+// loops of a LoopGroup, which the group frees (see LoopGroup.Loops).
 type Loop struct {
-	mu  sync.RWMutex // held for reading by every use of ptr; Close writes
-	ptr *C.duplex_loop
+	mu    sync.RWMutex // held for reading by every use of ptr; Close writes
+	ptr   *C.duplex_loop
+	group *LoopGroup // the group that owns it, or nil
 
 	lmu       sync.Mutex
 	listeners map[*Listener]struct{}
@@ -138,7 +152,21 @@ func NewLoop() (*Loop, error) {
 // references). It returns when all of that is done; later calls on the
 // loop's conns and listeners return ECLOSED. A second Close returns an
 // error wrapping ECLOSED.
+//
+// A loop of a LoopGroup is not closed by itself: while the group is open,
+// Close returns an error wrapping EBUSY and changes nothing (close the
+// group instead); after LoopGroup.Close it returns an error wrapping
+// ECLOSED, as a second Close does.
 func (l *Loop) Close() error {
+	if l.group != nil {
+		l.mu.RLock()
+		open := l.ptr != nil
+		l.mu.RUnlock()
+		if !open {
+			return loopError("close loop", C.int(ECLOSED))
+		}
+		return fmt.Errorf("duplex: close loop: it belongs to a LoopGroup (close the group): %w", EBUSY)
+	}
 	l.mu.Lock()
 	p := l.ptr
 	if p == nil {
@@ -155,6 +183,13 @@ func (l *Loop) Close() error {
 	if rc != 0 {
 		return loopError("close loop", rc)
 	}
+	l.finishListeners()
+	return nil
+}
+
+// finishListeners retires the listeners registered with l once it has
+// been freed.
+func (l *Loop) finishListeners() {
 	l.lmu.Lock()
 	rest := make([]*Listener, 0, len(l.listeners))
 	for ln := range l.listeners {
@@ -164,5 +199,4 @@ func (l *Loop) Close() error {
 	for _, ln := range rest {
 		ln.finish()
 	}
-	return nil
 }

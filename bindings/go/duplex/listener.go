@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime/cgo"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -21,7 +22,8 @@ import (
 // drops it (duplex_listener_unref) exactly once, when it is retired: after
 // Close, or when its loop is closed. Any method may be called after either.
 type Listener struct {
-	loop     *Loop
+	loop     *Loop      // registered with it; a group listener's is loop 0
+	group    *LoopGroup // set by LoopGroup.Listen
 	h        cgo.Handle
 	cfg      config
 	network  string
@@ -33,6 +35,10 @@ type Listener struct {
 	ptr      *C.duplex_listener // our reference; nil once finished
 	closing  bool
 	finished bool
+
+	// A group listener's Close: barrier posts still to run, plus one
+	// held by Close until every post was made.
+	barriers atomic.Int32
 }
 
 // Listen listens on network "tcp" (also "tcp4", "tcp6") at "host:port",
@@ -41,6 +47,12 @@ type Listener struct {
 // a socket path (a stale socket file is replaced, and the file is removed
 // on Close). The socket is listening when Listen returns.
 func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
+	return listen(l, nil, network, addr, opts)
+}
+
+// listen is Loop.Listen (g nil) and LoopGroup.Listen (l is the group's
+// loop 0, with which the listener registers).
+func listen(l *Loop, g *LoopGroup, network, addr string, opts []Option) (*Listener, error) {
 	host, port, err := splitNetworkAddr("listen", network, addr)
 	if err != nil {
 		return nil, err
@@ -54,15 +66,22 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 
 	ln := &Listener{
 		loop:     l,
+		group:    g,
 		cfg:      cfg,
 		network:  network,
 		accepted: make(chan *Conn, cfg.backlog),
 		closed:   make(chan struct{}),
 	}
 	ln.h = newHandle(ln)
-	l.mu.RLock()
-	if l.ptr == nil {
-		l.mu.RUnlock()
+	// The group's lock keeps every loop of it alive, as the loop's does
+	// for one loop.
+	owner := &l.mu
+	if g != nil {
+		owner = &g.mu
+	}
+	owner.RLock()
+	if (g == nil && l.ptr == nil) || (g != nil && g.ptr == nil) {
+		owner.RUnlock()
 		deleteHandle(ln.h)
 		return nil, listenErr(ECLOSED)
 	}
@@ -70,10 +89,16 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	// hold ln.mu so that it finds ptr set.
 	ln.mu.Lock()
 	var rc C.int
-	if network == "unix" {
-		rc = C.dpxgo_listen_unix(&ln.ptr, l.ptr, chost, C.int(cfg.backlog), C.uintptr_t(ln.h), cfg.lim)
-	} else {
-		rc = C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, C.int(cfg.backlog), C.uintptr_t(ln.h), cfg.lim)
+	backlog, flags, user := C.int(cfg.backlog), C.unsigned(cfg.listenFlags), C.uintptr_t(ln.h)
+	switch {
+	case g != nil && network == "unix":
+		rc = C.dpxgo_group_listen_unix(&ln.ptr, g.ptr, chost, backlog, flags, user, cfg.lim)
+	case g != nil:
+		rc = C.dpxgo_group_listen_tcp(&ln.ptr, g.ptr, chost, port, backlog, flags, user, cfg.lim)
+	case network == "unix":
+		rc = C.dpxgo_listen_unix(&ln.ptr, l.ptr, chost, backlog, flags, user, cfg.lim)
+	default:
+		rc = C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, backlog, flags, user, cfg.lim)
 	}
 	if rc == 0 {
 		liveRefs.Add(1)
@@ -88,7 +113,7 @@ func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 		l.lmu.Unlock()
 	}
 	ln.mu.Unlock()
-	l.mu.RUnlock()
+	owner.RUnlock()
 	if rc != 0 {
 		deleteHandle(ln.h)
 		return nil, listenErr(Errno(rc))
@@ -148,6 +173,9 @@ func (ln *Listener) Close() error {
 	}
 	ln.closing = true
 	ln.mu.Unlock()
+	if ln.group != nil {
+		return ln.closeGroup()
+	}
 
 	ln.loop.mu.RLock()
 	var rc C.int
@@ -168,7 +196,57 @@ func (ln *Listener) Close() error {
 	return nil
 }
 
-// onAccept runs on the loop thread for each accepted conn.
+// closeGroup is Close for a group listener. Its accepts run on several
+// loop threads (loop 0 hands sockets to the others; with WithReusePort
+// each loop accepts on its own socket), so closing on one loop thread does
+// not settle them all. duplex_listener_close, from any thread, makes every
+// accept and hand-off that has not checked yet drop its socket; one that
+// checked before may still be opening its conn on its loop. A barrier
+// posted to every loop after the close runs once each such opening has
+// called back, and the last one retires the listener (and its handle).
+func (ln *Listener) closeGroup() error {
+	g := ln.group
+	g.mu.RLock()
+	if g.ptr == nil {
+		g.mu.RUnlock()
+		<-ln.closed // LoopGroup.Close finishes us
+		return nil
+	}
+	// ptr stays set: only finish clears it, and it runs after the
+	// barriers (not posted yet) or in LoopGroup.Close (excluded by g.mu).
+	ln.mu.Lock()
+	p := ln.ptr
+	ln.mu.Unlock()
+	C.duplex_listener_close(p)
+	ln.barriers.Store(int32(len(g.cloops)) + 1) // +1: ours, until all are posted
+	var rc C.int
+	for _, lp := range g.cloops {
+		if rc = C.dpxgo_post_listener_barrier(lp, C.uintptr_t(ln.h)); rc != 0 {
+			break
+		}
+	}
+	g.mu.RUnlock()
+	if rc != 0 {
+		// Not every loop got its barrier: keep the handle (a late accept
+		// may still use it) until LoopGroup.Close retires the listener.
+		// The sockets are closed already.
+		return ln.opError("close", Errno(rc))
+	}
+	ln.onBarrier() // drop ours
+	<-ln.closed
+	return nil
+}
+
+// onBarrier runs on each loop thread of a group listener's group after its
+// Close (or, with ECANCELED, in LoopGroup.Close), and once in closeGroup.
+func (ln *Listener) onBarrier() {
+	if ln.barriers.Add(-1) == 0 {
+		ln.finish()
+	}
+}
+
+// onAccept runs on the loop thread for each accepted conn (for a group
+// listener, on the thread of the loop the conn opens on).
 func (ln *Listener) onAccept(p *C.duplex_conn) {
 	c := newConn(ln.network, ln.cfg)
 	C.duplex_conn_ref(p)

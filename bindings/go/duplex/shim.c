@@ -43,6 +43,13 @@ on_listener_close(duplex_loop *loop, int status, void *arg)
 }
 
 static void
+on_listener_barrier(duplex_loop *loop, int status, void *arg)
+{
+  (void)loop;
+  goListenerBarrier((uintptr_t)arg, status);
+}
+
+static void
 fill_opts(duplex_conn_opts *opts, duplex_conn_cbs *cbs, uintptr_t user,
           dpxgo_limits lim)
 {
@@ -84,36 +91,72 @@ dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
 
 static void
 fill_listener_opts(duplex_listener_opts *lo, duplex_conn_opts *opts,
-                   duplex_conn_cbs *cbs, int backlog, uintptr_t user,
-                   dpxgo_limits lim)
+                   duplex_conn_cbs *cbs, int backlog, unsigned flags,
+                   uintptr_t user, dpxgo_limits lim)
 {
   fill_opts(opts, cbs, user, lim);
   duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
   o.conn_opts = opts;
   o.backlog = backlog;
+  o.flags = flags;
   *lo = o;
 }
 
 int
 dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
-                 uint16_t port, int backlog, uintptr_t user, dpxgo_limits lim)
+                 uint16_t port, int backlog, unsigned flags, uintptr_t user,
+                 dpxgo_limits lim)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
   return duplex_listener_tcp(out, loop, host, port, &lo);
 }
 
 int
 dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop, const char *path,
-                  int backlog, uintptr_t user, dpxgo_limits lim)
+                  int backlog, unsigned flags, uintptr_t user,
+                  dpxgo_limits lim)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
   return duplex_listener_unix(out, loop, path, &lo);
+}
+
+int
+dpxgo_group_listen_tcp(duplex_listener **out, duplex_loop_group *group,
+                       const char *host, uint16_t port, int backlog,
+                       unsigned flags, uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  duplex_listener_opts lo;
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  return duplex_group_listen_tcp(out, group, host, port, &lo);
+}
+
+int
+dpxgo_group_listen_unix(duplex_listener **out, duplex_loop_group *group,
+                        const char *path, int backlog, unsigned flags,
+                        uintptr_t user, dpxgo_limits lim)
+{
+  duplex_conn_cbs cbs;
+  duplex_conn_opts opts;
+  duplex_listener_opts lo;
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  return duplex_group_listen_unix(out, group, path, &lo);
+}
+
+int
+dpxgo_group_new(duplex_loop_group **out, unsigned loops, unsigned flags)
+{
+  duplex_group_opts o = DUPLEX_GROUP_OPTS_INIT;
+  o.loops = loops;
+  o.flags = flags;
+  return duplex_group_new(out, &o);
 }
 
 int
@@ -126,4 +169,10 @@ int
 dpxgo_post_listener_close(duplex_loop *loop, uintptr_t user)
 {
   return duplex_loop_post(loop, on_listener_close, (void *)user);
+}
+
+int
+dpxgo_post_listener_barrier(duplex_loop *loop, uintptr_t user)
+{
+  return duplex_loop_post(loop, on_listener_barrier, (void *)user);
 }

@@ -17,12 +17,23 @@ int dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
                        uintptr_t user, dpxgo_limits lim);
 int dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop,
                      const char *host, uint16_t port, int backlog,
-                     uintptr_t user, dpxgo_limits lim);
+                     unsigned flags, uintptr_t user, dpxgo_limits lim);
 int dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop,
-                      const char *path, int backlog, uintptr_t user,
-                      dpxgo_limits lim);
+                      const char *path, int backlog, unsigned flags,
+                      uintptr_t user, dpxgo_limits lim);
+int dpxgo_group_listen_tcp(duplex_listener **out, duplex_loop_group *group,
+                           const char *host, uint16_t port, int backlog,
+                           unsigned flags, uintptr_t user, dpxgo_limits lim);
+int dpxgo_group_listen_unix(duplex_listener **out, duplex_loop_group *group,
+                            const char *path, int backlog, unsigned flags,
+                            uintptr_t user, dpxgo_limits lim);
+int dpxgo_group_new(duplex_loop_group **out, unsigned loops, unsigned flags);
 int dpxgo_set_user(duplex_conn *conn, uintptr_t user);
 /* Post goListenerClosed(user, status) to the loop thread. */
 int dpxgo_post_listener_close(duplex_loop *loop, uintptr_t user);
+/* Post goListenerBarrier(user, status) to the loop thread (a group
+ * listener's Close: once it has run on every loop of the group, no accept
+ * that began before the close can still call back). */
+int dpxgo_post_listener_barrier(duplex_loop *loop, uintptr_t user);
 
 #endif
