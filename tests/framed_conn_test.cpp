@@ -10,6 +10,9 @@
 
 #include <sys/un.h>
 
+#include <cctype>
+#include <cstddef>
+
 using namespace dtest;
 
 namespace {
@@ -580,4 +583,117 @@ TEST_CASE("a listener's framing is copied: accepted conns frame even after the c
   CHECK(fr.get() == std::vector<std::string>{"alpha", "beta"});
   CHECK(loop.free() == 0);
   CHECK(duplex_listener_unref(l) == 0);
+}
+
+// Pipelined requests: the replies to every frame of one read go out as one
+// write from on_read_batch.
+namespace {
+struct Pipeline {
+  std::mutex mu;
+  std::string pending;          // replies gathered in on_read
+  std::vector<size_t> batches;  // frames per batch
+  size_t in_batch = 0;
+  std::atomic<int> writes{0};
+  static void on_read(duplex_conn *, const void *d, size_t n, void *u) {
+    auto *p = static_cast<Pipeline *>(u);
+    std::lock_guard<std::mutex> lk(p->mu);
+    std::string s(static_cast<const char *>(d), n);
+    for (char &ch : s)
+      ch = char(std::toupper(static_cast<unsigned char>(ch)));
+    p->pending += s + "\n";
+    p->in_batch++;
+  }
+  static void on_batch(duplex_conn *c, void *u) {
+    auto *p = static_cast<Pipeline *>(u);
+    std::string out;
+    {
+      std::lock_guard<std::mutex> lk(p->mu);
+      out.swap(p->pending);
+      p->batches.push_back(p->in_batch);
+      p->in_batch = 0;
+    }
+    if (duplex_conn_write(c, out.data(), out.size(), nullptr, nullptr) == 0)
+      p->writes++;
+  }
+};
+} // namespace
+
+TEST_CASE("on_read_batch follows the last frame of each read: one reply write per batch") {
+  Loop loop;
+  Pipeline pl;
+  auto sp = socket_pair();
+  auto f = delimited("\n");
+  duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
+  cbs.on_read = Pipeline::on_read;
+  cbs.on_read_batch = Pipeline::on_batch;
+  duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+  o.cbs = &cbs;
+  o.user = &pl;
+  o.framing = &f;
+  duplex_conn *c = adopt(loop, sp.ours, &o);
+  // One send of three requests (one read on a socketpair) and a partial
+  // fourth: one batch of three; the partial frame makes no batch.
+  std::string wire = "get a\nget b\nget c\nget";
+  REQUIRE(write_all(sp.peer.get(), wire.data(), wire.size()) == 0);
+  std::string replies(18, '\0');
+  REQUIRE(read_exactly(sp.peer.get(), replies.data(), replies.size()));
+  CHECK(replies == "GET A\nGET B\nGET C\n");
+  // The rest of the fourth frame plus a fifth: a second batch of two.
+  std::string more = " d\nget e\n";
+  REQUIRE(write_all(sp.peer.get(), more.data(), more.size()) == 0);
+  std::string replies2(12, '\0');
+  REQUIRE(read_exactly(sp.peer.get(), replies2.data(), replies2.size()));
+  CHECK(replies2 == "GET D\nGET E\n");
+  {
+    std::lock_guard<std::mutex> lk(pl.mu);
+    CHECK(pl.batches == std::vector<size_t>{3, 2});
+  }
+  CHECK(wait_until([&] { return pl.writes.load() == 2; }));
+  REQUIRE(duplex_conn_close(c, DUPLEX_CLOSE_ABORT) == 0);
+  CHECK(loop.free() == 0);
+  CHECK(duplex_conn_unref(c) == 0);
+}
+
+TEST_CASE("on_read_batch without framing follows each chunk; callers with the 0.1 struct work") {
+  Loop loop;
+  Pipeline pl;
+  auto sp = socket_pair();
+  duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
+  cbs.on_read = Pipeline::on_read;
+  cbs.on_read_batch = Pipeline::on_batch;
+  duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+  o.cbs = &cbs;
+  o.user = &pl;
+  duplex_conn *c = adopt(loop, sp.ours, &o);
+  REQUIRE(write_all(sp.peer.get(), "x", 1) == 0);
+  std::string r(2, '\0');
+  REQUIRE(read_exactly(sp.peer.get(), r.data(), r.size()));
+  CHECK(r == "X\n");
+  {
+    std::lock_guard<std::mutex> lk(pl.mu);
+    CHECK(pl.batches == std::vector<size_t>{1});
+  }
+  REQUIRE(duplex_conn_close(c, DUPLEX_CLOSE_ABORT) == 0);
+  // A caller compiled against 0.1 passes the shorter structs: accepted, and
+  // the callback it cannot have is never called.
+  Pipeline old;
+  duplex_conn_cbs cbs1 = DUPLEX_CONN_CBS_INIT;
+  cbs1.size = offsetof(duplex_conn_cbs, on_read_batch);
+  cbs1.on_read = Pipeline::on_read;
+  duplex_conn_opts o1 = DUPLEX_CONN_OPTS_INIT;
+  o1.size = offsetof(duplex_conn_opts, local_host);
+  o1.cbs = &cbs1;
+  o1.user = &old;
+  auto sp1 = socket_pair();
+  duplex_conn *c1 = adopt(loop, sp1.ours, &o1);
+  REQUIRE(write_all(sp1.peer.get(), "y", 1) == 0);
+  CHECK(wait_until([&] {
+    std::lock_guard<std::mutex> lk(old.mu);
+    return old.in_batch == 1;
+  }));
+  CHECK(old.writes.load() == 0);
+  REQUIRE(duplex_conn_close(c1, DUPLEX_CLOSE_ABORT) == 0);
+  CHECK(loop.free() == 0);
+  CHECK(duplex_conn_unref(c) == 0);
+  CHECK(duplex_conn_unref(c1) == 0);
 }

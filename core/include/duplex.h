@@ -396,6 +396,10 @@ typedef void (*duplex_close_cb)(duplex_conn *conn, int reason, void *user);
  *           whose creation returned 0, `on_close` runs exactly once and is
  *           the last callback; `on_open` runs at most once, before any read.
  */
+/** See duplex_conn_cbs.on_read_batch.
+ *  @callback on the loop thread, right after the batch's last on_read. */
+typedef void (*duplex_read_batch_cb)(duplex_conn *conn, void *user);
+
 typedef struct duplex_conn_cbs {
   size_t size; /**< sizeof(duplex_conn_cbs) as compiled by the caller */
   duplex_open_cb on_open;
@@ -404,9 +408,16 @@ typedef struct duplex_conn_cbs {
   duplex_backpressure_cb on_backpressure;
   duplex_writable_cb on_writable;
   duplex_close_cb on_close;
+  /** Every on_read of one batch has run: the chunk, or every frame
+   *  decoded from one read of the socket (or the held frames delivered at
+   *  a resume). Replies gathered in on_read go out here as one write, so
+   *  a pipelined batch of requests gets one batch of replies. Not called
+   *  after a read that completed no frame. (0.2; callers compiled with the
+   *  0.1 struct simply do not have it.) */
+  duplex_read_batch_cb on_read_batch;
 } duplex_conn_cbs;
 
-#define DUPLEX_CONN_CBS_INIT { sizeof(duplex_conn_cbs), 0, 0, 0, 0, 0, 0 }
+#define DUPLEX_CONN_CBS_INIT { sizeof(duplex_conn_cbs), 0, 0, 0, 0, 0, 0, 0 }
 
 /** Enable Nagle's algorithm on TCP conns (TCP_NODELAY is set otherwise). */
 #define DUPLEX_CONN_NAGLE 0x1u
@@ -505,10 +516,18 @@ typedef struct duplex_conn_opts {
   uint32_t idle_timeout_ms;    /**< no bytes either way; 0 = none */
   uint32_t read_timeout_ms;    /**< no bytes read while reading; 0 = none */
   uint32_t flush_timeout_ms;   /**< writes pending, none progressing */
+  /** duplex_conn_connect_tcp() only: bind the socket to this numeric IPv4
+   *  or IPv6 address before connecting (the source address); only
+   *  resolved addresses of its family are tried. NULL = any. Copied. Any
+   *  other constructor, and a listener's conn_opts, refuse it (EINVAL).
+   *  (0.2) */
+  const char *local_host;
+  /** With duplex_conn_connect_tcp(): the source port; 0 = any. (0.2) */
+  uint16_t local_port;
 } duplex_conn_opts;
 
 #define DUPLEX_CONN_OPTS_INIT                                                \
-  { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u, 0, 0u, 0u, 0u, 0u }
+  { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u, 0, 0u, 0u, 0u, 0u, 0, 0u }
 
 /**
  * Fill @p opts with defaults (same as ::DUPLEX_CONN_OPTS_INIT).
@@ -536,11 +555,17 @@ DUPLEX_API int duplex_conn_cbs_init(duplex_conn_cbs *cbs);
  * @owner    @p host and @p opts borrowed for the call. If @p out is not NULL
  *           it receives a new reference the caller must duplex_conn_unref();
  *           on failure it is set to NULL.
- * @returns  0, DUPLEX_EINVAL (NULL loop/host, empty host, port 0, bad opts),
+ * With opts->local_host / local_port the socket is bound to that source
+ * address first; only addresses of the same family are tried.
+ * @returns  0, DUPLEX_EINVAL (NULL loop/host, empty host, port 0, bad opts,
+ *           a local_host that is not a numeric address),
  *           DUPLEX_ENAMETOOLONG (host over 1024 bytes), DUPLEX_EVERSION,
  *           DUPLEX_ENOMEM, DUPLEX_ECLOSED (loop being freed).
  * @callback on success `on_open`; on any failure `on_close` with the error
- *           (e.g. DUPLEX_ECONNREFUSED, DUPLEX_EAI_NONAME).
+ *           (e.g. DUPLEX_ECONNREFUSED, DUPLEX_EAI_NONAME; a source address
+ *           that cannot be bound: DUPLEX_EADDRINUSE, DUPLEX_EADDRNOTAVAIL;
+ *           no resolved address of the source's family:
+ *           DUPLEX_EAFNOSUPPORT).
  * @since    0.1
  */
 DUPLEX_API int duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,

@@ -31,36 +31,62 @@ duplex_conn_cbs_init(duplex_conn_cbs *cbs)
   return 0;
 }
 
+/* The smallest struct sizes accepted: what 0.1 callers pass. */
+#define DPX_CONN_OPTS_V1 (offsetof(duplex_conn_opts, flush_timeout_ms) + \
+                          sizeof(uint32_t))
+#define DPX_CONN_CBS_V1 (offsetof(duplex_conn_cbs, on_close) + \
+                         sizeof(duplex_close_cb))
+
 int
-dpx_conn_opts_check(const duplex_conn_opts *opts)
+dpx_conn_opts_get(duplex_conn_opts *o, const duplex_conn_opts *opts)
 {
+  const duplex_conn_opts def = DUPLEX_CONN_OPTS_INIT;
+  *o = def;
   if (opts == NULL)
     return 0;
-  int r = dpx_check_size(opts, opts->size, sizeof(duplex_conn_opts),
+  int r = dpx_check_size(opts, opts->size, DPX_CONN_OPTS_V1,
                          sizeof(duplex_conn_opts));
   if (r != 0)
     return r;
-  if ((opts->flags & ~DUPLEX_CONN_FLAGS_ALL) != 0)
+  /* Fields an older, shorter struct lacks keep their defaults. */
+  memcpy(o, opts, opts->size < sizeof *o ? opts->size : sizeof *o);
+  o->size = sizeof *o;
+  if ((o->flags & ~DUPLEX_CONN_FLAGS_ALL) != 0)
     return DUPLEX_EINVAL;
-  if (opts->cbs != NULL) {
-    r = dpx_check_size(opts->cbs, opts->cbs->size, sizeof(duplex_conn_cbs),
+  if (o->cbs != NULL) {
+    r = dpx_check_size(o->cbs, o->cbs->size, DPX_CONN_CBS_V1,
                        sizeof(duplex_conn_cbs));
     if (r != 0)
       return r;
   }
-  size_t high = opts->high_watermark ? opts->high_watermark : DPX_DEFAULT_HIGH;
-  size_t hard = opts->hard_limit ? opts->hard_limit
-                                 : (high > DPX_DEFAULT_HARD ? high
-                                                            : DPX_DEFAULT_HARD);
-  if (opts->low_watermark >= high || hard < high)
+  size_t high = o->high_watermark ? o->high_watermark : DPX_DEFAULT_HIGH;
+  size_t hard = o->hard_limit ? o->hard_limit
+                              : (high > DPX_DEFAULT_HARD ? high
+                                                         : DPX_DEFAULT_HARD);
+  if (o->low_watermark >= high || hard < high)
     return DUPLEX_EINVAL;
-  return dpx_framing_check(opts->framing);
+  if (o->local_host != NULL) {
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+    if (uv_ip4_addr(o->local_host, 0, &in) != 0 &&
+        uv_ip6_addr(o->local_host, 0, &in6) != 0)
+      return DUPLEX_EINVAL;
+  }
+  return dpx_framing_check(o->framing);
+}
+
+int
+dpx_conn_opts_check(const duplex_conn_opts *opts)
+{
+  duplex_conn_opts o;
+  return dpx_conn_opts_get(&o, opts);
 }
 
 int
 dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts)
 {
-  int r = dpx_conn_opts_check(opts);
+  duplex_conn_opts o;
+  int r = dpx_conn_opts_get(&o, opts);
   if (r != 0)
     return r;
   dpx_conn_cfg *cfg = calloc(1, sizeof *cfg);
@@ -68,29 +94,26 @@ dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts)
     return DUPLEX_ENOMEM;
   atomic_init(&cfg->refs, 1u);
   duplex_conn_cbs_init(&cfg->cbs);
-  if (opts != NULL && opts->cbs != NULL)
-    memcpy(&cfg->cbs, opts->cbs, sizeof cfg->cbs);
+  if (o.cbs != NULL)
+    memcpy(&cfg->cbs, o.cbs,
+           o.cbs->size < sizeof cfg->cbs ? o.cbs->size : sizeof cfg->cbs);
   cfg->cbs.size = sizeof cfg->cbs;
-  cfg->high = opts && opts->high_watermark ? opts->high_watermark
-                                           : DPX_DEFAULT_HIGH;
-  cfg->low = opts && opts->low_watermark ? opts->low_watermark
-                                         : cfg->high / 4;
-  cfg->hard = opts && opts->hard_limit
-                  ? opts->hard_limit
-                  : (cfg->high > DPX_DEFAULT_HARD ? cfg->high
-                                                  : DPX_DEFAULT_HARD);
-  if (opts != NULL) {
-    cfg->flags = opts->flags;
-    cfg->user = opts->user;
-    cfg->timeout[DUPLEX_TIMEOUT_CONNECT] = opts->connect_timeout_ms;
-    cfg->timeout[DUPLEX_TIMEOUT_IDLE] = opts->idle_timeout_ms;
-    cfg->timeout[DUPLEX_TIMEOUT_READ] = opts->read_timeout_ms;
-    cfg->timeout[DUPLEX_TIMEOUT_FLUSH] = opts->flush_timeout_ms;
-    if (opts->framing != NULL && opts->framing->kind != DUPLEX_FRAME_NONE) {
-      memcpy(&cfg->framing, opts->framing, sizeof cfg->framing);
-      cfg->framing.size = sizeof cfg->framing;
-    }
+  cfg->high = o.high_watermark ? o.high_watermark : DPX_DEFAULT_HIGH;
+  cfg->low = o.low_watermark ? o.low_watermark : cfg->high / 4;
+  cfg->hard = o.hard_limit ? o.hard_limit
+                           : (cfg->high > DPX_DEFAULT_HARD ? cfg->high
+                                                           : DPX_DEFAULT_HARD);
+  cfg->flags = o.flags;
+  cfg->user = o.user;
+  cfg->timeout[DUPLEX_TIMEOUT_CONNECT] = o.connect_timeout_ms;
+  cfg->timeout[DUPLEX_TIMEOUT_IDLE] = o.idle_timeout_ms;
+  cfg->timeout[DUPLEX_TIMEOUT_READ] = o.read_timeout_ms;
+  cfg->timeout[DUPLEX_TIMEOUT_FLUSH] = o.flush_timeout_ms;
+  if (o.framing != NULL && o.framing->kind != DUPLEX_FRAME_NONE) {
+    memcpy(&cfg->framing, o.framing, sizeof cfg->framing);
+    cfg->framing.size = sizeof cfg->framing;
   }
+  cfg->has_local = o.local_host != NULL || o.local_port != 0;
   *out = cfg;
   return 0;
 }

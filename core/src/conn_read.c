@@ -79,10 +79,25 @@ dpx_conn_has_held(const duplex_conn *c)
   return x != NULL && x->held != NULL;
 }
 
+/* One read's worth of frames on their way to the user. */
+typedef struct read_batch {
+  duplex_conn *c;
+  unsigned delivered; /* on_read calls made */
+} read_batch;
+
+/* The batch's last on_read has run: tell the user, if any ran. */
+static void
+batch_end(duplex_conn *c, unsigned delivered)
+{
+  if (delivered > 0 && !c->rd_cut && c->cfg->cbs.on_read_batch != NULL)
+    c->cfg->cbs.on_read_batch(c, conn_user(c));
+}
+
 static int
 emit_frame(void *ctx, const char *msg, size_t len)
 {
-  duplex_conn *c = ctx;
+  read_batch *b = ctx;
+  duplex_conn *c = b->c;
   if (c->rd_cut)
     return 1;
   if (!c->reading || dpx_conn_has_held(c)) {
@@ -94,6 +109,7 @@ emit_frame(void *ctx, const char *msg, size_t len)
   }
   if (c->cfg->cbs.on_read != NULL)
     c->cfg->cbs.on_read(c, msg, len, conn_user(c));
+  b->delivered++;
   return c->rd_cut;
 }
 
@@ -162,6 +178,7 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
     /* Held frames first, then the EOF that came after them, then the
      * socket. A callback may pause again or close: re-check each time. */
     dpx_conn_extra *x = dpx_conn_x(c);
+    unsigned delivered = 0;
     while (x != NULL && x->held_off < x->held_len && c->rd_want &&
            !c->rd_cut) {
       size_t len;
@@ -170,7 +187,9 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
       x->held_off += sizeof len + len;
       if (c->cfg->cbs.on_read != NULL)
         c->cfg->cbs.on_read(c, msg, len, conn_user(c));
+      delivered++;
     }
+    batch_end(c, delivered);
     if (x != NULL && x->held != NULL && x->held_off == x->held_len) {
       free(x->held);
       x->held = NULL;
@@ -197,14 +216,17 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (c->rd_cut)
       return;
     dpx_conn_extra *x = dpx_conn_x(c);
+    read_batch b = { c, 0 };
     if (x != NULL && x->framer != NULL) {
       int r = dpx_framer_feed(x->framer, buf->base, (size_t)nread,
-                              emit_frame, c);
+                              emit_frame, &b);
       if (r != 0)
         dpx_conn_begin_close(c, r);
     } else if (c->cfg->cbs.on_read != NULL) {
       c->cfg->cbs.on_read(c, buf->base, (size_t)nread, conn_user(c));
+      b.delivered = 1;
     }
+    batch_end(c, b.delivered);
     return;
   }
   if (nread == 0)

@@ -35,6 +35,9 @@ struct dpx_connect_state {
   struct addrinfo *cur;
   struct sockaddr_storage numeric;
   bool have_numeric;
+  struct sockaddr_storage local; /* source address (family 0: any) */
+  uint16_t local_port;
+  bool has_local;
   char *host;
   uint16_t port;
   char *path;
@@ -173,6 +176,26 @@ on_connect(uv_connect_t *req, int status)
   attempt_failed(c, dpx_err(status));
 }
 
+/* The source address for a connect to family @p family. */
+static int
+local_for(const dpx_connect_state *cs, int family,
+          struct sockaddr_storage *out)
+{
+  memset(out, 0, sizeof *out);
+  if (cs->local.ss_family == 0) {
+    /* A port alone: the family's wildcard address. */
+    if (family == AF_INET6)
+      return dpx_err(uv_ip6_addr("::", cs->local_port,
+                                 (struct sockaddr_in6 *)out));
+    return dpx_err(uv_ip4_addr("0.0.0.0", cs->local_port,
+                               (struct sockaddr_in *)out));
+  }
+  if (cs->local.ss_family != family)
+    return DUPLEX_EAFNOSUPPORT;
+  *out = cs->local;
+  return 0;
+}
+
 static void
 connect_next(duplex_conn *c)
 {
@@ -187,6 +210,15 @@ connect_next(duplex_conn *c)
       connect_failed(c, cs->last_err ? cs->last_err : DUPLEX_EAI_NODATA);
       return;
     }
+    struct sockaddr_storage local;
+    if (cs->has_local) {
+      int r = local_for(cs, sa->sa_family, &local);
+      if (r != 0) {
+        cs->last_err = r; /* e.g. an IPv6 address for an IPv4 source */
+        connect_advance(cs);
+        continue;
+      }
+    }
     dpx_stream *h = dpx_conn_handle(c, 0);
     int r = uv_tcp_init(&c->loop->uv, &h->tcp);
     if (r != 0) {
@@ -197,6 +229,13 @@ connect_next(duplex_conn *c)
     h->handle.data = c;
     c->has_rd = true;
     cs->creq.data = c;
+    if (cs->has_local) {
+      r = uv_tcp_bind(&h->tcp, (const struct sockaddr *)&local, 0);
+      if (r != 0) {
+        attempt_failed(c, dpx_err(r));
+        return;
+      }
+    }
     r = uv_tcp_connect(&cs->creq, &h->tcp, sa, on_connect);
     if (r != 0)
       attempt_failed(c, dpx_err(r));
@@ -536,6 +575,10 @@ conn_create(duplex_conn **out, duplex_loop *loop, int kind,
   int r = dpx_conn_cfg_new(&cfg, opts);
   if (r != 0)
     return r;
+  if (cfg->has_local && kind != DPX_CONN_TCP_CONNECT) {
+    dpx_conn_cfg_unref(cfg);
+    return DUPLEX_EINVAL; /* a source address only means something there */
+  }
   *out = dpx_conn_new(loop, kind, cfg, nhandles, handle_size);
   dpx_conn_cfg_unref(cfg); /* the conn holds its own reference */
   return *out != NULL ? 0 : DUPLEX_ENOMEM;
@@ -571,6 +614,17 @@ duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
   struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&cs->numeric;
   if (uv_ip4_addr(host, port, in) == 0 || uv_ip6_addr(host, port, in6) == 0)
     cs->have_numeric = true;
+  duplex_conn_opts o;
+  dpx_conn_opts_get(&o, opts); /* checked by conn_create */
+  if (o.local_host != NULL || o.local_port != 0) {
+    cs->has_local = true;
+    cs->local_port = o.local_port;
+    if (o.local_host != NULL &&
+        uv_ip4_addr(o.local_host, o.local_port,
+                    (struct sockaddr_in *)&cs->local) != 0)
+      uv_ip6_addr(o.local_host, o.local_port,
+                  (struct sockaddr_in6 *)&cs->local);
+  }
   dpx_conn_x(c)->connecting = cs;
   return conn_launch(out, c);
 }

@@ -241,6 +241,7 @@ typedef struct dpx_conn_cfg {
   size_t high, low, hard;
   uint32_t timeout[4];
   duplex_framing framing; /* kind DUPLEX_FRAME_NONE: no framing */
+  bool has_local; /* a source address was asked for (TCP connect only) */
 } dpx_conn_cfg;
 
 /* Validates @p opts (see dpx_conn_opts_check) and copies it. */
@@ -436,6 +437,9 @@ dpx_conn_queued_sub_locked(duplex_conn *c, size_t n)
 duplex_conn *dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
                           unsigned nhandles, size_t handle_size);
 int dpx_conn_opts_check(const duplex_conn_opts *opts);
+/* Check @p opts (NULL: defaults) and widen it into @p out: fields an older,
+ * shorter caller struct lacks read as their defaults. */
+int dpx_conn_opts_get(duplex_conn_opts *out, const duplex_conn_opts *opts);
 void dpx_conn_free(duplex_conn *conn);
 /* Deadlines (conn_deadline.c, loop thread): re-arm for the nearest one
  * after an event made a deadline relevant (open start, resume, first

@@ -57,6 +57,11 @@ struct duplex_listener {
   duplex_loop_group *group; /* balanced member: hand sockets out */
   duplex_listener **members; /* group listener: its members */
   unsigned nmembers;
+  /* Under the lock: accepted conns being opened (on_open running), on any
+   * loop; close waits for them, so no on_open runs after it returns. */
+  unsigned opening;
+  uv_cond_t opened;
+  bool has_cond;
   /* ---- loop thread only ---- */
   dpx_link link; /* in loop->listeners while listening */
   dpx_stream h;
@@ -90,6 +95,8 @@ duplex_listener_opts_init(duplex_listener_opts *opts)
 static void
 listener_free(duplex_listener *l)
 {
+  if (l->has_cond)
+    uv_cond_destroy(&l->opened);
   for (unsigned i = 0; i < l->nmembers; i++)
     duplex_listener_unref(l->members[i]);
   free(l->members);
@@ -194,11 +201,70 @@ on_accept_failed_closed(uv_handle_t *h)
   dpx_conn_free(h->data);
 }
 
+/* The listener whose accepted conn the calling thread is opening: a close
+ * from inside that on_open must not wait for itself. */
+static DPX_THREAD_LOCAL duplex_listener *dpx_opening;
+
+/* Enter / leave the opening of an accepted conn. False: the listener was
+ * closed, the conn must not open. */
+static bool
+open_begin(duplex_listener *l)
+{
+  uv_mutex_lock(dpx_addr_mu(l));
+  bool ok = !atomic_load(&l->close_requested);
+  if (ok)
+    l->opening++;
+  uv_mutex_unlock(dpx_addr_mu(l));
+  return ok;
+}
+
+static void
+open_end(duplex_listener *l)
+{
+  uv_mutex_lock(dpx_addr_mu(l));
+  if (--l->opening == 0 && l->has_cond)
+    uv_cond_broadcast(&l->opened);
+  uv_mutex_unlock(dpx_addr_mu(l));
+}
+
+/* Under the lock, close_requested set: wait until no other thread is
+ * inside an on_open of this listener. */
+static void
+wait_openings_locked(duplex_listener *l)
+{
+  unsigned mine = dpx_opening == l ? 1u : 0u;
+  while (l->has_cond && l->opening > mine)
+    uv_cond_wait(&l->opened, dpx_addr_mu(l));
+}
+
 /* Open conn @p c (made for its loop, whose thread this is) on the accepted
  * socket: from @p server (libuv accepts) or @p fd. On failure the socket
  * is closed and the error reported. */
+static void open_accepted_now(duplex_listener *l, duplex_conn *c,
+                              uv_stream_t *server, int fd);
+
 static void
 open_accepted(duplex_listener *l, duplex_conn *c, uv_stream_t *server, int fd)
+{
+  if (!open_begin(l)) {
+    /* Closed since the accept: nothing opens after close returned. */
+#if !defined(_WIN32)
+    if (fd >= 0)
+      close(fd);
+#endif
+    dpx_conn_free(c);
+    return;
+  }
+  duplex_listener *outer = dpx_opening;
+  dpx_opening = l;
+  open_accepted_now(l, c, server, fd);
+  dpx_opening = outer;
+  open_end(l);
+}
+
+static void
+open_accepted_now(duplex_listener *l, duplex_conn *c, uv_stream_t *server,
+                  int fd)
 {
   duplex_loop *loop = c->loop;
   dpx_stream *h = dpx_conn_handle(c, 0);
@@ -260,9 +326,9 @@ handoff_run(duplex_loop *loop, dpx_op *op, int status)
 {
   handoff *h = DPX_CONTAINER_OF(op, handoff, op);
   (void)loop;
-  /* Its loop is being freed, or the listener closed after the accept:
-   * nothing is accepted once duplex_listener_close() has returned. */
-  if (status != 0 || atomic_load(&h->l->close_requested)) {
+  /* Its loop is being freed: the socket closes. (A listener closed since
+   * the accept is seen by open_accepted.) */
+  if (status != 0) {
     handoff_drop(h);
     return;
   }
@@ -486,6 +552,10 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   int r = dpx_conn_cfg_new(&cfg, o.conn_opts);
   if (r != 0)
     return r;
+  if (cfg->has_local) {
+    dpx_conn_cfg_unref(cfg);
+    return DUPLEX_EINVAL; /* a source address is for outgoing conns */
+  }
   duplex_listener *l = calloc(1, sizeof *l);
   if (l == NULL) {
     dpx_conn_cfg_unref(cfg);
@@ -502,6 +572,11 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   l->fd = -1;
   atomic_init(&l->close_requested, false);
   dpx_link_init(&l->link);
+  if (uv_cond_init(&l->opened) != 0) {
+    listener_free(l);
+    return DUPLEX_ENOMEM;
+  }
+  l->has_cond = true;
   l->parent = ctx->parent;
   l->group = ctx->group;
   *out = l;
@@ -1017,6 +1092,8 @@ duplex_listener_close(duplex_listener *l)
     return DUPLEX_ECLOSED;
   }
   if (dpx_on_loop(loop)) {
+    /* Group members open conns on other loops too. */
+    wait_openings_locked(l);
     uv_mutex_unlock(dpx_addr_mu(l));
     if (l->has_handle)
       listener_close_now(l); /* no accept after this returns */
@@ -1027,6 +1104,8 @@ duplex_listener_close(duplex_listener *l)
   duplex_listener_ref(l);
   l->close_op.fn = close_op_run;
   int r = dpx_loop_submit(loop, &l->close_op, false);
+  /* An on_open that began before close_requested was set finishes first. */
+  wait_openings_locked(l);
   uv_mutex_unlock(dpx_addr_mu(l));
   return r;
 }

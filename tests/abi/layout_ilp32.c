@@ -36,7 +36,7 @@ AT(duplex_loop_stats, conns, 4);
 AT(duplex_loop_stats, queued, 12);
 AT(duplex_loop_stats, accepted, 20);
 
-SIZE_IS(duplex_conn_cbs, 28, 4);
+SIZE_IS(duplex_conn_cbs, 32, 4);
 AT(duplex_conn_cbs, size, 0);
 AT(duplex_conn_cbs, on_open, 4);
 AT(duplex_conn_cbs, on_read, 8);
@@ -44,6 +44,7 @@ AT(duplex_conn_cbs, on_eof, 12);
 AT(duplex_conn_cbs, on_backpressure, 16);
 AT(duplex_conn_cbs, on_writable, 20);
 AT(duplex_conn_cbs, on_close, 24);
+AT(duplex_conn_cbs, on_read_batch, 28);
 
 SIZE_IS(duplex_framing, 36, 4);
 AT(duplex_framing, size, 0);
@@ -56,7 +57,7 @@ AT(duplex_framing, max_frame, 24);
 AT(duplex_framing, custom, 28);
 AT(duplex_framing, custom_user, 32);
 
-SIZE_IS(duplex_conn_opts, 48, 4);
+SIZE_IS(duplex_conn_opts, 56, 4);
 AT(duplex_conn_opts, size, 0);
 AT(duplex_conn_opts, cbs, 4);
 AT(duplex_conn_opts, user, 8);
@@ -69,6 +70,8 @@ AT(duplex_conn_opts, connect_timeout_ms, 32);
 AT(duplex_conn_opts, idle_timeout_ms, 36);
 AT(duplex_conn_opts, read_timeout_ms, 40);
 AT(duplex_conn_opts, flush_timeout_ms, 44);
+AT(duplex_conn_opts, local_host, 48);
+AT(duplex_conn_opts, local_port, 52);
 
 SIZE_IS(duplex_listener_opts, 28, 4);
 AT(duplex_listener_opts, size, 0);

@@ -28,7 +28,7 @@ AT(duplex_loop_opts, size, 0);
 AT(duplex_loop_opts, flags, 8);
 AT(duplex_loop_opts, read_buffer_size, 12);
 
-SIZE_IS(duplex_conn_cbs, 56, 8);
+SIZE_IS(duplex_conn_cbs, 64, 8);
 AT(duplex_conn_cbs, size, 0);
 AT(duplex_conn_cbs, on_open, 8);
 AT(duplex_conn_cbs, on_read, 16);
@@ -36,6 +36,7 @@ AT(duplex_conn_cbs, on_eof, 24);
 AT(duplex_conn_cbs, on_backpressure, 32);
 AT(duplex_conn_cbs, on_writable, 40);
 AT(duplex_conn_cbs, on_close, 48);
+AT(duplex_conn_cbs, on_read_batch, 56);
 
 SIZE_IS(duplex_framing, 56, 8);
 AT(duplex_framing, size, 0);
@@ -48,7 +49,7 @@ AT(duplex_framing, max_frame, 32);
 AT(duplex_framing, custom, 40);
 AT(duplex_framing, custom_user, 48);
 
-SIZE_IS(duplex_conn_opts, 80, 8);
+SIZE_IS(duplex_conn_opts, 96, 8);
 AT(duplex_conn_opts, size, 0);
 AT(duplex_conn_opts, cbs, 8);
 AT(duplex_conn_opts, user, 16);
@@ -61,6 +62,8 @@ AT(duplex_conn_opts, connect_timeout_ms, 64);
 AT(duplex_conn_opts, idle_timeout_ms, 68);
 AT(duplex_conn_opts, read_timeout_ms, 72);
 AT(duplex_conn_opts, flush_timeout_ms, 76);
+AT(duplex_conn_opts, local_host, 80);
+AT(duplex_conn_opts, local_port, 88);
 
 SIZE_IS(duplex_listener_opts, 48, 8);
 AT(duplex_listener_opts, size, 0);
