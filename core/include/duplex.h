@@ -389,6 +389,9 @@ typedef void (*duplex_writable_cb)(duplex_conn *conn, void *user);
  * error).
  */
 typedef void (*duplex_close_cb)(duplex_conn *conn, int reason, void *user);
+/** Every on_read of one batch has run (see duplex_conn_cbs.on_read_batch):
+ *  right after the batch's last on_read. */
+typedef void (*duplex_read_batch_cb)(duplex_conn *conn, void *user);
 
 /**
  * Callback table for a conn. Every member may be NULL. The table is copied.
@@ -396,9 +399,6 @@ typedef void (*duplex_close_cb)(duplex_conn *conn, int reason, void *user);
  *           whose creation returned 0, `on_close` runs exactly once and is
  *           the last callback; `on_open` runs at most once, before any read.
  */
-/** See duplex_conn_cbs.on_read_batch.
- *  @callback on the loop thread, right after the batch's last on_read. */
-typedef void (*duplex_read_batch_cb)(duplex_conn *conn, void *user);
 
 typedef struct duplex_conn_cbs {
   size_t size; /**< sizeof(duplex_conn_cbs) as compiled by the caller */
