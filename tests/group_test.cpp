@@ -81,6 +81,7 @@ struct Server {
   std::vector<duplex_conn *> held; // references taken in on_open (hold=true)
   bool hold = false;
   std::atomic<int> opens{0}, closes{0}, errors{0}, migrations{0};
+  std::atomic<int> not_canceled{0}; // close reasons other than ECANCELED
   std::atomic<int> opens_after_close{0};
   std::atomic<bool> closed{false};
   std::atomic<int> last_error{0};
@@ -138,8 +139,10 @@ struct Server {
     duplex_conn_close(c, DUPLEX_CLOSE_GRACEFUL);
   }
   // Accepted conns get on_open first, so the user pointer is the record.
-  static void on_close(duplex_conn *, int, void *u) {
+  static void on_close(duplex_conn *, int reason, void *u) {
     auto *r = static_cast<ConnRec *>(u);
+    if (reason != DUPLEX_ECANCELED)
+      r->srv->not_canceled++;
     if (r->thread != std::this_thread::get_id())
       r->migrations++;
     r->closes++;
@@ -617,4 +620,55 @@ TEST_CASE("duplex_group_pick places outgoing conns on the least-loaded loop") {
   CHECK(duplex_listener_close(sl) == 0);
   CHECK(duplex_listener_unref(sl) == 0);
   CHECK(duplex_loop_free(server_loop) == 0);
+}
+
+TEST_CASE("group free with both ends of each conn in the group: every conn closes with ECANCELED") {
+  Group g(2);
+  Server srv(g);
+  duplex_listener *l = nullptr;
+  REQUIRE(duplex_group_listen_tcp(&l, g.g, "127.0.0.1", 0, &srv.lopts) == 0);
+  struct Client {
+    std::atomic<int> opens{0}, closes{0}, other_reasons{0};
+    static void on_open(duplex_conn *, void *u) { static_cast<Client *>(u)->opens++; }
+    static void on_close(duplex_conn *, int reason, void *u) {
+      auto *c = static_cast<Client *>(u);
+      if (reason != DUPLEX_ECANCELED)
+        c->other_reasons++;
+      c->closes++;
+    }
+  } cl;
+  duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
+  cbs.on_open = Client::on_open;
+  cbs.on_close = Client::on_close;
+  duplex_conn_opts co = DUPLEX_CONN_OPTS_INIT;
+  co.cbs = &cbs;
+  co.user = &cl;
+  std::vector<duplex_conn *> conns;
+  constexpr int kConns = 6;
+  for (int i = 0; i < kConns; i++) {
+    duplex_loop *pick = nullptr;
+    REQUIRE(duplex_group_pick(g.g, &pick) == 0);
+    duplex_conn *c = nullptr;
+    REQUIRE(duplex_conn_connect_tcp(&c, pick, "127.0.0.1", port_of(l), &co) == 0);
+    conns.push_back(c);
+  }
+  REQUIRE(wait_until([&] { return cl.opens.load() == kConns && srv.opens.load() == kConns; }));
+  // Writes queued while the group is stopped: their pumps wait in the
+  // inboxes when the free begins, and loop 0's conns go before loop 1's.
+  REQUIRE(duplex_group_stop(g.g) == 0);
+  std::vector<char> block(64 * 1024, 'z');
+  WriteCounter wc;
+  uint64_t issued = 0;
+  for (int r = 0; r < 8; r++)
+    for (duplex_conn *c : conns)
+      issued += duplex_conn_write(c, block.data(), block.size(), WriteCounter::cb, &wc) == 0;
+  CHECK(duplex_listener_unref(l) == 0);
+  g.free();
+  CHECK(cl.closes.load() == kConns);
+  CHECK(cl.other_reasons.load() == 0);
+  CHECK(srv.closes.load() == kConns);
+  CHECK(srv.not_canceled.load() == 0);
+  CHECK(wc.total.load() == issued);
+  for (duplex_conn *c : conns)
+    CHECK(duplex_conn_unref(c) == 0);
 }

@@ -624,12 +624,15 @@ teardown(duplex_loop *loop)
   dpx_sigstate sig;
   dpx_sigpipe_block(&sig);
   while (teardown_pending(loop)) {
-    drain_inbox(loop, DUPLEX_ECANCELED); /* deferred list first */
+    /* Conns first: a pump still queued must find its conn closing rather
+     * than write to a peer that is gone (every conn closes with
+     * DUPLEX_ECANCELED unless it was closing already). */
     for (dpx_link *l = loop->conns.next; l != &loop->conns;) {
       duplex_conn *c = DPX_CONTAINER_OF(l, duplex_conn, link);
       l = l->next;
       dpx_conn_begin_close(c, DUPLEX_ECANCELED);
     }
+    drain_inbox(loop, DUPLEX_ECANCELED); /* deferred list first */
     dpx_listener_close_all(loop);
     dpx_channel_cancel_all(loop);
     dpx_timer_close_all(loop);
