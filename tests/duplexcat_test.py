@@ -10,7 +10,10 @@ are daemons, so a stuck one cannot keep the process alive either.
 """
 import hashlib
 import os
+import re
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,6 +24,10 @@ import unittest
 DUPLEXCAT = None
 TIMEOUT = 60
 MB = 1 << 20
+# Services with an unprivileged port in most /etc/services: one that is
+# free on 127.0.0.1 stands in for "http" (port 80 needs root).
+SERVICES = ["x11", "postgresql", "mysql", "svn", "git", "http-alt",
+            "webcache", "amanda", "iprop", "nut", "zabbix-agent"]
 
 
 def sha(b):
@@ -41,9 +48,11 @@ class Peer:
     accepted connection is given to handler(conn) on a thread. The handler's
     return value (or exception) is kept for result()."""
 
-    def __init__(self, handler, family=socket.AF_INET, path=None):
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        if family == socket.AF_UNIX:
+    def __init__(self, handler, family=socket.AF_INET, path=None, sock=None):
+        self.sock = sock or socket.socket(family, socket.SOCK_STREAM)
+        if sock is not None:
+            self.address = "127.0.0.1:%d" % sock.getsockname()[1]
+        elif family == socket.AF_UNIX:
             self.sock.bind(path)
             self.address = "unix:" + path
         elif family == socket.AF_INET6:
@@ -52,6 +61,8 @@ class Peer:
         else:
             self.sock.bind(("127.0.0.1", 0))
             self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.port = None if family == socket.AF_UNIX else \
+            self.sock.getsockname()[1]
         self.sock.listen(1)
         self.sock.settimeout(TIMEOUT)
         self._result = self._error = None
@@ -136,6 +147,52 @@ def exchange(to_peer):
     return handler
 
 
+def v6_peer(handler):
+    """A Peer on [::1]:0, or None where this host has no IPv6 loopback."""
+    if not socket.has_ipv6:
+        return None
+    try:
+        return Peer(handler, socket.AF_INET6)
+    except OSError:
+        return None
+
+
+def free_service():
+    """(name, socket bound to its port on 127.0.0.1, not listening) for a
+    service in /etc/services whose port is free here."""
+    for name in SERVICES:
+        try:
+            port = socket.getservbyname(name, "tcp")
+        except OSError:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return name, s
+        except OSError:
+            s.close()
+    raise unittest.SkipTest("no free port of a known service (%s)"
+                            % ", ".join(SERVICES))
+
+
+def closed_port():
+    """A TCP port on 127.0.0.1 that nobody listens on (probably)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def client_address(address):
+    """(host, port) to connect to what duplexcat -l reports: a wildcard
+    address is reached on loopback."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return host, int(port)
+
+
 class Bytes(unittest.TestCase):
     def both_ways(self, stdin_file, stdout_file):
         up, down = os.urandom(MB), os.urandom(MB)
@@ -155,7 +212,7 @@ class Bytes(unittest.TestCase):
         self.both_ways(False, False)
 
     def test_1mb_each_way_stdin_regular_file(self):
-        self.both_ways(True, False)  # the reader-thread path
+        self.both_ways(True, False)  # the stdin pump (file -> pipe) path
 
     def test_1mb_each_way_stdout_regular_file(self):
         self.both_ways(False, True)
@@ -169,68 +226,187 @@ class Bytes(unittest.TestCase):
             rc, out, err = run([peer.address], null)
         self.assertEqual((rc, out, peer.result()), (0, b"only down\n", b""))
 
-    def test_half_close_peer_keeps_sending_after_our_eof(self):
-        def handler(conn):
-            got = recv_all(conn)  # our EOF arrives first ...
-            for i in range(100):  # ... then the peer still talks
-                conn.sendall(b"late %d\n" % i)
-            return got
-        peer = Peer(handler)
-        rc, out, err = run([peer.address], b"bye\n")
-        self.assertEqual((rc, err), (0, ""))
-        self.assertEqual(peer.result(), b"bye\n")
-        self.assertEqual(out, b"".join(b"late %d\n" % i for i in range(100)))
-
     def test_ipv6_loopback(self):
-        if not socket.has_ipv6:
-            self.skipTest("no IPv6")
-        try:
-            peer = Peer(exchange(b"six\n"), socket.AF_INET6)
-        except OSError:
+        peer = v6_peer(exchange(b"six\n"))
+        if peer is None:
             self.skipTest("no ::1")
         rc, out, err = run([peer.address], b"v6\n")
         self.assertEqual((rc, out, peer.result()), (0, b"six\n", b"v6\n"))
 
 
-class Errors(unittest.TestCase):
-    def closed_port(self):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        return port
+class Positional(unittest.TestCase):
+    """nc's argument forms: HOST PORT, service names, -U PATH."""
 
-    def test_connection_refused_exits_1(self):
-        rc, out, err = run(["127.0.0.1:%d" % self.closed_port()])
-        self.assertEqual(rc, 1)
-        self.assertEqual(err, "duplexcat: connection refused\n")
+    def test_host_port_as_two_arguments(self):
+        peer = Peer(exchange(b"down\n"))
+        rc, out, err = run(["127.0.0.1", str(peer.port)], b"up\n")
+        self.assertEqual((rc, err, out), (0, "", b"down\n"))
+        self.assertEqual(peer.result(), b"up\n")
 
-    def test_quiet_prints_nothing(self):
-        rc, out, err = run(["-q", "127.0.0.1:%d" % self.closed_port()])
-        self.assertEqual((rc, err), (1, ""))
+    def test_ipv6_host_port_with_and_without_brackets(self):
+        for host in ("::1", "[::1]"):
+            with self.subTest(host=host):
+                peer = v6_peer(exchange(b"down\n"))
+                if peer is None:
+                    self.skipTest("no ::1")
+                rc, out, err = run([host, str(peer.port)], b"up\n")
+                self.assertEqual((rc, err, out), (0, "", b"down\n"))
+                self.assertEqual(peer.result(), b"up\n")
 
-    def test_missing_unix_socket_exits_1(self):
+    def test_service_name_as_port(self):
+        for form in ("two arguments", "HOST:SERVICE"):
+            with self.subTest(form=form):
+                name, sock = free_service()
+                peer = Peer(exchange(b"by name\n"), sock=sock)
+                args = (["127.0.0.1", name] if form == "two arguments"
+                        else ["127.0.0.1:" + name])
+                rc, out, err = run(args, b"up\n")
+                self.assertEqual((rc, err, out), (0, "", b"by name\n"))
+                self.assertEqual(peer.result(), b"up\n")
+
+    def test_unknown_service_is_a_usage_error(self):
+        rc, out, err = run(["127.0.0.1", "no-such-service"])
+        self.assertEqual(rc, 2)
+        self.assertIn("duplexcat: unknown port or service name: "
+                      "no-such-service (tcp)\n", err)
+
+    def test_unix_flag_takes_a_path(self):
         with tempfile.TemporaryDirectory() as d:
-            rc, out, err = run(["unix:" + os.path.join(d, "none")])
-        self.assertEqual(rc, 1)
-        self.assertIn("no such file", err)
+            path = os.path.join(d, "peer.sock")
+            peer = Peer(exchange(b"down\n"), socket.AF_UNIX, path)
+            rc, out, err = run(["-U", path], b"up\n")
+            self.assertEqual((rc, err, out), (0, "", b"down\n"))
+            self.assertEqual(peer.result(), b"up\n")
 
-    def test_bad_usage_exits_2(self):
-        for args in ([], ["-x", "127.0.0.1:1"], ["127.0.0.1"],
-                     ["127.0.0.1:0"], ["127.0.0.1:65536"], ["::1:80"],
-                     ["127.0.0.1:http"], ["-i", "0", "127.0.0.1:1"],
-                     ["-w", "abc", "127.0.0.1:1"], ["a:1", "b:2"],
-                     ["-p", "/tmp/x", "127.0.0.1:1"], ["unix:"],
-                     ["-l", "127.0.0.1:x"]):
+
+class Help(unittest.TestCase):
+    def test_help_long_and_short(self):
+        for flag in ("-h", "--help"):
+            with self.subTest(flag=flag):
+                rc, out, err = run([flag])
+                self.assertEqual((rc, err), (0, ""))
+                self.assertTrue(out.startswith(b"usage: duplexcat"))
+                self.assertIn(b"Exit status", out)
+
+    def test_version(self):
+        rc, out, err = run(["--version"])
+        self.assertEqual((rc, err), (0, ""))
+        self.assertRegex(out.decode(),
+                         r"^duplexcat \d+\.\d+\.\d+ \(libduplex \d+\.\d+\.\d+\)\n$")
+
+
+class Errors(unittest.TestCase):
+    """Every message names what failed; exit status 1 (runtime) or 2."""
+
+    def test_connection_refused_names_host_and_port(self):
+        port = closed_port()
+        for args in (["127.0.0.1:%d" % port], ["127.0.0.1", str(port)]):
             with self.subTest(args=args):
                 rc, out, err = run(args)
-                self.assertEqual(rc, 2)
-                self.assertIn("usage:", err)
+                self.assertEqual((rc, err), (1, "duplexcat: connect to 127.0.0.1 "
+                                 "port %d (tcp): connection refused\n" % port))
 
-    def test_help_exits_0(self):
-        rc, out, err = run(["-h"])
-        self.assertEqual(rc, 0)
-        self.assertIn(b"usage:", out)
+    def test_unknown_host_names_the_host(self):
+        # .invalid never resolves (RFC 6761); -w bounds a resolver that
+        # does not answer, and the message names the host either way.
+        rc, out, err = run(["-w", "20", "no-such-host.invalid", "7"])
+        self.assertEqual(rc, 1)
+        self.assertTrue(err.startswith("duplexcat: connect to "
+                                       "no-such-host.invalid port 7 (tcp): "),
+                        err)
+
+    def test_quiet_prints_nothing(self):
+        rc, out, err = run(["-q", "127.0.0.1:%d" % closed_port()])
+        self.assertEqual((rc, err), (1, ""))
+
+    def test_missing_unix_socket_names_the_path(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "none")
+            rc, out, err = run(["unix:" + path])
+        self.assertEqual((rc, err), (1, "duplexcat: connect to %s (unix): "
+                                        "no such file or directory\n" % path))
+
+    def test_reset_by_peer_names_the_connection(self):
+        def handler(conn):
+            got = conn.recv(100)  # duplexcat is connected
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return got  # closed with linger 0: RST
+        peer = Peer(handler)
+        p = subprocess.Popen([DUPLEXCAT, peer.address], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            p.stdin.write(b"hi\n")
+            p.stdin.flush()  # stdin stays open: only the reset ends it
+            _, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail("hang guard: duplexcat still running %d s after the "
+                      "peer reset the connection (killed)" % TIMEOUT)
+        finally:
+            stop(p)
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
+        self.assertEqual(peer.result(), b"hi\n")
+        self.assertEqual((p.returncode, err.decode()),
+                         (1, "duplexcat: connection to 127.0.0.1 port %d "
+                             "(tcp): connection reset by peer\n" % peer.port))
+
+    def test_broken_stdout_exits_1(self):
+        def handler(conn):
+            try:  # until duplexcat is gone (its stdout reader left)
+                while True:
+                    conn.sendall(b"x" * 65536)
+            except OSError:
+                return None
+        peer = Peer(handler)
+        with open(os.devnull, "rb") as null:
+            p = subprocess.Popen([DUPLEXCAT, peer.address], stdin=null,
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        try:
+            p.stdout.read(1)
+            p.stdout.close()  # the reader goes away
+            _, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail("hang guard: duplexcat still running %d s after its "
+                      "stdout reader left (killed)" % TIMEOUT)
+        finally:
+            stop(p)
+            p.stderr.close()
+        self.assertEqual((p.returncode, err.decode()),
+                         (1, "duplexcat: stdout: broken pipe\n"))
+        peer.result()
+
+    def test_closed_stdout_discards_output(self):
+        # With fd 1 closed, the next descriptor opened would be 1; duplexcat
+        # parks /dev/null there so it never adopts its own descriptor.
+        peer = Peer(exchange(b"into the void\n"))
+        r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", DUPLEXCAT,
+                            peer.address], input=b"up\n",
+                           capture_output=True, timeout=TIMEOUT)
+        self.assertEqual((r.returncode, r.stderr), (0, b""))
+        self.assertEqual(peer.result(), b"up\n")
+
+    def test_bad_usage_exits_2(self):
+        for args in ([], ["-x", "127.0.0.1:1"], ["--bogus", "127.0.0.1:1"],
+                     ["127.0.0.1"], ["127.0.0.1:0"], ["127.0.0.1:65536"],
+                     ["127.0.0.1", "0"], ["127.0.0.1", "65536"], ["::1:80"],
+                     ["127.0.0.1:no-such-service"], ["-i", "0", "127.0.0.1:1"],
+                     ["-w", "abc", "127.0.0.1:1"], ["-w"], ["a:1", "b:2"],
+                     ["a", "1", "2"], ["-p", "/tmp/x", "127.0.0.1:1"],
+                     ["unix:"], ["unix:/tmp/x", "1"], ["-U", "a", "b"],
+                     ["-l", "127.0.0.1:x"], ["-k", "127.0.0.1", "1"],
+                     ["-4", "-6", "127.0.0.1", "1"], ["-6", "127.0.0.1", "1"],
+                     ["-4", "::1", "1"], ["-4", "-U", "/tmp/x"],
+                     # nc habits whose flags mean something else here:
+                     ["-q", "1", "127.0.0.1", "1"],  # nc: quit after 1 s
+                     ["-l", "-p", "8080"]):          # nc: listen on 8080
+            with self.subTest(args=args):
+                rc, out, err = run(args)
+                self.assertEqual((rc, out), (2, b""))
+                self.assertRegex(err, r"^duplexcat: .*\nusage: duplexcat ")
+        rc, out, err = run(["-l", "-p", "8080"])
+        self.assertIn("not nc's port", err)
 
     def test_idle_timeout_exits_1(self):
         def handler(conn):  # accepts, never sends, waits for our close
@@ -251,7 +427,9 @@ class Errors(unittest.TestCase):
             for f in (p.stdin, p.stdout, p.stderr):
                 f.close()
         self.assertEqual(rc, 1)
-        self.assertEqual(err, "duplexcat: timed out\n")
+        self.assertEqual(err, "duplexcat: connection to 127.0.0.1 port %d "
+                              "(tcp): nothing sent or received for 0.2 s "
+                              "(-i): timed out\n" % peer.port)
         peer.result()
 
     def test_connect_timeout_exits_1(self):
@@ -271,7 +449,8 @@ class Errors(unittest.TestCase):
         rc, out, err = run(["-w", "0.3", "-i", "5", "127.0.0.1:%d" % port])
         for c in fillers + [s]:
             c.close()
-        self.assertEqual((rc, err), (1, "duplexcat: timed out\n"))
+        self.assertEqual((rc, err), (1, "duplexcat: connect to 127.0.0.1 "
+                                        "port %d (tcp): timed out\n" % port))
 
 
 class Lines(unittest.TestCase):
@@ -295,8 +474,79 @@ class Lines(unittest.TestCase):
         rc, out, err = run(["-L", peer.address], b"")
         self.assertEqual(rc, 1)
         self.assertEqual(out, b"whole\n")
-        self.assertEqual(err, "duplexcat: protocol error\n")
+        self.assertEqual(err, "duplexcat: connection to 127.0.0.1 port %d "
+                              "(tcp): protocol error\n" % peer.port)
         peer.result()
+
+
+class Shutdown(unittest.TestCase):
+    """-N (half-close at the end of stdin) is the default; --no-shutdown
+    keeps the sending side open as nc does without -N."""
+
+    def test_half_close_peer_keeps_sending_after_our_eof(self):
+        def handler(conn):
+            got = recv_all(conn)  # our EOF arrives first ...
+            for i in range(100):  # ... then the peer still talks
+                conn.sendall(b"late %d\n" % i)
+            return got
+        for flags in ([], ["-N"], ["--shutdown"]):
+            with self.subTest(flags=flags):
+                peer = Peer(handler)
+                rc, out, err = run(flags + [peer.address], b"bye\n")
+                self.assertEqual((rc, err), (0, ""))
+                self.assertEqual(peer.result(), b"bye\n")
+                self.assertEqual(out, b"".join(b"late %d\n" % i
+                                               for i in range(100)))
+
+    def test_no_shutdown_leaves_the_sending_side_open(self):
+        told = threading.Event()  # duplexcat has handled the end of stdin
+
+        def handler(conn):
+            got = b""
+            while len(got) < 6:
+                d = conn.recv(100)
+                if not d:
+                    break
+                got += d
+            if not told.wait(TIMEOUT):
+                raise AssertionError("hang guard: no 'end of input' line")
+            conn.setblocking(False)
+            try:
+                eof = conn.recv(100) == b""
+            except BlockingIOError:
+                eof = False  # nothing and no EOF: still open
+            conn.setblocking(True)
+            conn.sendall(b"reply\n")
+            return got, eof  # the handler's close ends duplexcat
+        peer = Peer(handler)
+        p = subprocess.Popen([DUPLEXCAT, "-v", "--no-shutdown", peer.address],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        lines = []
+        try:
+            p.stdin.write(b"hello\n")
+            p.stdin.close()
+            guard = threading.Timer(TIMEOUT, p.kill)
+            guard.start()
+            for line in p.stderr:  # until duplexcat saw the end of stdin
+                lines.append(line.decode())
+                if "end of input" in line.decode():
+                    told.set()
+                    break
+            out = p.stdout.read()
+            lines += [l.decode() for l in p.stderr]
+            rc = p.wait(TIMEOUT)
+            guard.cancel()
+        finally:
+            stop(p)
+            p.stdout.close()
+            p.stderr.close()
+        self.assertTrue(told.is_set(), "no 'end of input' on stderr: %r"
+                        % lines)
+        self.assertEqual(peer.result(), (b"hello\n", False))
+        self.assertEqual((rc, out), (0, b"reply\n"))
+        self.assertIn("duplexcat: end of input: the connection stays open "
+                      "until the peer closes (--no-shutdown)\n", lines)
 
 
 class Listen(unittest.TestCase):
@@ -319,28 +569,10 @@ class Listen(unittest.TestCase):
             t = threading.Thread(target=communicate, daemon=True)
             t.start()
             try:
-                # The address file appears once duplexcat listens; a whole
-                # line (newline-terminated) means it is complete.
-                address = ""
-                deadline = time.monotonic() + TIMEOUT
-                while True:
-                    try:
-                        with open(addr_file) as f:
-                            address = f.read()
-                    except FileNotFoundError:
-                        pass
-                    if address.endswith("\n"):
-                        break
-                    if p.poll() is not None:
-                        t.join(TIMEOUT)
-                        err = result.get("err", b"").decode(errors="replace")
-                        self.fail("duplexcat -l exited %s before writing its "
-                                  "address; stderr: %r" % (p.returncode, err))
-                    if time.monotonic() > deadline:
-                        self.fail("hang guard: duplexcat -l wrote no address "
-                                  "to %s within %d s" % (addr_file, TIMEOUT))
-                    time.sleep(0.01)
-                sent, got = connect(address.strip())
+                address = wait_for_address(self, p, addr_file,
+                                           lambda: t.join(TIMEOUT) or
+                                           result.get("err", b""))
+                sent, got = connect(address)
                 t.join(TIMEOUT)
                 error = result.get("error")
                 if t.is_alive() or isinstance(error,
@@ -353,11 +585,10 @@ class Listen(unittest.TestCase):
                 stop(p)  # every way out: nothing outlives the test
                 t.join(TIMEOUT)
             return p.returncode, result["out"], result["err"].decode(), \
-                address.strip(), sent, got
+                address, sent, got
 
     def tcp_client(self, address):
-        host, port = address.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), TIMEOUT) as s:
+        with socket.create_connection(client_address(address), TIMEOUT) as s:
             s.sendall(b"to server\n")
             s.shutdown(socket.SHUT_WR)
             return b"to server\n", recv_all(s)
@@ -371,21 +602,46 @@ class Listen(unittest.TestCase):
         self.assertIn("duplexcat: connection from 127.0.0.1:", err)
         self.assertEqual((out, got), (sent, b"to client\n"))
 
-    def test_listen_unix(self):
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "sock")
+    def test_listen_host_port_and_port_alone(self):
+        for args, pattern in ((["127.0.0.1", "0"], r"^127\.0\.0\.1:\d+$"),
+                              (["0"], r"^0\.0\.0\.0:\d+$"),
+                              (["localhost", "0"], r"^127\.0\.0\.1:\d+$")):
+            with self.subTest(args=args):
+                rc, out, err, address, sent, got = self.serve(
+                    args, self.tcp_client)
+                self.assertRegex(address, pattern)
+                self.assertEqual((rc, out, got),
+                                 (0, sent, b"to client\n"))
 
-            def client(address):
-                self.assertEqual(address, path)
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(path)
-                    s.sendall(b"over unix\n")
-                    s.shutdown(socket.SHUT_WR)
-                    return b"over unix\n", recv_all(s)
-            rc, out, err, address, sent, got = self.serve(["unix:" + path],
-                                                          client)
-            self.assertEqual((rc, out, got), (0, sent, b"to client\n"))
-            self.assertFalse(os.path.exists(path))  # removed on close
+    def test_listen_on_a_service_name(self):
+        name, sock = free_service()
+        port = sock.getsockname()[1]
+        sock.close()
+        rc, out, err, address, sent, got = self.serve(["127.0.0.1", name],
+                                                      self.tcp_client)
+        self.assertEqual(address, "127.0.0.1:%d" % port)
+        self.assertEqual((rc, out, got), (0, sent, b"to client\n"))
+
+    def unix_client(self, path):
+        def client(address):
+            self.assertEqual(address, path)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                s.sendall(b"over unix\n")
+                s.shutdown(socket.SHUT_WR)
+                return b"over unix\n", recv_all(s)
+        return client
+
+    def test_listen_unix(self):
+        for form in ("unix:PATH", "-U PATH"):
+            with self.subTest(form=form), tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "sock")
+                args = ["unix:" + path] if form == "unix:PATH" \
+                    else ["-U", path]
+                rc, out, err, address, sent, got = self.serve(
+                    args, self.unix_client(path))
+                self.assertEqual((rc, out, got), (0, sent, b"to client\n"))
+                self.assertFalse(os.path.exists(path))  # removed on close
 
     def test_duplexcat_to_duplexcat_lines(self):
         def client(address):
@@ -400,16 +656,306 @@ class Listen(unittest.TestCase):
         rc, out, err = run(["-q", "-w", "0.2", "-l", "127.0.0.1:0"])
         self.assertEqual((rc, out, err), (1, b"", ""))
         rc, out, err = run(["-w", "0.2", "-l", "127.0.0.1:0"])
-        self.assertEqual((rc, err), (1, "duplexcat: accept: timed out\n"))
+        self.assertEqual(rc, 1)
+        self.assertRegex(err, r"^duplexcat: accept on 127\.0\.0\.1 port "
+                              r"[1-9][0-9]* \(tcp\): timed out\n$")
 
-    def test_address_in_use_exits_1(self):
+    def test_address_in_use_names_the_address(self):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         s.listen(1)
+        port = s.getsockname()[1]
         with s:
-            rc, out, err = run(["-l", "127.0.0.1:%d" % s.getsockname()[1]])
+            rc, out, err = run(["-l", "127.0.0.1:%d" % port])
+        self.assertEqual((rc, err), (1, "duplexcat: listen on 127.0.0.1 port "
+                                        "%d (tcp): address already in use\n"
+                                        % port))
+
+    def test_error_names_the_client(self):
+        def client(address):
+            with socket.create_connection(client_address(address),
+                                          TIMEOUT) as s:
+                got = s.recv(100)  # served: stdin arrived
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                             b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return s.getsockname()[1], got  # closed with RST
+        rc, out, err, address, port, got = self.serve(["127.0.0.1:0"], client)
+        self.assertEqual((rc, got), (1, b"to client\n"))
+        self.assertIn("duplexcat: connection from 127.0.0.1:%d: " % port, err)
+
+
+def wait_for_address(test, p, addr_file, stderr_of):
+    """The address duplexcat -l -p wrote, once complete (a whole line)."""
+    address = ""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            with open(addr_file) as f:
+                address = f.read()
+        except FileNotFoundError:
+            pass
+        if address.endswith("\n"):
+            return address.strip()
+        if p.poll() is not None:
+            test.fail("duplexcat -l exited %s before writing its address; "
+                      "stderr: %r" % (p.returncode, stderr_of()))
+        if time.monotonic() > deadline:
+            test.fail("hang guard: duplexcat -l wrote no address to %s "
+                      "within %d s" % (addr_file, TIMEOUT))
+        time.sleep(0.01)
+
+
+class Server:
+    """duplexcat -l -p FILE ARGS running in the background; stdout and
+    stderr are collected by threads; stdin is a pipe (write(), eof()) or
+    the given file."""
+
+    def __init__(self, test, args, stdin=subprocess.PIPE, prefix=()):
+        self.test = test
+        self.dir = tempfile.TemporaryDirectory()
+        test.addCleanup(self.dir.cleanup)
+        addr_file = os.path.join(self.dir.name, "addr")
+        self.p = subprocess.Popen(
+            list(prefix) + [DUPLEXCAT, "-p", addr_file, "-l"] + args,
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        test.addCleanup(self.cleanup)
+        self.out, self.err = bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self._drain, args=(f, buf),
+                                         daemon=True)
+                        for f, buf in ((self.p.stdout, self.out),
+                                       (self.p.stderr, self.err))]
+        for t in self.readers:
+            t.start()
+        self.address = wait_for_address(test, self.p, addr_file,
+                                        lambda: bytes(self.err))
+
+    @staticmethod
+    def _drain(f, buf):
+        for chunk in iter(lambda: f.read1(65536), b""):
+            buf += chunk
+
+    def write(self, data):
+        self.p.stdin.write(data)
+        self.p.stdin.flush()
+
+    def eof(self):
+        self.p.stdin.close()
+
+    def wait_stdout(self, expected):
+        """Until stdout is exactly expected (hang guard)."""
+        deadline = time.monotonic() + TIMEOUT
+        while bytes(self.out) != expected:
+            if not bytes(expected).startswith(bytes(self.out)):
+                self.test.fail("stdout %r is not heading for %r"
+                               % (bytes(self.out), expected))
+            if time.monotonic() > deadline:
+                self.test.fail("hang guard: stdout still %r, not %r, after "
+                               "%d s" % (bytes(self.out), expected, TIMEOUT))
+            time.sleep(0.01)
+
+    def wait(self):
+        """The exit status (negative: the signal that ended it)."""
+        try:
+            rc = self.p.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.test.fail("hang guard: duplexcat -l still running after %d "
+                           "s (killed); stderr: %r" % (TIMEOUT,
+                                                       bytes(self.err)))
+        for t in self.readers:
+            t.join(TIMEOUT)
+        return rc
+
+    def cleanup(self):
+        stop(self.p)
+        for f in (self.p.stdin, self.p.stdout, self.p.stderr):
+            if f is not None:
+                f.close()
+
+
+def connect_unix(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(TIMEOUT)
+    s.connect(path)
+    return s
+
+
+def recv_exactly(s, n):
+    got = b""
+    while len(got) < n:
+        d = s.recv(n - len(got))
+        if not d:
+            break
+        got += d
+    return got
+
+
+class UnixSocketFile(unittest.TestCase):
+    """The socket file of -l -U goes at every exit: normal, error, and
+    SIGINT / SIGTERM / SIGHUP (then duplexcat dies of the signal)."""
+
+    def sock_path(self):
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        return os.path.join(d.name, "listen.sock")
+
+    def assert_socket(self, path):
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+    def test_signal_while_waiting_removes_the_file(self):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=sig.name):
+                path = self.sock_path()
+                srv = Server(self, ["-U", path])
+                self.assert_socket(path)
+                srv.p.send_signal(sig)
+                self.assertEqual(srv.wait(), -sig)
+                self.assertFalse(os.path.lexists(path))
+
+    def test_sigint_with_keep_after_serving_removes_the_file(self):
+        path = self.sock_path()
+        srv = Server(self, ["-k", "-U", path])
+        with connect_unix(path) as s:
+            s.sendall(b"one\n")
+            s.shutdown(socket.SHUT_WR)
+            self.assertEqual(recv_all(s), b"")  # closed at its EOF (-k)
+        srv.wait_stdout(b"one\n")
+        self.assert_socket(path)  # still listening for the next
+        srv.p.send_signal(signal.SIGINT)
+        self.assertEqual(srv.wait(), -signal.SIGINT)
+        self.assertFalse(os.path.lexists(path))
+
+    def test_accept_timeout_removes_the_file(self):
+        path = self.sock_path()
+        srv = Server(self, ["-q", "-w", "0.2", "-U", path])
+        self.assertEqual(srv.wait(), 1)
+        self.assertFalse(os.path.lexists(path))
+
+    def test_inherited_ignored_sigint_stays_ignored(self):
+        # A background job of a shell starts with SIGINT ignored: duplexcat
+        # keeps it so. The signal is dropped when sent, so once kill()
+        # returned, serving a client shows that duplexcat lives on.
+        path = self.sock_path()
+        srv = Server(self, ["-U", path],
+                     prefix=["sh", "-c", 'trap "" INT; exec "$@"', "sh"])
+        srv.p.send_signal(signal.SIGINT)
+        with connect_unix(path) as s:
+            s.sendall(b"still here\n")
+            s.shutdown(socket.SHUT_WR)
+            srv.eof()
+            self.assertEqual(recv_all(s), b"")
+        self.assertEqual(srv.wait(), 0)
+        self.assertEqual(bytes(srv.out), b"still here\n")
+        self.assertFalse(os.path.lexists(path))
+
+
+class Keep(unittest.TestCase):
+    """-k: clients are served one at a time, each until its EOF."""
+
+    def test_clients_one_after_another(self):
+        srv = Server(self, ["-k", "127.0.0.1", "0"])
+        for i in range(3):
+            with socket.create_connection(client_address(srv.address),
+                                          TIMEOUT) as s:
+                s.sendall(b"client %d\n" % i)
+                s.shutdown(socket.SHUT_WR)
+                self.assertEqual(recv_all(s), b"")
+        srv.wait_stdout(b"client 0\nclient 1\nclient 2\n")
+        srv.p.terminate()
+        self.assertEqual(srv.wait(), -signal.SIGTERM)
+
+    def test_second_client_waits_for_the_first(self):
+        srv = Server(self, ["-k", "127.0.0.1:0"])
+        addr = client_address(srv.address)
+        a = socket.create_connection(addr, TIMEOUT)
+        b = socket.create_connection(addr, TIMEOUT)
+        with a, b:
+            srv.write(b"for a\n")  # stdin goes to the client being served
+            self.assertEqual(recv_exactly(a, 6), b"for a\n")
+            b.sendall(b"from b\n")  # b waits: not read yet
+            a.sendall(b"from a\n")
+            a.shutdown(socket.SHUT_WR)  # a is done: b's turn
+            self.assertEqual(recv_all(a), b"")
+            srv.write(b"for b\n")
+            self.assertEqual(recv_exactly(b, 6), b"for b\n")
+            srv.wait_stdout(b"from a\nfrom b\n")
+            srv.eof()  # end of stdin: b's sending side is shut down
+            self.assertEqual(recv_all(b), b"")
+        srv.p.terminate()
+        self.assertEqual(srv.wait(), -signal.SIGTERM)
+
+    def test_after_stdin_ends_each_client_gets_eof_at_once(self):
+        with open(os.devnull, "rb") as null:
+            srv = Server(self, ["-k", "127.0.0.1:0"], stdin=null)
+        for i in range(2):
+            with socket.create_connection(client_address(srv.address),
+                                          TIMEOUT) as s:
+                self.assertEqual(recv_all(s), b"")  # before we send
+                s.sendall(b"late %d\n" % i)
+                s.shutdown(socket.SHUT_WR)
+        srv.wait_stdout(b"late 0\nlate 1\n")
+        srv.p.terminate()
+        self.assertEqual(srv.wait(), -signal.SIGTERM)
+
+
+class Family(unittest.TestCase):
+    """-4 / -6 restrict names to one address family."""
+
+    def test_ipv4_by_name(self):
+        for extra in ([], ["-w", "30"]):  # -w: the lookup has a deadline
+            with self.subTest(extra=extra):
+                peer = Peer(exchange(b"four\n"))
+                rc, out, err = run(["-4"] + extra +
+                                   ["localhost", str(peer.port)], b"up\n")
+                self.assertEqual((rc, err, out), (0, "", b"four\n"))
+                self.assertEqual(peer.result(), b"up\n")
+
+    def test_ipv6_only_never_tries_ipv4(self):
+        # Listening on 127.0.0.1 only; [::1] on the same port is bound but
+        # not listening (refuses), if this host has ::1 at all.
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        reserve = None
+        try:
+            reserve = socket.socket(socket.AF_INET6)
+            reserve.bind(("::1", port))
+        except OSError:
+            pass
+        try:
+            rc, out, err = run(["-6", "localhost", str(port)], b"up\n")
+        finally:
+            s.close()
+            if reserve is not None:
+                reserve.close()
         self.assertEqual(rc, 1)
-        self.assertIn("address already in use", err)
+        self.assertTrue(err.startswith("duplexcat: connect to localhost port "
+                                       "%d (tcp): " % port), err)
+
+    def test_ipv6_numeric(self):
+        peer = v6_peer(exchange(b"six\n"))
+        if peer is None:
+            self.skipTest("no ::1")
+        rc, out, err = run(["-6", "::1", str(peer.port)], b"up\n")
+        self.assertEqual((rc, err, out), (0, "", b"six\n"))
+        self.assertEqual(peer.result(), b"up\n")
+
+    def test_listen_ipv4_and_ipv6(self):
+        for flag, pattern in (("-4", r"^0\.0\.0\.0:\d+$"),
+                              ("-6", r"^\[::\]:\d+$")):
+            with self.subTest(flag=flag):
+                if flag == "-6" and v6_peer(lambda c: None) is None:
+                    self.skipTest("no ::1")
+                srv = Server(self, [flag, "0"])
+                self.assertRegex(srv.address, pattern)
+                with socket.create_connection(client_address(srv.address),
+                                              TIMEOUT) as s:
+                    s.sendall(b"hi\n")
+                    s.shutdown(socket.SHUT_WR)
+                    srv.eof()
+                    self.assertEqual(recv_all(s), b"")
+                self.assertEqual(srv.wait(), 0)
+                self.assertEqual(bytes(srv.out), b"hi\n")
 
 
 class Unix(unittest.TestCase):
@@ -428,4 +974,9 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: duplexcat_test.py PATH-TO-DUPLEXCAT [unittest args]")
     DUPLEXCAT = os.path.abspath(sys.argv.pop(1))
+    # The signal tests need duplexcat to start with the default actions:
+    # an ignored signal is inherited across exec (and duplexcat keeps it).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     unittest.main(verbosity=2)
