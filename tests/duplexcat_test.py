@@ -7,10 +7,13 @@ Loopback and temporary directories only. Every wait has a hang guard
 (TIMEOUT): a duplexcat that outlives it is killed and the test fails saying
 what it was waiting for; no test asserts on wall-clock time. Peer threads
 are daemons, so a stuck one cannot keep the process alive either.
+The man page and docs/duplexcat.md are found next to this file
+(../tools/duplexcat.1, ../docs/duplexcat.md).
 """
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -24,6 +27,7 @@ import unittest
 DUPLEXCAT = None
 TIMEOUT = 60
 MB = 1 << 20
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Services with an unprivileged port in most /etc/services: one that is
 # free on 127.0.0.1 stands in for "http" (port 80 needs root).
 SERVICES = ["x11", "postgresql", "mysql", "svn", "git", "http-alt",
@@ -293,6 +297,46 @@ class Help(unittest.TestCase):
         self.assertEqual((rc, err), (0, ""))
         self.assertRegex(out.decode(),
                          r"^duplexcat \d+\.\d+\.\d+ \(libduplex \d+\.\d+\.\d+\)\n$")
+
+    def help_options(self):
+        rc, out, err = run(["--help"])
+        opts = re.findall(r"(?m)^  (?:(-\w), )?\s*(--[\w-]+)", out.decode())
+        self.assertGreater(len(opts), 10)
+        return opts
+
+    def test_man_page_and_docs_describe_every_option(self):
+        with open(os.path.join(SOURCE, "tools", "duplexcat.1")) as f:
+            man = f.read()
+        # Plain text from the roff source: \- is a minus, \fB... fonts.
+        man = re.sub(r"\\f[BIRP]", "", man.replace("\\-", "-"))
+        with open(os.path.join(SOURCE, "docs", "duplexcat.md")) as f:
+            md = f.read()
+        def mentions(text, flag):
+            return re.search(re.escape(flag) + r"(?![\w-])", text) is not None
+        for short, long_ in self.help_options():
+            for name, text in (("duplexcat.1", man), ("duplexcat.md", md)):
+                for flag in filter(None, (short, long_)):
+                    with self.subTest(option=flag, doc=name):
+                        self.assertTrue(mentions(text, flag),
+                                        "%s does not mention %s" % (name, flag))
+        # Flags that nc (OpenBSD) reads differently are set side by side.
+        for name, text in (("duplexcat.1", man), ("duplexcat.md", md)):
+            with self.subTest(table=name):
+                self.assertTrue("nc (OpenBSD)" in text,
+                                "%s has no nc comparison table" % name)
+
+    def test_man_page_renders_without_warnings(self):
+        groff = shutil.which("groff")
+        if groff is None:
+            self.skipTest("no groff")
+        r = subprocess.run([groff, "-t", "-man", "-Tutf8", "-ww",
+                            os.path.join(SOURCE, "tools", "duplexcat.1")],
+                           capture_output=True, timeout=TIMEOUT)
+        self.assertEqual((r.returncode, r.stderr.decode()), (0, ""))
+        text = re.sub(".\b", "", r.stdout.decode(errors="replace"))  # bold
+        for section in ("NAME", "SYNOPSIS", "OPTIONS", "EXIT STATUS",
+                        "SIGNALS"):
+            self.assertIn(section, text)
 
 
 class Errors(unittest.TestCase):
