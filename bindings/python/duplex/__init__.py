@@ -11,18 +11,21 @@ DUPLEX_LIBRARY names. The distribution is called libduplex.
         conn.shutdown()
         conn.wait_closed()
 
-Callbacks run on the loop thread and take the GIL: keep them short. See
-docs/python.md for the whole story, and duplex.aio for asyncio streams.
+duplex.LoopGroup(n) runs n loops on n threads: one listener for all of
+them, pick() for outgoing conns. Callbacks run on the loop thread and take
+the GIL: keep them short. See docs/python.md for the whole story, and
+duplex.aio for asyncio streams.
 """
 from . import _ffi
-from ._core import (Channel, Conn, Listener, Loop, Timer, adopt, adopt_pair,
-                    connect_tcp, connect_unix, listen_tcp, listen_unix)
+from ._core import (Channel, Conn, Listener, Loop, LoopGroup, LoopStats,
+                    Timer, adopt, adopt_pair, connect_tcp, connect_unix,
+                    listen_tcp, listen_unix)
 from .errors import (DuplexError, WouldBlock, WouldDeadlock, err_name,
                      strerror)
 
-__all__ = ["Loop", "Conn", "Listener", "Timer", "Channel", "connect_tcp",
-           "connect_unix", "adopt", "adopt_pair", "listen_tcp",
-           "listen_unix", "DuplexError", "WouldBlock", "WouldDeadlock",
+__all__ = ["Loop", "LoopGroup", "LoopStats", "Conn", "Listener", "Timer",
+           "Channel", "connect_tcp", "connect_unix", "adopt", "adopt_pair",
+           "listen_tcp", "listen_unix", "DuplexError", "WouldBlock", "WouldDeadlock",
            "strerror", "err_name", "version", "version_string", "errors",
            "aio", "WRITE_OVERHEAD"]
 

@@ -1,4 +1,5 @@
-"""The Pythonic layer over duplex._ffi: Loop, Conn, Listener, Timer, Channel.
+"""The Pythonic layer over duplex._ffi: Loop, LoopGroup, Conn, Listener,
+Timer, Channel.
 
 How C reaches Python (see docs/abi.md and docs/python.md):
 
@@ -18,6 +19,7 @@ How C reaches Python (see docs/abi.md and docs/python.md):
   Conn.wait_closed(), Channel.wait_closed() and Loop.close().
 """
 import atexit
+import collections
 import ctypes
 import math
 import signal
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from ctypes import byref, c_size_t, c_uint16, c_void_p
+from ctypes import byref, c_size_t, c_uint, c_uint16, c_void_p
 
 from . import _ffi
 from .errors import CODES, DuplexError, WouldBlock, error, check
@@ -37,6 +39,7 @@ _ETIMEDOUT = CODES["ETIMEDOUT"]
 _EWOULDBLOCK = CODES["EWOULDBLOCK"]
 _ENOBUFS = CODES["ENOBUFS"]
 _ENOTSUP = CODES["ENOTSUP"]
+_EBUSY = CODES["EBUSY"]
 
 
 # ---- the handle table ---------------------------------------------------------
@@ -250,7 +253,7 @@ def _conn_of(conn_p, user):
 def _t_open(conn_p, user):
     obj = _handles.get(user)
     if isinstance(obj, _AcceptSpec):
-        conn = Conn._accepted(obj, conn_p)
+        conn = Conn._accepted(obj, conn_p, obj.loop_here())
     else:
         conn = _conn_of(conn_p, user)
         if conn is None:
@@ -328,7 +331,7 @@ def _t_listen_error(_l, status, user):
     if isinstance(spec, _AcceptSpec) and spec.listener is not None:
         fn = spec.listener.on_error
         if fn is not None:
-            spec.loop._invoke(fn, spec.listener, error(status))
+            spec.loop_here()._invoke(fn, spec.listener, error(status))
 
 
 @_trampoline(_ffi.channel_cb)
@@ -410,7 +413,14 @@ def _t_unpin(loop_p, status, _arg):
 
 # ---- Loop ------------------------------------------------------------------------
 
-_live_loops = set()
+_live_loops = set()  # Loops and LoopGroups to close at interpreter exit
+
+LoopStats = collections.namedtuple("LoopStats", "conns queued accepted")
+LoopStats.__doc__ = """A loop's figures (duplex_loop_get_stats): ``conns``
+live conns (created on the loop, on_close not yet returned), ``queued``
+bytes queued for writing over them (as Conn.queued counts), ``accepted``
+conns listeners accepted onto the loop in total. Each is exact at some
+instant of the call; the three are not one snapshot."""
 
 
 class Loop:
@@ -424,13 +434,38 @@ class Loop:
     which frees the loop (closing every conn, channel, listener and timer on
     it) and re-raises an exception a callback raised, if nothing reported it
     yet. A loop still open at interpreter exit is closed by an atexit hook.
+
+    The loops of a :class:`LoopGroup` are Loop objects too (``group.loops``),
+    run and freed by their group: start(), run() and close() on one raise
+    DuplexError(EBUSY) while the group is open.
     """
+
+    _group = None  # the LoopGroup that runs and frees it, if any
 
     def __init__(self, *, start=True, read_buffer_size=0):
         opts = _ffi.loop_opts(read_buffer_size=read_buffer_size)
         out = c_void_p()
         check(_ffi.loop_new(byref(out), byref(opts)), "Loop")
-        self._p = out.value
+        self._setup(out.value)
+        _live_loops.add(self)
+        if start:
+            self.start()
+
+    @classmethod
+    def _member(cls, group, p):
+        """The Loop object of a group's loop: it takes a reference of its
+        own on the pointer (the group frees the loop; the reference is
+        dropped once, by the group's close, after the free)."""
+        self = object.__new__(cls)
+        _ffi.loop_ref(p)
+        self._setup(p)
+        self._group = group
+        self._started = True  # the group runs it on a thread of its own
+        return self
+
+    def _setup(self, p):
+        self._p = p
+        self._raw = p            # kept after close: compared, never used
         self._cond = threading.Condition()
         self._users = 0          # calls in flight that use the loop pointer
         self._closing = False
@@ -441,9 +476,6 @@ class Loop:
         self._owned = {}         # handle -> Timer/_AcceptSpec, dropped on free
         self._guard = None       # _SigintGuard of a run() on the main thread
         self._poll = None        # its Timer (see _run)
-        _live_loops.add(self)
-        if start:
-            self.start()
 
     # -- guarded access to the loop pointer (never used after free) --
     class _Use:
@@ -651,6 +683,20 @@ class Loop:
         finally:
             _ffi.loop_unref(p)
 
+    def stats(self):
+        """The loop's figures as a :class:`LoopStats` (conns, queued,
+        accepted). Any thread; nothing waits for the loop. Raises ECLOSED
+        once the loop was freed."""
+        out = _ffi.loop_stats()
+        with self._use("Loop.stats") as p:
+            check(_ffi.loop_get_stats(p, byref(out)), "Loop.stats")
+        return LoopStats(out.conns, out.queued, out.accepted)
+
+    @property
+    def group(self):
+        """The LoopGroup this loop belongs to, or None."""
+        return self._group
+
     @property
     def closed(self):
         return self._p is None
@@ -663,7 +709,15 @@ class Loop:
         exception a callback raised, unless it was already raised by run(),
         join() or a wait_closed(). The loop's Conn, Channel, Listener and
         Timer objects stay safe to use: their calls raise ECLOSED, and
-        their close() does nothing."""
+        their close() does nothing.
+
+        A group's loop is freed by its group: close() raises EBUSY while
+        the group is open, and does nothing once it was closed."""
+        if self._group is not None:
+            if self._p is None:
+                return
+            raise error(_EBUSY, "Loop.close: a LoopGroup's loop is freed "
+                        "by LoopGroup.close()")
         with self._cond:
             if self._p is None or self._closing:
                 return
@@ -688,6 +742,18 @@ class Loop:
         finally:
             if guard is not None:
                 guard.restore()
+        self._forget(p)
+        _live_loops.discard(self)
+        if guard is not None and guard.caught is not None:
+            raise guard.caught
+        check(rc, "Loop.close")
+        if not self._failure_reported:
+            self._raise_failure()
+
+    def _forget(self, p):
+        """After the free: mark the loop closed, drop the reference held
+        across the free (the creator's went with the free) and the handle
+        keys of what was on it."""
         # Its thread is gone: a state it still kept (the unpin did not run
         # in time) must not pass for that of a later loop at this address
         # (our reference keeps this one's memory until below).
@@ -699,12 +765,6 @@ class Loop:
         _ffi.loop_unref(p)
         for key in owned:  # no callback can come for these keys any more
             _handles.pop(key)
-        _live_loops.discard(self)
-        if guard is not None and guard.caught is not None:
-            raise guard.caught
-        check(rc, "Loop.close")
-        if not self._failure_reported:
-            self._raise_failure()
 
     def __enter__(self):
         return self
@@ -718,6 +778,9 @@ class Loop:
     def __repr__(self):
         state = "closed" if self._p is None else (
             "started" if self._started else "idle")
+        if self._group is not None:
+            index = self._group._loops.index(self)
+            return f"<duplex.Loop {index} of a LoopGroup, {state}>"
         return f"<duplex.Loop {state}>"
 
 
@@ -818,10 +881,10 @@ class Conn:
         return self
 
     @classmethod
-    def _accepted(cls, spec, conn_p):
+    def _accepted(cls, spec, conn_p, loop):
         # Loop thread, in on_open of a conn a listener accepted: give it a
         # Python object, a reference of its own and its own user key.
-        self = cls._blank(spec.loop, spec.callbacks)
+        self = cls._blank(loop, spec.callbacks)
         _ffi.conn_ref(conn_p)
         self._p = conn_p
         key = _handles.add(self)
@@ -1241,15 +1304,21 @@ class _Ref:
 
 class _AcceptSpec:
     """What a listener's accepted conns start with; its key is the `user`
-    of the listener's conn options, so it lives until the loop is freed
-    (an accept the loop thread is delivering while another thread closes
-    the listener still finds it)."""
+    of the listener's conn options, so it lives until the loop (or group)
+    is freed: an accept a loop thread is delivering while another thread
+    closes the listener still finds it. `owner` is the Loop, or the
+    LoopGroup of a group listener, whose conns open on any of its loops."""
 
-    def __init__(self, loop, on_accept, callbacks):
-        self.loop = loop
+    def __init__(self, owner, on_accept, callbacks):
+        self.owner = owner
         self.on_accept = on_accept
         self.callbacks = callbacks
         self.listener = None
+
+    def loop_here(self):
+        """On a loop thread (on_open, on_error): the Loop running it."""
+        owner = self.owner
+        return owner if isinstance(owner, Loop) else owner._loop_here()
 
 
 class Listener:
@@ -1257,26 +1326,31 @@ class Listener:
 
     ``on_accept(conn)`` runs on the loop thread for each accepted conn,
     which already has the callbacks given to listen_*() (set others on it
-    there). ``on_error(listener, error)`` reports a failed accept.
+    there). ``on_error(listener, error)`` reports a failed accept. A group
+    listener (LoopGroup.listen_tcp/listen_unix) is a Listener too: each
+    conn is accepted onto one of the group's loops, and its on_accept and
+    callbacks run on that loop's thread (``conn.loop``).
 
     The object holds a reference to the C listener and drops it once, in
-    close() (or when collected, closing first). Freeing the loop closes
-    the listener; the object then stays safe: ``port`` and ``address``
-    raise ECLOSED, close() does nothing."""
+    close() (or when collected, closing first). Freeing the loop (the
+    group) closes the listener; the object then stays safe: ``port`` and
+    ``address`` raise ECLOSED, close() does nothing."""
 
     _ref = None
 
     def __init__(self):
-        raise TypeError("use duplex.listen_tcp() or listen_unix()")
+        raise TypeError("use duplex.listen_tcp(), listen_unix() or a "
+                        "LoopGroup's listen_tcp() / listen_unix()")
 
     @classmethod
-    def _create(cls, loop, what, call, on_accept, on_error, backlog, flags,
+    def _create(cls, owner, what, call, on_accept, on_error, backlog, flags,
                 mode, kw):
+        # owner: the Loop, or the LoopGroup (same _use, _cond, _owned).
         callbacks, rest = _split_callbacks(dict(kw))
-        spec = _AcceptSpec(loop, on_accept, callbacks)
+        spec = _AcceptSpec(owner, on_accept, callbacks)
         key = _handles.add(spec)
         self = object.__new__(cls)
-        self._loop = loop
+        self._owner = owner
         self.on_error = on_error
         try:
             copts = _conn_opts(key, **rest)
@@ -1285,7 +1359,7 @@ class Listener:
                                        backlog=backlog, flags=flags,
                                        mode=mode)
             out = c_void_p()
-            with loop._use(what) as lp:
+            with owner._use(what) as lp:
                 rc = call(lp, byref(out), byref(lopts))
                 if rc == 0:
                     # At once: accepts use only the spec, but an on_error
@@ -1293,8 +1367,8 @@ class Listener:
                     # (and is dropped).
                     self._ref = _Ref(out.value, _ffi.listener_unref)
                     spec.listener = self
-                    with loop._cond:
-                        loop._owned[key] = spec
+                    with owner._cond:
+                        owner._owned[key] = spec
         except BaseException:
             _handles.pop(key)
             raise
@@ -1305,7 +1379,7 @@ class Listener:
 
     def _query(self, fn, what, *args):
         # Not after the loop was freed (ECLOSED), like the other objects.
-        with self._loop._use(what):
+        with self._owner._use(what):
             return self._ref.call(fn, what, *args)
 
     @property
@@ -1330,8 +1404,8 @@ class Listener:
 
     @property
     def closed(self):
-        """True after close(), or once the loop was freed."""
-        return self._ref.retired or self._loop.closed
+        """True after close(), or once the loop (group) was freed."""
+        return self._ref.retired or self._owner.closed
 
     def close(self):
         """Stop accepting (conns already accepted stay open): no accept
@@ -1385,6 +1459,226 @@ def listen_unix(loop, path, *, on_accept=None, on_error=None, backlog=0,
         loop, "listen_unix",
         lambda lp, out, o: _ffi.listener_unix(out, lp, p, o),
         on_accept, on_error, backlog, 0, mode, kw)
+
+# ---- LoopGroup -------------------------------------------------------------------
+
+_here = threading.local()  # a group loop's thread: its Loop (see _loop_here)
+
+
+class LoopGroup:
+    """N loops, each run by a thread the library owns (duplex_group_*): a
+    server that uses every core.
+
+    ``LoopGroup(loops=0, pin=False)`` makes the loops (0: one per CPU the
+    process may run on) and starts their threads; ``pin=True`` pins loop
+    i's thread to the i-th CPU of the process's affinity mask (Linux only:
+    elsewhere DuplexError ENOTSUP). ``read_buffer_size`` is passed to every
+    loop, as for Loop().
+
+    ``loops`` are ordinary Loop objects: conns, channels, timers and posts
+    work on them unchanged, and a conn stays on its loop (every callback of
+    it runs on that loop's thread). The group runs and frees them:
+    start(), run() and close() on one raise EBUSY. ``pick()`` returns the
+    least-loaded loop, for an outgoing conn; ``listen_tcp()`` and
+    ``listen_unix()`` listen for the whole group and spread accepted conns
+    over the loops; ``stats()`` reads every loop's figures.
+
+    Use it as a context manager: leaving the block calls :meth:`close`,
+    which frees every loop (as Loop.close() does) and re-raises the first
+    exception a callback raised, if nothing reported it yet. A group still
+    open at interpreter exit is closed by the atexit hook."""
+
+    def __init__(self, loops=0, *, pin=False, read_buffer_size=0):
+        if not isinstance(loops, int) or isinstance(loops, bool) or \
+                not 0 <= loops <= _ffi.GROUP_MAX_LOOPS:
+            raise error(_EINVAL, f"LoopGroup: loops {loops!r} (0 to "
+                        f"{_ffi.GROUP_MAX_LOOPS})")
+        lopts = _ffi.loop_opts(read_buffer_size=read_buffer_size)
+        opts = _ffi.group_opts(loops=loops,
+                               flags=_ffi.GROUP_PIN if pin else 0,
+                               loop_opts=ctypes.pointer(lopts))
+        out = c_void_p()
+        check(_ffi.group_new(byref(out), byref(opts)), "LoopGroup")
+        p = out.value
+        self._p = p
+        self._cond = threading.Condition()
+        self._users = 0      # calls in flight that use the group pointer
+        self._closing = False
+        self._owned = {}     # handle -> _AcceptSpec of its listeners
+        self._loops = ()
+        try:
+            count = c_uint()
+            check(_ffi.group_get_count(p, byref(count)), "LoopGroup")
+            members = []
+            for i in range(count.value):
+                lp = c_void_p()
+                check(_ffi.group_get_loop(p, i, byref(lp)), "LoopGroup")
+                members.append(Loop._member(self, lp.value))
+                self._loops = tuple(members)
+            check(_ffi.group_start(p), "LoopGroup")
+        except BaseException:
+            _ffi.group_free(p)  # nothing ran on the loops yet
+            for loop in self._loops:
+                loop._forget(loop._p)
+            self._p = None
+            raise
+        self._by_ptr = {loop._raw: loop for loop in self._loops}
+        for loop in self._loops:
+            # Each thread keeps one Python thread state, as a started
+            # Loop's does (not in the handle table).
+            _ffi.loop_post(loop._raw, _t_pin, None)
+        _live_loops.add(self)
+
+    def _use(self, what):
+        return Loop._Use(self, what)  # the same guard: _cond, _p, _users
+
+    def _loop_here(self):
+        """The Loop whose thread calls this (an accept's on_open, a
+        listener's on_error); loops[0] if none (never expected)."""
+        loop = getattr(_here, "loop", None)
+        if loop is not None and loop._group is self and \
+                _ffi.loop_on_thread(loop._raw) == 1:
+            return loop
+        for loop in self._loops:
+            if _ffi.loop_on_thread(loop._raw) == 1:
+                _here.loop = loop
+                return loop
+        return self._loops[0]
+
+    @property
+    def loops(self):
+        """The group's loops (a tuple of Loop), in index order. The objects
+        stay after close(); their calls then raise ECLOSED."""
+        return self._loops
+
+    def __len__(self):
+        return len(self._loops)
+
+    def pick(self):
+        """The least-loaded loop: the one with the fewest live conns, ties
+        broken round-robin; a conn counts from its creation, so a burst of
+        picks spreads too. Use it for an outgoing conn:
+        ``duplex.connect_tcp(group.pick(), host, port, ...)``."""
+        out = c_void_p()
+        with self._use("LoopGroup.pick") as p:
+            check(_ffi.group_pick(p, byref(out)), "LoopGroup.pick")
+        return self._by_ptr[out.value]
+
+    def stats(self):
+        """Every loop's figures, a list of LoopStats in index order."""
+        with self._use("LoopGroup.stats"):
+            return [loop.stats() for loop in self._loops]
+
+    def listen_tcp(self, host, port=0, *, reuseport=False, on_accept=None,
+                   on_error=None, backlog=0, ipv6only=False, **kw):
+        """Listen on TCP for the whole group; returns a Listener. Arguments
+        as duplex.listen_tcp(). Balanced (the default): loop 0 accepts and
+        hands each conn to the loop with the fewest live conns, where it
+        opens. ``reuseport=True``: one SO_REUSEPORT socket per loop, each
+        accepting onto its own loop; the kernel spreads clients by a hash
+        of their addresses, so shares are uneven with few clients (Linux
+        only, else ENOTSUP). ``on_accept(conn)`` and the conn's callbacks
+        run on the thread of the conn's loop (``conn.loop``);
+        ``on_error`` on the loop whose socket failed."""
+        h = _cstr(host, "LoopGroup.listen_tcp")
+        _port(port, "LoopGroup.listen_tcp")
+        flags = ((_ffi.LISTEN_IPV6ONLY if ipv6only else 0)
+                 | (_ffi.LISTEN_REUSEPORT if reuseport else 0))
+        return Listener._create(
+            self, "LoopGroup.listen_tcp",
+            lambda gp, out, o: _ffi.group_listen_tcp(out, gp, h, port, o),
+            on_accept, on_error, backlog, flags, 0, kw)
+
+    def listen_unix(self, path, *, on_accept=None, on_error=None, backlog=0,
+                    mode=0, **kw):
+        """Listen on a UNIX-domain socket for the whole group (balanced
+        only); otherwise as listen_tcp() and duplex.listen_unix()."""
+        p = _cstr(path, "LoopGroup.listen_unix")
+        return Listener._create(
+            self, "LoopGroup.listen_unix",
+            lambda gp, out, o: _ffi.group_listen_unix(out, gp, p, o),
+            on_accept, on_error, backlog, 0, mode, kw)
+
+    @property
+    def closed(self):
+        return self._p is None
+
+    def close(self):
+        """Free the group: stop its threads, then free every loop as
+        Loop.close() does (every conn closes with ECANCELED, pending writes
+        complete, listeners, channels and timers close; those callbacks run
+        on this thread before it returns). Not on one of the group's loop
+        threads (WouldDeadlock). Idempotent. Re-raises the first exception
+        a callback on any of the loops raised, unless run(), join() or a
+        wait_closed() already raised it. The Loop, Conn, Listener, Channel
+        and Timer objects stay safe to use: their calls raise ECLOSED."""
+        with self._cond:
+            if self._p is None or self._closing:
+                return
+        if any(loop.on_thread() for loop in self._loops):
+            raise error(_EDEADLK, "LoopGroup.close")
+        for loop in self._loops:
+            loop._unpin_thread_state()
+        with self._cond:
+            if self._p is None or self._closing:
+                return  # another thread closed it meanwhile
+            self._closing = True
+            while self._users:
+                self._cond.wait()
+            p = self._p
+        for loop in self._loops:
+            with loop._cond:
+                loop._closing = True
+                while loop._users:
+                    loop._cond.wait()
+        # Callbacks with ECANCELED run here, on this thread: keep Ctrl-C
+        # out of them (see _SigintGuard) and raise it once done.
+        guard = _SigintGuard() if _on_main_thread() else None
+        try:
+            rc = _ffi.group_free(p)  # drops the creator's reference
+        finally:
+            if guard is not None:
+                guard.restore()
+        if rc == _EDEADLK:
+            # On another group's (or a Loop's) thread: nothing happened.
+            for loop in self._loops:
+                with loop._cond:
+                    loop._closing = False
+                _ffi.loop_post(loop._raw, _t_pin, None)
+            with self._cond:
+                self._closing = False
+                self._cond.notify_all()
+            raise error(rc, "LoopGroup.close")
+        for loop in self._loops:
+            loop._forget(loop._raw)  # drops the Loop's own reference
+        with self._cond:
+            self._p = None
+            owned, self._owned = self._owned, {}
+            self._cond.notify_all()
+        for key in owned:  # no accept can come for these keys any more
+            _handles.pop(key)
+        _live_loops.discard(self)
+        if guard is not None and guard.caught is not None:
+            raise guard.caught
+        check(rc, "LoopGroup.close")
+        for loop in self._loops:
+            if not loop._failure_reported:
+                loop._raise_failure()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            for loop in self._loops:
+                if exc is loop._failure:
+                    loop._failure_reported = True
+        self.close()
+        return False
+
+    def __repr__(self):
+        state = "closed" if self._p is None else "started"
+        return f"<duplex.LoopGroup of {len(self._loops)} loops, {state}>"
 
 
 # ---- Timer -----------------------------------------------------------------------

@@ -146,6 +146,16 @@ class listener_opts(_Versioned):
                 ("backlog", c_int), ("flags", c_uint), ("mode", c_uint)]
 
 
+class loop_stats(_Versioned):
+    _fields_ = [("size", c_size_t), ("conns", c_uint64),
+                ("queued", c_uint64), ("accepted", c_uint64)]
+
+
+class group_opts(_Versioned):
+    _fields_ = [("size", c_size_t), ("loops", c_uint), ("flags", c_uint),
+                ("loop_opts", POINTER(loop_opts))]
+
+
 class channel_opts(_Versioned):
     _fields_ = [("size", c_size_t), ("on_message", channel_cb),
                 ("on_close", channel_close_cb), ("user", c_void_p),
@@ -157,6 +167,9 @@ RUN_DEFAULT, RUN_ONCE, RUN_NOWAIT = 0, 1, 2
 CONN_NAGLE, CONN_START_PAUSED, CONN_KEEPALIVE = 0x1, 0x2, 0x4
 CLOSE_GRACEFUL, CLOSE_ABORT = 0, 1
 LISTEN_IPV6ONLY = 0x1
+LISTEN_REUSEPORT = 0x2
+GROUP_PIN = 0x1
+GROUP_MAX_LOOPS = 1024
 TIMEOUT_KINDS = {"connect": 0, "idle": 1, "read": 2, "flush": 3}
 WRITE_MAX = 1 << 30
 WRITE_OVERHEAD = 64  # what each queued write costs beyond its payload
@@ -177,6 +190,21 @@ _PROTOS = {
     "duplex_loop_free": (c_int, [_vp]),
     "duplex_loop_ref": (c_int, [_vp]),
     "duplex_loop_unref": (c_int, [_vp]),
+    "duplex_loop_get_stats": (c_int, [_vp, POINTER(loop_stats)]),
+    "duplex_loop_get_group": (c_int, [_vp, _pp, POINTER(c_uint)]),
+    "duplex_group_new": (c_int, [_pp, POINTER(group_opts)]),
+    "duplex_group_start": (c_int, [_vp]),
+    "duplex_group_stop": (c_int, [_vp]),
+    "duplex_group_free": (c_int, [_vp]),
+    "duplex_group_ref": (c_int, [_vp]),
+    "duplex_group_unref": (c_int, [_vp]),
+    "duplex_group_get_count": (c_int, [_vp, POINTER(c_uint)]),
+    "duplex_group_get_loop": (c_int, [_vp, c_uint, _pp]),
+    "duplex_group_pick": (c_int, [_vp, _pp]),
+    "duplex_group_listen_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
+                                        POINTER(listener_opts)]),
+    "duplex_group_listen_unix": (c_int, [_pp, _vp, c_char_p,
+                                         POINTER(listener_opts)]),
     "duplex_conn_connect_tcp": (c_int, [_pp, _vp, c_char_p, c_uint16,
                                         POINTER(conn_opts)]),
     "duplex_conn_connect_unix": (c_int, [_pp, _vp, c_char_p,
@@ -230,8 +258,8 @@ for _name, (_res, _args) in _PROTOS.items():
     except AttributeError:
         raise ImportError(f"{lib._name} has no {_name}: too old for this "
                           "binding, which needs the reference-counted "
-                          "timers, listeners and loops (duplex.h, @since "
-                          "0.2)") from None
+                          "timers, listeners and loops and the loop groups "
+                          "(duplex.h, @since 0.2)") from None
     _fn.restype = _res
     _fn.argtypes = _args
     globals()[_name[len("duplex_"):]] = _fn
