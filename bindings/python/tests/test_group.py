@@ -529,6 +529,37 @@ class GroupTest(unittest.TestCase):
                                  "<duplex.LoopGroup of 2 loops, started>")
             self.assertEqual(repr(g), "<duplex.LoopGroup of 2 loops, closed>")
 
+    def test_asyncio_streams_on_a_group_loop(self):
+        # duplex.aio takes any Loop, a group's too (conns on that one loop;
+        # see docs/python.md for why there is no start_server(loops=N)).
+        import asyncio
+        import duplex.aio
+
+        async def main(group):
+            async def handle(reader, writer):
+                writer.write(await reader.read())
+                writer.write_eof()
+                await writer.drain()
+                writer.close()
+            server = await duplex.aio.start_server(
+                handle, "127.0.0.1", 0, duplex_loop=group.loops[1])
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await duplex.aio.open_connection(
+                "127.0.0.1", port, duplex_loop=group.pick())
+            writer.write(b"over the group")
+            writer.write_eof()
+            data = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+            return data
+
+        with duplex.LoopGroup(2) as group:
+            data = asyncio.run(asyncio.wait_for(main(group), GUARD))
+            self.assertEqual(data, b"over the group")
+            self.assertEqual([st.accepted for st in group.stats()], [0, 1])
+
     def test_plain_loop_stats(self):
         with duplex.Loop() as loop:
             self.assertEqual(loop.stats(), duplex.LoopStats(0, 0, 0))
