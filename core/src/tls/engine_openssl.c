@@ -1125,6 +1125,19 @@ dpx_tls_got_close(const dpx_tls *t)
   return t != NULL && t->got_close;
 }
 
+/* Give OpenSSL's record buffers back when nothing is in progress.
+ * SSL_MODE_RELEASE_BUFFERS does it after application records, but a TLS 1.3
+ * handshake (tickets) leaves a 16 KiB buffer allocated until the first
+ * application record; an idle conn should hold none. Only with no input
+ * queued and no partial or unread record inside OpenSSL. */
+static void
+trim(dpx_tls *t)
+{
+  if (t->hs_done && !t->err && t->in_len == t->in_off &&
+      !SSL_has_pending(t->ssl))
+    SSL_free_buffers(t->ssl);
+}
+
 /* ---- handshake --------------------------------------------------------- */
 
 int
@@ -1141,6 +1154,7 @@ dpx_tls_handshake(dpx_tls *t)
   if (r == 1) {
     t->hs_done = 1;
     ERR_clear_error();
+    trim(t);
     return DPX_TLS_OK;
   }
   return ssl_status(t, r);
@@ -1233,7 +1247,10 @@ dpx_tls_read(dpx_tls *t, void *buf, size_t cap, size_t *n)
     *n = got;
     return DPX_TLS_OK;
   }
-  return ssl_status(t, r);
+  int rc = ssl_status(t, r);
+  if (rc == DPX_TLS_WANT_INPUT || rc == DPX_TLS_EOF)
+    trim(t);
+  return rc;
 }
 
 size_t
@@ -1280,6 +1297,7 @@ dpx_tls_write(dpx_tls *t, const void *data, size_t len, size_t *taken)
   int r = SSL_write_ex(t->ssl, data, take, &w);
   if (r == 1) {
     *taken = w;
+    trim(t);
     return DPX_TLS_OK;
   }
   int rc = ssl_status(t, r);
