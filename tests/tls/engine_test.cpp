@@ -762,9 +762,17 @@ TEST_CASE("queues: feed refuses when full, write refuses when full, peeked bytes
 
 TEST_CASE("idle engines hold no buffers, OpenSSL's included") {
   Fixture f;
+  // (The first handshake of the process allocates OpenSSL's globals.)
+  {
+    Engine c0(f.client, "localhost"), s0(f.server, nullptr);
+    Pair p0(c0, s0);
+    p0.handshake();
+    p0.settle();
+  }
   auto co = client_opts();
   co.session_cache = -1; // tickets would add a cached session
   Config cc = make_config(co);
+  long long none = ossl_live();
   Engine c(cc, "localhost"), s(f.server, nullptr);
   Pair p(c, s);
   p.handshake();
@@ -773,6 +781,8 @@ TEST_CASE("idle engines hold no buffers, OpenSSL's included") {
   CHECK(dpx_tls_buffer_bytes(c) == 0);
   CHECK(dpx_tls_buffer_bytes(s) == 0);
   long long idle = ossl_live();
+  if (g_hooked)
+    MESSAGE("OpenSSL heap of an idle client + server engine pair: " << (idle - none) << " B");
 
   for (int i = 0; i < 4; i++) {
     p.write_all(p.c, pattern(300000, 11));
@@ -787,10 +797,11 @@ TEST_CASE("idle engines hold no buffers, OpenSSL's included") {
   CHECK(dpx_tls_out_pending(c) == 0);
   if (g_hooked) {
     long long after = ossl_live();
-    MESSAGE("OpenSSL heap for an idle pair: " << idle << " B before traffic, "
-                                               << after << " B after");
-    // No 16 KiB record buffer survives: the heap is back where it was.
-    CHECK(after - idle < 2048);
+    MESSAGE("OpenSSL heap in all: " << idle << " B before traffic, " << after
+                                     << " B after");
+    // No 16 KiB record buffer survives, neither the handshake's (TLS 1.3
+    // tickets) nor the traffic's: the heap is where it was.
+    CHECK(std::llabs(after - idle) < 2048);
   } else {
     MESSAGE("OpenSSL allocated before the hooks: heap not measured");
   }
