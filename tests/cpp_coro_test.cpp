@@ -146,7 +146,7 @@ TEST_CASE("co_await conn.read() with framing returns one whole frame per read") 
       auto r = co_await conn.read();
       if (!r.ok())
         break;
-      out->push_back(std::move(r.data));
+      out->emplace_back(r.data);
     }
   };
   duplex::spawn(loop, reader(c, f, &frames));
@@ -650,13 +650,13 @@ TEST_CASE("first_of() takes the ready side and leaves the other's value queued")
     // Both are ready: the first argument wins, the other keeps its value.
     auto e2 = co_await duplex::first_of(conn.read(), chan.receive());
     REQUIRE(e2.index() == 0);
-    out->push_back("conn:" + std::get<0>(e2).data);
+    out->push_back("conn:" + std::string(std::get<0>(e2).data));
     auto e3 = co_await duplex::first_of(chan.receive(), conn.read());
     REQUIRE(e3.index() == 0);
     out->push_back("ch:" + *std::get<0>(e3));
     auto e4 = co_await duplex::first_of(chan.receive(), conn.read());
     REQUIRE(e4.index() == 1);
-    out->push_back("conn:" + std::get<1>(e4).data);
+    out->push_back("conn:" + std::string(std::get<1>(e4).data));
   };
   duplex::spawn(loop, sel(loop, c, ch, f, &order));
   CHECK(pump(loop, [&] { return f.started == 1; }));
@@ -986,7 +986,7 @@ TEST_CASE("an exception escaping a spawned task makes run() return and rethrow i
   duplex::spawn(loop, [](duplex::Conn conn, Frames &fr) -> duplex::task<void> {
     Alive al(fr);
     auto r = co_await conn.read();
-    throw Thrown("after read " + r.data);
+    throw Thrown("after read " + std::string(r.data));
   }(c, f));
   REQUIRE(dtest::write_all(sp.peer.get(), "x", 1) == 0);
   CHECK_THROWS_WITH_AS(loop.run(), "after read x", Thrown);

@@ -42,7 +42,7 @@ duplex::task<void> line_reader(duplex::Conn c, EventLog &log) {
       log.add("error");
       break;
     }
-    log.add("read:" + r.data); // taking a frame may resume the conn
+    log.add("read:" + std::string(r.data)); // taking a frame may resume the conn
   }
 }
 

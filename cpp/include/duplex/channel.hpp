@@ -90,14 +90,29 @@ public:
 
   /// co_await ch.receive(): the next value, or std::nullopt once the
   /// channel is closed and drained. Loop thread. The awaiter holds its own
-  /// share of the channel's state: it may outlive this Channel object.
+  /// share of the channel's state: it may outlive this Channel object. One
+  /// coroutine at a time may wait in a channel's receive(): a second one's
+  /// co_await throws duplex::error with errc::DUPLEX_EBUSY.
   class receive_awaiter {
   public:
     explicit receive_awaiter(std::shared_ptr<detail::ChannelBox<T>> b) noexcept
         : b_(std::move(b)) {}
+    receive_awaiter(receive_awaiter &&o) noexcept : b_(std::move(o.b_)) {}
+    receive_awaiter &operator=(receive_awaiter &&) = delete;
+    ~receive_awaiter() { unsubscribe(); }
     bool ready() const noexcept { return !b_->rx.empty() || b_->closed; }
-    void subscribe(std::coroutine_handle<> h) noexcept { b_->receiver = h; }
-    void unsubscribe() noexcept { b_->receiver = nullptr; }
+    void subscribe(std::coroutine_handle<> h) {
+      if (b_->receiver && b_->receiver != h)
+        throw error(DUPLEX_EBUSY, "receive: another coroutine is waiting "
+                                  "in this channel's receive()");
+      b_->receiver = h;
+      h_ = h;
+    }
+    void unsubscribe() noexcept {
+      if (h_ && b_ && b_->receiver == h_)
+        b_->receiver = nullptr;
+      h_ = nullptr;
+    }
     std::optional<T> take() {
       if (b_->rx.empty())
         return std::nullopt;
@@ -106,11 +121,15 @@ public:
       return v;
     }
     bool await_ready() const noexcept { return ready(); }
-    void await_suspend(std::coroutine_handle<> h) noexcept { subscribe(h); }
-    std::optional<T> await_resume() { return take(); }
+    void await_suspend(std::coroutine_handle<> h) { subscribe(h); }
+    std::optional<T> await_resume() {
+      h_ = nullptr; // resumed: the channel let go of us
+      return take();
+    }
 
   private:
     std::shared_ptr<detail::ChannelBox<T>> b_;
+    std::coroutine_handle<> h_; // while subscribed
   };
   [[nodiscard]] receive_awaiter receive() const { return receive_awaiter(box_); }
 

@@ -3,9 +3,10 @@
 
 #include <duplex/task.hpp>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <new>
@@ -66,46 +67,133 @@ struct ConnOptions {
   std::size_t read_buffer_limit = 1 << 20;
 };
 
-/// The result of co_await conn.read().
+namespace detail {
+
+/// One chunk (or frame) read for a coroutine: a block from the block cache
+/// holding the bytes after this header.
+struct rx_chunk {
+  rx_chunk *next;
+  std::size_t len;
+  char *bytes() noexcept { return reinterpret_cast<char *>(this + 1); }
+  static rx_chunk *make(const void *data, std::size_t n) {
+    auto *c = ::new (block_cache::get(sizeof(rx_chunk) + n)) rx_chunk{nullptr, n};
+    if (n != 0)
+      std::memcpy(c->bytes(), data, n);
+    return c;
+  }
+  static void free(rx_chunk *c) noexcept {
+    if (c != nullptr)
+      block_cache::put(c, sizeof(rx_chunk) + c->len);
+  }
+};
+
+class read_awaiter;
+
+} // namespace detail
+
+/// The result of co_await conn.read(). It owns the bytes `data` shows: they
+/// stay valid as long as this ReadResult (and are freed with it, into the
+/// destroying thread's block cache). Move-only: copy the bytes
+/// (`std::string(r.data)`) to keep them beyond it.
 struct ReadResult {
-  std::string data;     ///< a chunk, or one frame with framing
-  bool eof = false;     ///< the peer finished sending
-  std::error_code error; ///< the conn closed (errc::DUPLEX_ECLOSED or the reason)
+  std::string_view data;  ///< a chunk, or one frame with framing
+  bool eof = false;       ///< the peer finished sending
+  std::error_code error;  ///< the conn closed (errc::DUPLEX_ECLOSED or the reason)
   [[nodiscard]] bool ok() const noexcept { return !eof && !error; }
+  /// The same bytes as `data`.
+  [[nodiscard]] std::span<const std::byte> bytes() const noexcept {
+    return std::as_bytes(std::span(data.data(), data.size()));
+  }
+
+  ReadResult() = default;
+  ReadResult(ReadResult &&o) noexcept
+      : data(std::exchange(o.data, {})), eof(o.eof), error(o.error),
+        chunk_(std::exchange(o.chunk_, nullptr)) {}
+  ReadResult &operator=(ReadResult &&o) noexcept {
+    if (this != &o) {
+      detail::rx_chunk::free(chunk_);
+      data = std::exchange(o.data, {});
+      eof = o.eof;
+      error = o.error;
+      chunk_ = std::exchange(o.chunk_, nullptr);
+    }
+    return *this;
+  }
+  ReadResult(const ReadResult &) = delete;
+  ReadResult &operator=(const ReadResult &) = delete;
+  ~ReadResult() { detail::rx_chunk::free(chunk_); }
+
+private:
+  friend class detail::read_awaiter;
+  detail::rx_chunk *chunk_ = nullptr;
 };
 
 namespace detail {
 
+/// What every conn made with the same handlers shares (one per Conn
+/// factory call, one per Listener): counted, freed with the last conn.
+struct ConnShared {
+  LoopCore *core = nullptr;
+  ConnHandlers h;
+  std::size_t read_limit = 1 << 20;
+  std::atomic<std::size_t> refs{1};
+
+  void ref() noexcept { refs.fetch_add(1, std::memory_order_relaxed); }
+  void unref() noexcept {
+    if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1)
+      delete this;
+  }
+};
+
 /// What a C user pointer points at: a conn's box, or (for conns a
 /// listener accepted, until their first callback) the listener's.
 struct BoxBase {
-  enum Kind { kConn, kListener } kind;
+  enum Kind : unsigned char { kConn, kListener } kind;
 };
 
 struct ListenerBox : BoxBase {
-  ListenerBox() : BoxBase{kListener} {}
-  LoopCore *core = nullptr;
-  std::shared_ptr<const ConnHandlers> h; // shared by every accepted conn
-  std::size_t read_limit = 1 << 20;
+  explicit ListenerBox(ConnShared *shared) : BoxBase{kListener}, s(shared) {}
+  ListenerBox(const ListenerBox &) = delete;
+  ListenerBox &operator=(const ListenerBox &) = delete;
+  ~ListenerBox() { s->unref(); }
+  ConnShared *s; // one reference
+  std::function<void(std::error_code)> on_error;
 };
 
 class write_awaiter;
 
+/// A conn's C++ state (loop thread only, except its creation). Kept small:
+/// every open conn has one.
 struct ConnBox : BoxBase {
-  ConnBox() : BoxBase{kConn} {}
-  // async_write()s waiting for room: resumed by on_writable or the close
-  write_awaiter *room_waiters = nullptr;
-  LoopCore *core = nullptr;
-  std::shared_ptr<const ConnHandlers> h;
-  std::size_t read_limit = 1 << 20;
-  // coroutine side (loop thread only); chunks not yet read, allocated
-  // only while some wait (an idle conn keeps no container)
-  std::unique_ptr<std::deque<std::string>> rx;
-  std::size_t rx_bytes = 0;
+  explicit ConnBox(ConnShared *shared) noexcept : BoxBase{kConn}, s(shared) {
+    s->ref();
+  }
+  ConnBox(const ConnBox &) = delete;
+  ConnBox &operator=(const ConnBox &) = delete;
+  ~ConnBox() {
+    while (rx_chunk *c = rx_head) {
+      rx_head = c->next;
+      rx_chunk::free(c);
+    }
+    s->unref();
+  }
+  [[nodiscard]] std::error_code closed_error() const noexcept {
+    return reason != 0 ? to_error_code(reason)
+                       : make_error_code(errc::DUPLEX_ECLOSED);
+  }
+
   bool eof = false;
   bool paused_for_rx = false;
-  std::error_code closed; // set once on_close ran
-  std::coroutine_handle<> reader;
+  bool closed = false; // on_close ran (with `reason`)
+  int reason = 0;
+  ConnShared *s; // one reference
+  std::coroutine_handle<> reader; // the coroutine waiting in read()
+  // chunks not yet read (coroutine side), oldest first
+  rx_chunk *rx_head = nullptr;
+  rx_chunk *rx_tail = nullptr;
+  std::size_t rx_bytes = 0;
+  // async_write()s waiting for room: resumed by on_writable or the close
+  write_awaiter *room_waiters = nullptr;
 };
 
 /// The conn's box; an accepted conn gets its own from the listener's
@@ -114,11 +202,7 @@ inline ConnBox *conn_box(duplex_conn *c, void *u) {
   auto *base = static_cast<BoxBase *>(u);
   if (base == nullptr || base->kind == BoxBase::kConn)
     return static_cast<ConnBox *>(base);
-  auto *lb = static_cast<ListenerBox *>(base);
-  auto *b = new ConnBox;
-  b->core = lb->core;
-  b->h = lb->h;
-  b->read_limit = lb->read_limit;
+  auto *b = new ConnBox(static_cast<ListenerBox *>(base)->s);
   duplex_conn_set_user(c, static_cast<BoxBase *>(b));
   return b;
 }
@@ -164,122 +248,216 @@ private:
 /// co_await conn.read(): the next chunk (or frame), EOF, or the close.
 /// Holds its own reference to the conn, so it may outlive the ConnRef or
 /// Conn it came from (and be passed to another coroutine or first_of()).
+/// Only one coroutine may wait in a conn's read() at a time: a second one
+/// gets duplex::error with errc::DUPLEX_EBUSY from its co_await (the first
+/// keeps waiting). Reading costs no allocation once the calling thread's
+/// block cache is warm: each chunk is copied into a recycled block that the
+/// ReadResult owns.
 class read_awaiter {
 public:
   explicit read_awaiter(duplex_conn *c) noexcept : c_(c) {}
+  read_awaiter(read_awaiter &&o) noexcept : c_(std::move(o.c_)) {}
+  read_awaiter &operator=(read_awaiter &&) = delete;
+  ~read_awaiter() { unsubscribe(); }
+
   bool ready() const noexcept {
     auto *b = box_of(c_.get());
-    return b == nullptr || b->rx != nullptr || b->eof || b->closed;
+    return b == nullptr || b->rx_head != nullptr || b->eof || b->closed;
   }
-  void subscribe(std::coroutine_handle<> h) noexcept {
-    if (auto *b = box_of(c_.get()))
-      b->reader = h;
+  /// Wait for the conn with @p h; throws errc::DUPLEX_EBUSY when another
+  /// coroutine waits in this conn's read() already.
+  void subscribe(std::coroutine_handle<> h) {
+    auto *b = box_of(c_.get());
+    if (b == nullptr)
+      return; // closed: ready() holds
+    if (b->reader && b->reader != h)
+      throw error(DUPLEX_EBUSY, "read: another coroutine is waiting in "
+                                "this conn's read()");
+    b->reader = h;
+    h_ = h;
   }
   void unsubscribe() noexcept {
-    if (auto *b = box_of(c_.get()))
+    if (!h_)
+      return;
+    auto h = std::exchange(h_, nullptr);
+    auto *b = box_of(c_.get());
+    if (b != nullptr && b->reader == h)
       b->reader = nullptr;
   }
-  ReadResult take() {
+  ReadResult take() noexcept {
     ReadResult r;
     auto *b = box_of(c_.get());
     if (b == nullptr) {
       r.error = make_error_code(errc::DUPLEX_ECLOSED);
       return r;
     }
-    if (b->rx != nullptr) {
-      r.data = std::move(b->rx->front());
-      b->rx->pop_front();
-      if (b->rx->empty())
-        b->rx.reset();
-      b->rx_bytes -= r.data.size();
-      if (b->paused_for_rx && b->rx_bytes < b->read_limit / 2) {
+    if (rx_chunk *ch = b->rx_head) {
+      b->rx_head = ch->next;
+      if (b->rx_head == nullptr)
+        b->rx_tail = nullptr;
+      ch->next = nullptr;
+      b->rx_bytes -= ch->len;
+      r.chunk_ = ch;
+      r.data = std::string_view(ch->bytes(), ch->len);
+      if (b->paused_for_rx && b->rx_bytes < b->s->read_limit / 2) {
         b->paused_for_rx = false;
         duplex_conn_resume(c_.get());
       }
     } else if (b->eof) {
       r.eof = true;
     } else {
-      r.error = b->closed;
+      r.error = b->closed_error();
     }
     return r;
   }
   bool await_ready() const noexcept { return ready(); }
-  void await_suspend(std::coroutine_handle<> h) noexcept { subscribe(h); }
-  ReadResult await_resume() { return take(); }
+  void await_suspend(std::coroutine_handle<> h) { subscribe(h); }
+  ReadResult await_resume() noexcept {
+    h_ = nullptr; // resumed: the conn let go of us
+    return take();
+  }
 
 private:
   conn_hold c_;
+  std::coroutine_handle<> h_; // while subscribed
 };
 
-/// One attempt of async_write(): awaited only inside the async_write
-/// coroutine's own frame, which owns both the bytes and the conn reference.
+/// co_await conn.async_write(bytes): see ConnRef::async_write. Awaited at
+/// most once, and not moved once awaited. It holds a reference to the conn
+/// and a view of the caller's bytes (owned_write_awaiter: the std::string
+/// moved in).
+///
+/// How it waits: it writes the bytes with duplex_conn_write() when awaited.
+/// When the kernel took them whole (nothing queued afterwards, the usual
+/// case for a coroutine that awaits each write) it does not suspend at all.
+/// When some were queued it queues a zero-length write (a flush marker)
+/// and resumes with its status once everything before it was written. When
+/// the write is refused (past the hard limit) it waits for the queue ahead
+/// of it to drain (the marker) and tries again; a refused marker (the
+/// queue within DUPLEX_WRITE_OVERHEAD of the limit) waits for on_writable.
 class write_awaiter {
 public:
-  write_awaiter(duplex_conn *c, std::string_view data) noexcept
-      : c_(c), data_(data) {}
-  bool await_ready() const noexcept { return false; }
-  bool await_suspend(std::coroutine_handle<> h) {
-    h_ = h;
-    int rc = duplex_conn_write(c_, data_.data(), data_.size(), done, this);
-    if (rc == DUPLEX_EWOULDBLOCK) {
-      // Retry once the queue ahead of us drained: a zero-length write
-      // completes then. It costs DUPLEX_WRITE_OVERHEAD, so at the limit it
-      // is refused too; the refusal guarantees an on_writable, which wakes
-      // the waiters listed in the conn's box.
-      retry_ = true;
-      rc = duplex_conn_write(c_, nullptr, 0, done, this);
-      ConnBox *b = rc == DUPLEX_EWOULDBLOCK ? box_of(c_) : nullptr;
-      if (b != nullptr) {
-        next_ = b->room_waiters;
-        b->room_waiters = this;
-        return true;
-      }
-    }
-    if (rc == 0)
-      return true;
-    ec_ = to_error_code(rc);
-    retry_ = false;
-    return false;
-  }
-  std::error_code await_resume() const noexcept { return ec_; }
-  bool retry() const noexcept { return retry_ && !ec_; }
+  write_awaiter(duplex_conn *c, std::string_view bytes) noexcept
+      : data_(bytes), c_(c) {}
+  write_awaiter(write_awaiter &&o) noexcept
+      : data_(o.data_), c_(std::move(o.c_)) {}
+  write_awaiter &operator=(write_awaiter &&) = delete;
 
-  /// Resume every waiter of @p b (on_writable: retry; a close: @p ec).
-  static void wake_room(ConnBox *b, std::error_code ec) {
+  bool await_ready() noexcept {
+    attempt();
+    return state_ == kDone;
+  }
+  void await_suspend(std::coroutine_handle<> h) noexcept { h_ = h; }
+  std::error_code await_resume() const noexcept { return to_error_code(rc_); }
+
+  /// A task that awaits this write (for code that stores a
+  /// task<std::error_code>); it owns the awaiter, hence what it holds.
+  operator task<std::error_code>() && { return as_task(std::move(*this)); }
+
+  /// Resume every waiter of @p b: on_writable (@p rc 0: each tries again)
+  /// or the close (@p rc: each resumes with it).
+  static void wake_room(ConnBox *b, int rc) {
     write_awaiter *w = std::exchange(b->room_waiters, nullptr);
     while (w != nullptr) {
       write_awaiter *next = w->next_;
-      w->ec_ = ec;
-      w->h_.resume();
+      w->next_ = nullptr;
+      if (rc != 0)
+        w->finish(rc);
+      else
+        w->attempt();
+      if (w->state_ == kDone)
+        w->h_.resume();
       w = next;
     }
   }
 
-private:
-  static void done(duplex_conn *, int status, void *user) {
-    auto *self = static_cast<write_awaiter *>(user);
-    self->ec_ = to_error_code(status);
-    self->h_.resume();
-  }
-  duplex_conn *c_;
+protected:
   std::string_view data_;
+
+private:
+  enum State : unsigned char { kIdle, kMarker, kRoom, kDone };
+
+  static task<std::error_code> as_task(write_awaiter w) { co_return co_await w; }
+
+  void finish(int rc) noexcept {
+    rc_ = rc;
+    state_ = kDone;
+  }
+  /// Write the bytes (if not yet written), then wait as needed: sets
+  /// state_ to kDone, or to what it waits for.
+  void attempt() noexcept {
+    duplex_conn *c = c_.get();
+    if (!written_ && !data_.empty()) {
+      int rc = duplex_conn_write(c, data_.data(), data_.size(), nullptr, nullptr);
+      if (rc == 0) {
+        written_ = true;
+        std::size_t q = 1;
+        duplex_conn_get_queued(c, &q);
+        if (q == 0) // with the kernel (see ConnRef::async_write)
+          return finish(0);
+      } else if (rc != DUPLEX_EWOULDBLOCK) {
+        return finish(rc);
+      }
+    } else if (data_.empty()) {
+      written_ = true; // an empty write waits for what is queued
+    }
+    // Wait for what is queued (our bytes among it, or ahead of them).
+    int rc = duplex_conn_write(c, nullptr, 0, &marker_done, this);
+    if (rc == 0) {
+      state_ = kMarker;
+      return;
+    }
+    if (rc == DUPLEX_EWOULDBLOCK) {
+      // The marker costs DUPLEX_WRITE_OVERHEAD: at the limit it is refused
+      // too. The refusal guarantees an on_writable, which calls wake_room.
+      if (ConnBox *b = box_of(c)) {
+        next_ = b->room_waiters;
+        b->room_waiters = this;
+        state_ = kRoom;
+        return;
+      }
+      rc = DUPLEX_ECLOSED;
+    }
+    finish(rc);
+  }
+  static void marker_done(duplex_conn *, int status, void *user) {
+    auto *self = static_cast<write_awaiter *>(user);
+    if (status == 0 && !self->written_)
+      self->attempt(); // the queue ahead drained: try the bytes again
+    else
+      self->finish(status);
+    if (self->state_ == kDone)
+      self->h_.resume();
+  }
+
+  conn_hold c_;
   std::coroutine_handle<> h_;
-  std::error_code ec_;
-  bool retry_ = false;
-  write_awaiter *next_ = nullptr;
+  write_awaiter *next_ = nullptr; // in the box's room_waiters
+  int rc_ = 0;
+  bool written_ = false;
+  State state_ = kIdle;
 };
 
-/// The body of ConnRef::async_write(). A free coroutine, not a member: its
-/// frame holds copies of what it needs (a conn reference and the bytes),
-/// never a pointer to the view it was called on.
-inline task<std::error_code> async_write(conn_hold c, std::string data) {
-  for (;;) {
-    write_awaiter w(c.get(), data);
-    std::error_code ec = co_await w;
-    if (!w.retry())
-      co_return ec;
+/// async_write(std::string&&): the same, owning the string.
+class owned_write_awaiter : public write_awaiter {
+public:
+  owned_write_awaiter(duplex_conn *c, std::string &&s) noexcept
+      : write_awaiter(c, {}), owned_(std::move(s)) {
+    data_ = owned_;
   }
-}
+  owned_write_awaiter(owned_write_awaiter &&o) noexcept
+      : write_awaiter(std::move(o)), owned_(std::move(o.owned_)) {
+    data_ = owned_; // a short string's bytes moved with it
+  }
+
+  operator task<std::error_code>() && { return as_task(std::move(*this)); }
+
+private:
+  static task<std::error_code> as_task(owned_write_awaiter w) {
+    co_return co_await w;
+  }
+  std::string owned_;
+};
 
 } // namespace detail
 
@@ -435,22 +613,47 @@ public:
 
   // ---- coroutines (loop thread) ----
   //
-  // What these return holds a reference to the conn and copies of its
-  // arguments, never `this`: it stays valid after the ConnRef (or Conn) it
-  // was called on is gone, e.g. spawn(loop, use(ref.async_write(...)))
-  // from a callback whose ConnRef parameter dies before the task runs.
+  // What these return holds a reference to the conn, never `this`: it
+  // stays valid after the ConnRef (or Conn) it was called on is gone, e.g.
+  // spawn(loop, use(ref.async_write("..."))) from a callback whose ConnRef
+  // parameter dies before the task runs. Await them from a coroutine
+  // running on this conn's loop.
 
-  /// co_await conn.read(): the next chunk (or frame), EOF, or the close.
+  /// co_await conn.read(): a ReadResult with the next chunk (or frame),
+  /// EOF, or the close. The ReadResult owns its bytes. One coroutine at a
+  /// time: a second concurrent reader's co_await throws duplex::error with
+  /// errc::DUPLEX_EBUSY.
   using read_awaiter = detail::read_awaiter;
   [[nodiscard]] read_awaiter read() const { return read_awaiter(c_); }
 
-  /// co_await conn.async_write(bytes): the bytes are taken now (moved or
-  /// copied into the task); resumes once they were handed to the kernel (or
-  /// failed). When the queue is past its hard limit it first waits until
-  /// everything queued before has drained, then tries again. The task holds
-  /// a reference to the conn until it finishes or is destroyed.
-  [[nodiscard]] task<std::error_code> async_write(std::string data) const {
-    return detail::async_write(detail::conn_hold(c_), std::move(data));
+  /// co_await conn.async_write(bytes): writes the bytes when awaited and
+  /// resumes with the write's std::error_code once the kernel has them (or
+  /// they failed). When the kernel takes them at once (nothing queued) it
+  /// resumes without suspending and costs no allocation. Past the hard
+  /// limit it waits until what is queued ahead has drained, then tries
+  /// again: it never resumes with errc::DUPLEX_EWOULDBLOCK.
+  ///
+  /// Bytes: a std::string_view, span or C string is borrowed: it must stay
+  /// valid until the co_await completes (a ReadResult's data, a literal,
+  /// a local that outlives the statement are fine). A std::string passed as
+  /// an rvalue is moved into the awaiter instead (no copy of the bytes).
+  ///
+  /// The result converts to task<std::error_code>.
+  using write_awaiter = detail::write_awaiter;
+  using owned_write_awaiter = detail::owned_write_awaiter;
+  [[nodiscard]] write_awaiter async_write(std::string_view bytes) const noexcept {
+    return write_awaiter(c_, bytes);
+  }
+  [[nodiscard]] write_awaiter async_write(const char *s) const noexcept {
+    return write_awaiter(c_, std::string_view(s));
+  }
+  [[nodiscard]] write_awaiter async_write(std::span<const std::byte> bytes) const noexcept {
+    return write_awaiter(
+        c_, std::string_view(reinterpret_cast<const char *>(bytes.data()),
+                             bytes.size()));
+  }
+  [[nodiscard]] owned_write_awaiter async_write(std::string &&owned) const noexcept {
+    return owned_write_awaiter(c_, std::move(owned));
   }
 
   [[nodiscard]] duplex_conn *native() const noexcept { return c_; }
@@ -460,7 +663,7 @@ protected:
     std::unique_ptr<std::function<void(std::error_code)>> fn(
         static_cast<std::function<void(std::error_code)> *>(user));
     auto *b = detail::box_of(c);
-    detail::guarded(b ? b->core : nullptr,
+    detail::guarded(b ? b->s->core : nullptr,
                     [&] { (*fn)(to_error_code(status)); });
   }
   static bool result(int rc, std::error_code &ec) noexcept {
@@ -509,6 +712,8 @@ protected:
 };
 
 static_assert(sizeof(ConnRef) == sizeof(void *));
+// Every open conn carries a box: keep it within one 64-byte malloc chunk.
+static_assert(sizeof(detail::ConnBox) <= 56);
 
 /// A counted owner of a conn: copying takes a reference (like shared_ptr),
 /// destroying drops it. Dropping the last Conn does not close the conn —
@@ -595,10 +800,18 @@ private:
   template <class F>
   static Conn create(Loop &loop, ConnHandlers h, const ConnOptions &o,
                      F &&make) {
-    auto box = std::make_unique<detail::ConnBox>();
-    box->core = loop.core();
-    box->h = std::make_shared<const ConnHandlers>(std::move(h));
-    box->read_limit = o.read_buffer_limit;
+    auto *shared = new detail::ConnShared;
+    shared->core = loop.core();
+    shared->h = std::move(h);
+    shared->read_limit = o.read_buffer_limit;
+    std::unique_ptr<detail::ConnBox> box;
+    try {
+      box.reset(new detail::ConnBox(shared));
+    } catch (...) {
+      shared->unref();
+      throw;
+    }
+    shared->unref(); // the box's reference remains
     static const duplex_conn_cbs cbs = detail::conn_trampolines();
     duplex_framing fr;
     duplex_conn_opts co =
@@ -617,24 +830,27 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
   duplex_conn_cbs cbs = DUPLEX_CONN_CBS_INIT;
   cbs.on_open = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h->on_open)
-      guarded(b->core, [&] { b->h->on_open(ConnRef(c)); });
+    if (b->s->h.on_open)
+      guarded(b->s->core, [&] { b->s->h.on_open(ConnRef(c)); });
   };
   cbs.on_read = [](duplex_conn *c, const void *d, size_t n, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h->on_read) {
-      guarded(b->core, [&] {
-        b->h->on_read(ConnRef(c),
-                     std::span(static_cast<const std::byte *>(d), n));
+    const ConnShared &s = *b->s;
+    if (s.h.on_read) {
+      guarded(s.core, [&] {
+        s.h.on_read(ConnRef(c), std::span(static_cast<const std::byte *>(d), n));
       });
       return;
     }
-    guarded(b->core, [&] {
-      if (b->rx == nullptr)
-        b->rx = std::make_unique<std::deque<std::string>>();
-      b->rx->emplace_back(static_cast<const char *>(d), n);
+    guarded(s.core, [&] {
+      rx_chunk *ch = rx_chunk::make(d, n);
+      if (b->rx_tail != nullptr)
+        b->rx_tail->next = ch;
+      else
+        b->rx_head = ch;
+      b->rx_tail = ch;
       b->rx_bytes += n;
-      if (!b->paused_for_rx && b->rx_bytes >= b->read_limit) {
+      if (!b->paused_for_rx && b->rx_bytes >= s.read_limit) {
         b->paused_for_rx = true;
         duplex_conn_pause(c);
       }
@@ -644,31 +860,34 @@ inline duplex_conn_cbs conn_trampolines() noexcept {
   cbs.on_eof = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
     b->eof = true;
-    if (b->h->on_eof)
-      guarded(b->core, [&] { b->h->on_eof(ConnRef(c)); });
-    guarded(b->core, [&] { resume_reader(b); });
+    if (b->s->h.on_eof)
+      guarded(b->s->core, [&] { b->s->h.on_eof(ConnRef(c)); });
+    guarded(b->s->core, [&] { resume_reader(b); });
   };
   cbs.on_backpressure = [](duplex_conn *c, size_t q, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h->on_backpressure)
-      guarded(b->core, [&] { b->h->on_backpressure(ConnRef(c), q); });
+    if (b->s->h.on_backpressure)
+      guarded(b->s->core, [&] { b->s->h.on_backpressure(ConnRef(c), q); });
   };
   cbs.on_writable = [](duplex_conn *c, void *u) {
     auto *b = conn_box(c, u);
-    if (b->h->on_writable)
-      guarded(b->core, [&] { b->h->on_writable(ConnRef(c)); });
-    guarded(b->core, [&] { write_awaiter::wake_room(b, {}); });
+    if (b->s->h.on_writable)
+      guarded(b->s->core, [&] { b->s->h.on_writable(ConnRef(c)); });
+    guarded(b->s->core, [&] { write_awaiter::wake_room(b, 0); });
   };
   cbs.on_close = [](duplex_conn *c, int reason, void *u) {
     std::unique_ptr<ConnBox> b(conn_box(c, u));
-    b->closed = reason != 0 ? to_error_code(reason)
-                            : make_error_code(errc::DUPLEX_ECLOSED);
-    if (b->h->on_close)
-      guarded(b->core, [&] { b->h->on_close(ConnRef(c), to_error_code(reason)); });
-    // Wake a waiting reader: it sees the close. (Writers are resumed by
-    // their own completions, which the close cancels.)
-    guarded(b->core, [&] { resume_reader(b.get()); });
-    guarded(b->core, [&] { write_awaiter::wake_room(b.get(), b->closed); });
+    b->closed = true;
+    b->reason = reason;
+    LoopCore *core = b->s->core;
+    if (b->s->h.on_close)
+      guarded(core, [&] { b->s->h.on_close(ConnRef(c), to_error_code(reason)); });
+    // Wake a waiting reader: it sees the close. (Writers waiting for a
+    // completion are resumed by it: the close cancels them.)
+    guarded(core, [&] { resume_reader(b.get()); });
+    guarded(core, [&] {
+      write_awaiter::wake_room(b.get(), reason != 0 ? reason : DUPLEX_ECLOSED);
+    });
     duplex_conn_set_user(c, nullptr);
   };
   return cbs;

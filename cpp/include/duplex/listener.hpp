@@ -5,31 +5,70 @@
 
 namespace duplex {
 
+/// How a listener listens (see duplex_listener_opts).
+struct ListenerOptions {
+  /// Pending connections the kernel keeps for accept(); 0 = 511.
+  int backlog = 0;
+  /// UNIX sockets: permission bits of the socket file (e.g. 0660); 0 =
+  /// what the umask gives. Ignored for TCP.
+  unsigned mode = 0;
+  /// IPv6 TCP listeners: accept IPv6 only (IPV6_V6ONLY).
+  bool ipv6_only = false;
+  /// Accepting failed; the listener keeps listening. When accept() itself
+  /// fails (out of descriptors: errc::DUPLEX_EMFILE / DUPLEX_ENFILE, equal
+  /// to std::errc::too_many_files_open / too_many_files_open_in_system; or
+  /// out of memory) the listener backs off (20 ms doubling to 1 s) and this
+  /// runs once per such episode; clients wait in the backlog meanwhile.
+  /// Failures with one accepted conn (errc::DUPLEX_ENOMEM for its state)
+  /// are reported as they happen. Runs on the loop thread, never after
+  /// close() returned on that thread; an exception it throws goes to
+  /// Loop::run() like a handler's. May be empty.
+  std::function<void(std::error_code)> on_error = {};
+};
+
 /// Accepts conns; each accepted conn gets the handlers and options given
 /// here (on_open is where to take a Conn if you want to keep one).
 /// Move-only. It owns a reference to the C listener: destroying it closes
 /// the listening socket and drops that reference, so a Listener may
 /// outlive its Loop (port() and address() still answer).
+///
+/// Creating one binds and listens on the calling thread (any thread; it
+/// never waits for the loop): clients may connect as soon as it returns.
+/// Throws duplex::error when it cannot listen (errc::DUPLEX_EADDRINUSE,
+/// DUPLEX_EACCES, DUPLEX_EINVAL for a bad host, ...).
 class Listener {
 public:
   Listener() = default;
   static Listener tcp(Loop &loop, const std::string &host, uint16_t port,
+                      ConnHandlers h, const ConnOptions &o,
+                      ListenerOptions lo) {
+    return create(loop, std::move(h), o, std::move(lo),
+                  [&](duplex_listener **out, const duplex_listener_opts *opts) {
+                    return duplex_listener_tcp(
+                        out, loop.native(),
+                        host.empty() ? nullptr : host.c_str(), port, opts);
+                  });
+  }
+  static Listener tcp(Loop &loop, const std::string &host, uint16_t port,
                       ConnHandlers h, const ConnOptions &o = {},
                       int backlog = 0) {
-    return create(loop, std::move(h), o, [&](duplex_listener **out,
-                                             const duplex_listener_opts *lo) {
-      return duplex_listener_tcp(out, loop.native(),
-                                 host.empty() ? nullptr : host.c_str(), port,
-                                 lo);
-    }, backlog, 0);
+    return tcp(loop, host, port, std::move(h), o,
+               ListenerOptions{.backlog = backlog});
+  }
+  static Listener unix_path(Loop &loop, const std::string &path,
+                            ConnHandlers h, const ConnOptions &o,
+                            ListenerOptions lo) {
+    return create(loop, std::move(h), o, std::move(lo),
+                  [&](duplex_listener **out, const duplex_listener_opts *opts) {
+                    return duplex_listener_unix(out, loop.native(),
+                                                path.c_str(), opts);
+                  });
   }
   static Listener unix_path(Loop &loop, const std::string &path,
                             ConnHandlers h, const ConnOptions &o = {},
-                            unsigned mode = 0) {
-    return create(loop, std::move(h), o, [&](duplex_listener **out,
-                                             const duplex_listener_opts *lo) {
-      return duplex_listener_unix(out, loop.native(), path.c_str(), lo);
-    }, 0, mode);
+                            unsigned mode = 0, int backlog = 0) {
+    return unix_path(loop, path, std::move(h), o,
+                     ListenerOptions{.backlog = backlog, .mode = mode});
   }
   Listener(Listener &&o) noexcept
       : l_(std::exchange(o.l_, nullptr)), box_(std::move(o.box_)),
@@ -54,8 +93,8 @@ public:
       return;
     // DUPLEX_ECLOSED once the loop was freed: nothing left to stop.
     duplex_listener_close(l_);
-    // An accept the loop is handling right now (on another thread) still
-    // reads the box: the core frees it after that.
+    // An accept (or on_error) the loop is handling right now (on another
+    // thread) still reads the box: the core frees it after that.
     core_->retire(std::move(box_));
     duplex_listener_unref(std::exchange(l_, nullptr)); // the creation's
     core_.reset();
@@ -75,21 +114,37 @@ public:
 private:
   template <class F>
   static Listener create(Loop &loop, ConnHandlers h, const ConnOptions &o,
-                         F &&make, int backlog, unsigned mode) {
+                         ListenerOptions lopt, F &&make) {
     Listener l;
     l.core_ = loop.shared_core();
-    l.box_ = std::make_shared<detail::ListenerBox>();
-    l.box_->core = loop.core();
-    l.box_->h = std::make_shared<const ConnHandlers>(std::move(h));
-    l.box_->read_limit = o.read_buffer_limit;
+    auto *shared = new detail::ConnShared;
+    shared->core = loop.core();
+    shared->h = std::move(h);
+    shared->read_limit = o.read_buffer_limit;
+    try {
+      l.box_ = std::make_shared<detail::ListenerBox>(shared); // owns `shared`
+    } catch (...) {
+      shared->unref();
+      throw;
+    }
+    l.box_->on_error = std::move(lopt.on_error);
     static const duplex_conn_cbs cbs = detail::conn_trampolines();
     duplex_framing fr;
     duplex_conn_opts co = Conn::c_opts(
         o, &cbs, static_cast<detail::BoxBase *>(l.box_.get()), &fr);
     duplex_listener_opts lo = DUPLEX_LISTENER_OPTS_INIT;
     lo.conn_opts = &co;
-    lo.backlog = backlog;
-    lo.mode = mode;
+    lo.backlog = lopt.backlog;
+    lo.mode = lopt.mode;
+    lo.flags = lopt.ipv6_only ? DUPLEX_LISTEN_IPV6ONLY : 0u;
+    if (l.box_->on_error) {
+      lo.on_error = [](duplex_listener *, int status, void *user) {
+        auto *b = static_cast<detail::ListenerBox *>(user);
+        detail::guarded(b->s->core,
+                        [&] { b->on_error(to_error_code(status)); });
+      };
+      lo.user = l.box_.get();
+    }
     detail::check(make(&l.l_, &lo), "listen");
     return l;
   }

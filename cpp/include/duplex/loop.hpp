@@ -19,6 +19,15 @@ namespace detail {
 
 struct SleepWaiter;
 
+/// A C timer kept for reuse by sleeps (loop.sleep(), first_of timeouts):
+/// its callback user pointer stays this slot, which names the waiter the
+/// timer currently serves.
+struct TimerSlot {
+  duplex_timer *timer = nullptr; // our reference (duplex_timer_new's)
+  SleepWaiter *w = nullptr;      // whom it serves now, or nullptr
+  TimerSlot *next = nullptr;     // in LoopCore::idle_timers
+};
+
 /// What C callbacks need from a Loop; heap-allocated so Loop can move, and
 /// shared by what may outlive the Loop (a Listener, a sleep awaiter). It
 /// holds its own reference to the C loop (duplex_loop_ref), so `loop`
@@ -29,6 +38,11 @@ struct LoopCore {
   std::mutex mu;
   std::exception_ptr error; // first exception thrown by a callback
   SleepWaiter *sleepers = nullptr; // loop thread only
+  // Stopped timers kept for the next sleep (loop thread only), at most
+  // kIdleTimers: a sleep per message costs no allocation.
+  static constexpr unsigned kIdleTimers = 64;
+  TimerSlot *idle_timers = nullptr;
+  unsigned idle_count = 0;
   bool freed = false; // under mu: duplex_loop_free() has returned
   // run(DEFAULT) is on the stack of the loop thread (the only thread that
   // calls capture() then); atomic for a started loop's thread.
@@ -39,6 +53,13 @@ struct LoopCore {
   LoopCore(const LoopCore &) = delete;
   LoopCore &operator=(const LoopCore &) = delete;
   ~LoopCore() {
+    // The loop was freed (which closed these timers): drop them.
+    while (TimerSlot *t = idle_timers) {
+      idle_timers = t->next;
+      duplex_timer_close(t->timer);
+      duplex_timer_unref(t->timer);
+      delete t;
+    }
     if (loop != nullptr)
       duplex_loop_unref(loop);
   }
@@ -73,11 +94,13 @@ struct LoopCore {
   /// DEFAULT mode is asked: run_once()/run_nowait() return after their
   /// iteration anyway, and a stop nobody consumes would end the next run()
   /// early; a started loop keeps running (rethrow() raises it).
-  void capture() noexcept {
+  void capture() noexcept { capture(std::current_exception()); }
+  /// The same for an exception already caught (a spawned task's).
+  void capture(std::exception_ptr e) noexcept {
     {
       std::lock_guard<std::mutex> g(mu);
       if (!error)
-        error = std::current_exception();
+        error = std::move(e);
     }
     if (running_default.load(std::memory_order_relaxed))
       duplex_loop_stop(loop);

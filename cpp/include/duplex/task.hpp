@@ -4,27 +4,136 @@
 #include <duplex/loop.hpp>
 
 #include <coroutine>
+#include <cstddef>
 #include <exception>
 #include <memory>
+#include <new>
 #include <optional>
-#include <utility>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <variant>
 
 namespace duplex {
 
 /// A lazily started coroutine returning T. Await it from another task, or
 /// hand a task<void> to spawn(). Move-only; destroying an unstarted or
-/// finished task frees its frame.
+/// finished task frees its frame. Frames come from a per-thread cache of
+/// recycled blocks (see detail::block_cache), so a task awaited once per
+/// message costs no allocation once the cache is warm.
 template <class T = void> class [[nodiscard]] task;
 
 namespace detail {
+
+/// A per-thread cache of freed memory blocks, by size class: what coroutine
+/// frames and read chunks are made of. A block freed on a thread goes to
+/// that thread's cache (up to kMaxCached bytes in all; beyond, and for
+/// blocks over kLargeMax, it goes back to operator delete), and the next
+/// block of the same class made on that thread reuses it. Blocks are plain
+/// operator new memory, so any thread may free any block. What a thread
+/// still caches is freed when it exits. Not for use across fork().
+class block_cache {
+public:
+  static constexpr std::size_t kSmallStep = 16;  // classes 16, 32, ... 1024
+  static constexpr std::size_t kSmallMax = 1024;
+  static constexpr std::size_t kLargeMax = 64 * 1024; // then 2 KiB ... 64 KiB
+  static constexpr std::size_t kMaxCached = 1024 * 1024;
+
+  static void *get(std::size_t n) {
+    std::size_t size;
+    unsigned c = size_class(n, &size);
+    state &s = here();
+    if (c != kNone && s.free[c] != nullptr) {
+      node *b = s.free[c];
+      s.free[c] = b->next;
+      s.cached -= size;
+      return b;
+    }
+    return ::operator new(size);
+  }
+  static void put(void *p, std::size_t n) noexcept {
+    if (p == nullptr)
+      return;
+    std::size_t size;
+    unsigned c = size_class(n, &size);
+    state &s = here();
+    if (c == kNone || s.closed || s.cached + size > kMaxCached) {
+      ::operator delete(p);
+      return;
+    }
+    auto *b = static_cast<node *>(p);
+    b->next = s.free[c];
+    s.free[c] = b;
+    s.cached += size;
+  }
+  /// Bytes the calling thread's cache holds (for tests and diagnostics).
+  static std::size_t cached() noexcept { return here().cached; }
+
+private:
+  struct node {
+    node *next;
+  };
+  static constexpr unsigned kSmall = kSmallMax / kSmallStep; // 64 classes
+  static constexpr unsigned kClasses = kSmall + 6;           // + 2K..64K
+  static constexpr unsigned kNone = ~0u;
+  // Trivially destructible, so using it while the thread exits is safe;
+  // the reaper below empties it and marks it closed.
+  struct state {
+    node *free[kClasses];
+    std::size_t cached;
+    bool closed;
+  };
+  struct reaper {
+    state *s;
+    ~reaper() {
+      for (node *&head : s->free)
+        while (head != nullptr)
+          ::operator delete(std::exchange(head, head->next));
+      s->cached = 0;
+      s->closed = true;
+    }
+  };
+  static state &here() noexcept {
+    static thread_local state s{};
+    static thread_local reaper r{&s};
+    (void)r;
+    return s;
+  }
+  static unsigned size_class(std::size_t n, std::size_t *size) noexcept {
+    if (n <= kSmallMax) {
+      std::size_t k = n == 0 ? 1 : (n + kSmallStep - 1) / kSmallStep;
+      *size = k * kSmallStep;
+      return static_cast<unsigned>(k - 1);
+    }
+    if (n <= kLargeMax) {
+      unsigned c = kSmall;
+      std::size_t sz = 2 * kSmallMax;
+      while (sz < n) {
+        sz *= 2;
+        c++;
+      }
+      *size = sz;
+      return c;
+    }
+    *size = n;
+    return kNone;
+  }
+};
 
 struct final_awaiter {
   bool await_ready() const noexcept { return false; }
   template <class P>
   std::coroutine_handle<> await_suspend(std::coroutine_handle<P> h) noexcept {
-    auto c = h.promise().continuation;
+    auto &p = h.promise();
+    if (p.detached != nullptr) {
+      // A spawned task: nobody awaits it. Report its exception to the loop
+      // and free the frame (it is suspended here, so that is allowed).
+      if (p.error)
+        p.detached->capture(p.error);
+      h.destroy();
+      return std::noop_coroutine();
+    }
+    auto c = p.continuation;
     return c ? c : std::noop_coroutine();
   }
   void await_resume() const noexcept {}
@@ -33,9 +142,15 @@ struct final_awaiter {
 template <class T> struct promise_base {
   std::coroutine_handle<> continuation;
   std::exception_ptr error;
+  LoopCore *detached = nullptr; // set by spawn(): the task owns itself
   std::suspend_always initial_suspend() noexcept { return {}; }
   final_awaiter final_suspend() noexcept { return {}; }
   void unhandled_exception() noexcept { error = std::current_exception(); }
+  // Frames are recycled through the calling thread's block cache.
+  static void *operator new(std::size_t n) { return block_cache::get(n); }
+  static void operator delete(void *p, std::size_t n) noexcept {
+    block_cache::put(p, n);
+  }
 };
 
 } // namespace detail
@@ -63,6 +178,10 @@ public:
   std::coroutine_handle<> await_suspend(std::coroutine_handle<> c) noexcept {
     h_.promise().continuation = c;
     return h_;
+  }
+  /// The frame, handed over (spawn() uses it).
+  std::coroutine_handle<Promise> release() noexcept {
+    return std::exchange(h_, nullptr);
   }
 
 protected:
@@ -115,36 +234,57 @@ inline task<void> detail::task_promise<void>::get_return_object() noexcept {
 
 namespace detail {
 
-/// A self-destroying coroutine that runs a task<void> to completion and
-/// reports its exception to the loop.
-struct detached {
-  struct promise_type {
-    LoopCore *core = nullptr;
-    detached get_return_object() noexcept {
-      return {std::coroutine_handle<promise_type>::from_promise(*this)};
-    }
-    std::suspend_always initial_suspend() noexcept { return {}; }
-    std::suspend_never final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept {
-      if (core != nullptr)
-        core->capture();
-    }
-  };
-  std::coroutine_handle<promise_type> h;
-};
-
-inline detached run_detached(task<void> t) { co_await std::move(t); }
-
 struct SleepWaiter {
   SleepWaiter *next = nullptr;
   SleepWaiter *prev = nullptr;
   LoopCore *core = nullptr;
-  duplex_timer *timer = nullptr;
+  TimerSlot *slot = nullptr;
   std::coroutine_handle<> h;
   std::error_code ec;
+  bool linked = false;
+  bool fired = false;
+  bool pooled = false; // slot comes from (and goes back to) core's pool
 
+  static void on_timer(duplex_timer *, void *user) {
+    if (SleepWaiter *w = static_cast<TimerSlot *>(user)->w)
+      w->finish({});
+  }
+  /// Take a timer (a pooled one on the loop thread) and start it.
+  int start(uint64_t ms) noexcept {
+    pooled = duplex_loop_on_thread(core->loop) == 1;
+    if (pooled && core->idle_timers != nullptr) {
+      slot = core->idle_timers;
+      core->idle_timers = slot->next;
+      core->idle_count--;
+    } else {
+      try {
+        slot = new TimerSlot;
+      } catch (const std::bad_alloc &) {
+        return DUPLEX_ENOMEM;
+      }
+      int rc = duplex_timer_new(&slot->timer, core->loop, &on_timer, slot);
+      if (rc != 0) {
+        delete std::exchange(slot, nullptr);
+        return rc;
+      }
+    }
+    slot->w = this;
+    slot->next = nullptr;
+    int rc = duplex_timer_start(slot->timer, ms, 0);
+    if (rc != 0)
+      drop_timer();
+    return rc;
+  }
+  void link() noexcept {
+    next = core->sleepers;
+    if (next != nullptr)
+      next->prev = this;
+    core->sleepers = this;
+    linked = true;
+  }
   void unlink() noexcept {
+    if (!linked)
+      return;
     if (prev != nullptr)
       prev->next = next;
     else if (core->sleepers == this)
@@ -152,21 +292,33 @@ struct SleepWaiter {
     if (next != nullptr)
       next->prev = prev;
     next = prev = nullptr;
+    linked = false;
   }
-  /// Close the timer and drop our reference (duplex_timer_new's). On the
-  /// loop thread: no callback starts after this.
+  /// Let go of the timer: stopped and kept for reuse, or closed and our
+  /// reference dropped. On the loop thread no callback starts after this.
   void drop_timer() noexcept {
-    if (timer != nullptr) {
-      duplex_timer_close(timer);
-      duplex_timer_unref(timer);
-      timer = nullptr;
+    if (slot == nullptr)
+      return;
+    TimerSlot *t = std::exchange(slot, nullptr);
+    t->w = nullptr;
+    if (pooled && core->idle_count < LoopCore::kIdleTimers &&
+        duplex_timer_stop(t->timer) == 0) {
+      t->next = core->idle_timers;
+      core->idle_timers = t;
+      core->idle_count++;
+      return;
     }
+    duplex_timer_close(t->timer);
+    duplex_timer_unref(t->timer);
+    delete t;
   }
   void finish(std::error_code e) noexcept {
     unlink();
     ec = e;
+    fired = true;
     drop_timer();
-    h.resume();
+    if (h)
+      std::exchange(h, nullptr).resume();
   }
 };
 
@@ -177,19 +329,20 @@ inline void LoopCore::cancel_sleepers() noexcept {
 
 } // namespace detail
 
-/// Start @p t on @p loop's thread; it owns itself until it finishes. An
-/// exception escaping it is rethrown by Loop::run() / Loop::rethrow().
-/// If the loop is freed before it starts, the task is destroyed unrun.
-/// @thread any.
+/// Start @p t on @p loop's thread; it owns itself until it finishes (its
+/// frame is freed then). An exception escaping it is rethrown by
+/// Loop::run() / Loop::rethrow(). If the loop is freed before it starts,
+/// the task is destroyed unrun. Throws duplex::error if the loop takes no
+/// more work (being freed). @thread any.
 inline void spawn(Loop &loop, task<void> t) {
-  detail::detached d = detail::run_detached(std::move(t));
-  d.h.promise().core = loop.core();
-  auto h = d.h;
+  auto h = t.release();
+  if (!h)
+    return;
+  h.promise().detached = loop.core();
   int rc = duplex_loop_post(
       loop.native(),
       [](duplex_loop *, int status, void *arg) {
-        auto hh = std::coroutine_handle<detail::detached::promise_type>::
-            from_address(arg);
+        auto hh = std::coroutine_handle<detail::task_promise<void>>::from_address(arg);
         if (status == 0)
           hh.resume();
         else
@@ -203,8 +356,12 @@ inline void spawn(Loop &loop, task<void> t) {
 }
 
 /// Awaitable returned by Loop::sleep(): resumes on the loop thread after
-/// the delay with an empty error_code, or with errc::DUPLEX_ECANCELED when the
-/// loop is being freed first.
+/// the delay with an empty error_code, or with errc::DUPLEX_ECANCELED when
+/// the loop is being freed first. It is also a first_of() operand, which
+/// makes it a timeout: `first_of(conn.read(), loop.sleep(5s))` resumes
+/// with the read, or with index 1 once 5 s passed without one. The time
+/// counts from when the await starts waiting; when another operand wins,
+/// the timer is closed and nothing else happens. One await per object.
 class sleep_awaiter {
 public:
   /// Holds a share of the loop's core: awaited after the Loop is gone, it
@@ -214,28 +371,45 @@ public:
       : core_(std::move(core)), d_(d) {
     w_.core = core_.get();
   }
-  bool await_ready() const noexcept { return false; }
-  bool await_suspend(std::coroutine_handle<> h) noexcept {
+  sleep_awaiter(sleep_awaiter &&o) noexcept
+      : core_(std::move(o.core_)), d_(o.d_) {
+    w_.core = core_.get(); // only moved before it is awaited
+  }
+  sleep_awaiter &operator=(sleep_awaiter &&) = delete;
+  ~sleep_awaiter() { unsubscribe(); }
+
+  // ---- first_of() operand (see queue_awaitable) ----
+  /// Whether the time ran out (or the timer could not be made).
+  bool ready() const noexcept { return w_.fired; }
+  /// Start the timer (first call) and resume @p h when it fires.
+  void subscribe(std::coroutine_handle<> h) noexcept {
     w_.h = h;
-    int rc = duplex_timer_new(
-        &w_.timer, w_.core->loop,
-        [](duplex_timer *, void *user) {
-          static_cast<detail::SleepWaiter *>(user)->finish({});
-        },
-        &w_);
-    if (rc == 0)
-      rc = duplex_timer_start(w_.timer, static_cast<uint64_t>(d_.count()), 0);
+    if (w_.fired || w_.linked)
+      return;
+    int rc = w_.start(static_cast<uint64_t>(d_.count()));
     if (rc != 0) {
-      w_.drop_timer();
       // A loop being freed refuses new timers: that is a cancellation.
       w_.ec = to_error_code(rc == DUPLEX_ECLOSED ? DUPLEX_ECANCELED : rc);
-      return false; // resume at once with the error
+      w_.fired = true;
+      w_.h = nullptr;
+      return;
     }
-    w_.next = w_.core->sleepers;
-    if (w_.next != nullptr)
-      w_.next->prev = &w_;
-    w_.core->sleepers = &w_;
-    return true;
+    w_.link();
+  }
+  /// Stop waiting: the timer is closed (it never fires after this).
+  void unsubscribe() noexcept {
+    w_.h = nullptr;
+    if (!w_.fired && w_.linked) {
+      w_.unlink();
+      w_.drop_timer();
+    }
+  }
+  std::error_code take() const noexcept { return w_.ec; }
+
+  bool await_ready() const noexcept { return w_.fired; }
+  bool await_suspend(std::coroutine_handle<> h) noexcept {
+    subscribe(h);
+    return !w_.fired; // the timer could not be made: resume at once
   }
   std::error_code await_resume() const noexcept { return w_.ec; }
 
@@ -249,9 +423,11 @@ inline auto Loop::sleep(std::chrono::milliseconds d) {
   return sleep_awaiter(core_, d);
 }
 
-/// Interface of the queue-backed awaitables (conn reads, channel receives)
-/// that first_of() can combine: they never lose a value, because a value
-/// stays queued until the awaiter that wins takes it.
+/// Interface of the awaitables first_of() combines: conn reads, channel
+/// receives and sleeps. They never lose a value: a value stays queued
+/// until the awaiter that wins takes it. subscribe() may throw (a second
+/// reader of one conn: errc::DUPLEX_EBUSY); unsubscribe() undoes only this
+/// awaiter's own subscription and may be called again.
 template <class A>
 concept queue_awaitable = requires(A a, std::coroutine_handle<> h) {
   { a.ready() } -> std::same_as<bool>;
@@ -260,37 +436,70 @@ concept queue_awaitable = requires(A a, std::coroutine_handle<> h) {
   a.take();
 };
 
-/// Await whichever of @p a and @p b has a value first; the other is left
-/// untouched (nothing is consumed from it), so the select is cancel-safe.
-/// Result: std::variant with index 0 for @p a, 1 for @p b.
-template <queue_awaitable A, queue_awaitable B> class first_of_awaiter {
+/// Await whichever of the operands has a value first; the others are left
+/// untouched (nothing is consumed from them), so the select is
+/// cancel-safe. Result: std::variant whose index is the winner's position.
+/// When several are ready, the leftmost wins.
+template <queue_awaitable... A> class first_of_awaiter {
+  static_assert(sizeof...(A) >= 2, "first_of() needs two operands or more");
+
 public:
-  first_of_awaiter(A a, B b) : a_(std::move(a)), b_(std::move(b)) {}
-  bool await_ready() noexcept { return a_.ready() || b_.ready(); }
-  void await_suspend(std::coroutine_handle<> h) {
-    a_.subscribe(h);
-    b_.subscribe(h);
+  using result_type = std::variant<decltype(std::declval<A &>().take())...>;
+
+  explicit first_of_awaiter(A... a) : aw_(std::move(a)...) {}
+  bool await_ready() noexcept { return ready_index() != kNone; }
+  bool await_suspend(std::coroutine_handle<> h) {
+    subscribe_from<0>(h);
+    if (ready_index() != kNone) { // one became ready while subscribing
+      unsubscribe_all();
+      return false;
+    }
+    return true;
   }
-  std::variant<decltype(std::declval<A &>().take()),
-               decltype(std::declval<B &>().take())>
-  await_resume() {
-    a_.unsubscribe();
-    b_.unsubscribe();
-    using V = std::variant<decltype(std::declval<A &>().take()),
-                           decltype(std::declval<B &>().take())>;
-    if (a_.ready())
-      return V(std::in_place_index<0>, a_.take());
-    return V(std::in_place_index<1>, b_.take());
+  result_type await_resume() {
+    unsubscribe_all();
+    std::size_t i = ready_index();
+    return take_at<0>(i == kNone ? sizeof...(A) - 1 : i);
   }
 
 private:
-  A a_;
-  B b_;
+  static constexpr std::size_t kNone = ~std::size_t{0};
+  /// The leftmost ready operand's position, or kNone.
+  template <std::size_t I = 0> std::size_t ready_index() noexcept {
+    if constexpr (I == sizeof...(A))
+      return kNone;
+    else
+      return std::get<I>(aw_).ready() ? I : ready_index<I + 1>();
+  }
+  template <std::size_t I> void subscribe_from(std::coroutine_handle<> h) {
+    if constexpr (I < sizeof...(A)) {
+      try {
+        std::get<I>(aw_).subscribe(h);
+      } catch (...) {
+        unsubscribe_all();
+        throw;
+      }
+      subscribe_from<I + 1>(h);
+    }
+  }
+  void unsubscribe_all() noexcept {
+    std::apply([](auto &...x) { (x.unsubscribe(), ...); }, aw_);
+  }
+  template <std::size_t I> result_type take_at(std::size_t i) {
+    if constexpr (I + 1 < sizeof...(A)) {
+      if (i != I)
+        return take_at<I + 1>(i);
+    }
+    return result_type(std::in_place_index<I>, std::get<I>(aw_).take());
+  }
+  std::tuple<A...> aw_;
 };
 
-template <queue_awaitable A, queue_awaitable B>
-first_of_awaiter<A, B> first_of(A a, B b) {
-  return first_of_awaiter<A, B>(std::move(a), std::move(b));
+/// co_await first_of(a, b, ...): see first_of_awaiter. Operands are taken
+/// by value (awaiters hold what they use). A timeout is a sleep operand:
+/// `first_of(conn.read(), ch.receive(), loop.sleep(1s))`.
+template <queue_awaitable... A> first_of_awaiter<A...> first_of(A... a) {
+  return first_of_awaiter<A...>(std::move(a)...);
 }
 
 } // namespace duplex
