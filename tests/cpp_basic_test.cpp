@@ -14,7 +14,11 @@
 
 #include "fixture.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -946,6 +950,112 @@ TEST_CASE("a Listener outliving its Loop is safe to use and destroy") {
   idle.reset();
   CHECK(token.use_count() == 1); // every handler table was released
   CHECK(opened.load() == 1);
+}
+
+namespace {
+
+// Non-blocking connects to the UNIX socket at @p path, kept open, until one
+// is refused (the listener's backlog is full: nothing accepts) or @p max.
+int connects_until_full(const std::string &path, int max) {
+  std::vector<dtest::Fd> held;
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+  while (static_cast<int>(held.size()) < max) {
+    dtest::Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (::connect(fd.get(), reinterpret_cast<sockaddr *>(&a), sizeof a) != 0)
+      break; // EAGAIN: the backlog is full
+    held.push_back(std::move(fd));
+  }
+  return static_cast<int>(held.size());
+}
+
+// The largest descriptor open in this process.
+int max_open_fd() {
+  int mx = 2;
+  for (const auto &e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    int fd = std::atoi(e.path().filename().c_str());
+    mx = std::max(mx, fd);
+  }
+  return mx;
+}
+
+} // namespace
+
+TEST_CASE("Listener::unix_path takes a backlog (and the mode), positionally or in ListenerOptions") {
+  dtest::TempDir dir;
+  duplex::Loop loop; // never run: nothing is accepted, clients fill the backlog
+  // Linux lets a UNIX listener hold backlog + 1 pending connections.
+  {
+    auto l = duplex::Listener::unix_path(loop, dir.file("one"), {}, {}, 0600, 1);
+    CHECK(connects_until_full(dir.file("one"), 64) == 2);
+    struct stat st {};
+    REQUIRE(::stat(dir.file("one").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+  {
+    auto l = duplex::Listener::unix_path(loop, dir.file("three"), {}, {},
+                                         duplex::ListenerOptions{.backlog = 3, .mode = 0640});
+    CHECK(connects_until_full(dir.file("three"), 64) == 4);
+    struct stat st {};
+    REQUIRE(::stat(dir.file("three").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0640);
+  }
+  {
+    auto l = duplex::Listener::unix_path(loop, dir.file("default"), {});
+    CHECK(connects_until_full(dir.file("default"), 64) == 64); // 511
+  }
+  // TCP takes the same options.
+  auto t = duplex::Listener::tcp(loop, "127.0.0.1", 0, {}, {},
+                                 duplex::ListenerOptions{.backlog = 8});
+  CHECK(t.port() != 0);
+}
+
+TEST_CASE("a Listener's on_error reports running out of descriptors at accept, once; serving resumes") {
+  std::vector<std::error_code> errors;
+  int opened = 0;
+  duplex::Loop loop;
+  auto l = duplex::Listener::tcp(
+      loop, "127.0.0.1", 0, {.on_open = [&](duplex::ConnRef) { opened++; }}, {},
+      duplex::ListenerOptions{.on_error = [&](std::error_code ec) { errors.push_back(ec); }});
+  // The client's socket first; then this process may open nothing more.
+  dtest::Fd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(client.get() >= 0);
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  std::vector<dtest::Fd> fillers;
+  struct Restore { // also when a REQUIRE below throws
+    rlimit lim;
+    std::vector<dtest::Fd> &f;
+    ~Restore() {
+      f.clear();
+      ::setrlimit(RLIMIT_NOFILE, &lim);
+    }
+  } restore{saved, fillers};
+  rlimit low = saved;
+  low.rlim_cur = static_cast<rlim_t>(max_open_fd() + 8);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  for (;;) {
+    int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+      break;
+    fillers.emplace_back(fd);
+  }
+  REQUIRE(errno == EMFILE);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(l.port());
+  REQUIRE(::connect(client.get(), reinterpret_cast<sockaddr *>(&a), sizeof a) == 0);
+  CHECK(pump(loop, [&] { return !errors.empty(); }));
+  for (int i = 0; i < 20; i++)
+    loop.run_nowait(); // backing off: no second report
+  fillers.clear();
+  ::setrlimit(RLIMIT_NOFILE, &saved);
+  CHECK(pump(loop, [&] { return opened == 1; })); // the client waited in the backlog
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0] == errc::DUPLEX_EMFILE);
+  CHECK(errors[0] == std::errc::too_many_files_open);
 }
 
 TEST_CASE("a Timer destroyed by its own callback stops, and its callback is released after it returns") {

@@ -931,6 +931,30 @@ TEST_CASE("a coroutine that sleeps after ~Loop woke it still finishes") {
   CHECK(slept == errc::DUPLEX_ECANCELED);
 }
 
+// The same with a stopped timer kept for reuse (an earlier sleep's): a
+// sleep made during the teardown must not start it and wait for ever.
+TEST_CASE("a coroutine that sleeps after ~Loop woke it still finishes, with a reusable timer kept") {
+  Frames f;
+  std::error_code slept = errc::DUPLEX_EUNKNOWN;
+  auto sp = dtest::socket_pair();
+  {
+    duplex::Loop loop;
+    auto c = duplex::Conn::adopt(loop, sp.ours.release());
+    duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                           std::error_code *out) -> duplex::task<void> {
+      Alive al(fr);
+      co_await l.sleep(0ms); // its timer is kept for the next sleep
+      CHECK(l.core()->idle_count == 1);
+      (void)co_await conn.read();
+      *out = co_await l.sleep(1h);
+    }(loop, c, f, &slept));
+    CHECK(pump(loop, [&] { return f.started == 1 && loop.core()->idle_count == 1; }));
+    loop.run_nowait();
+  }
+  CHECK(f.finished == 1);
+  CHECK(slept == errc::DUPLEX_ECANCELED);
+}
+
 // ---------------------------------------------------------------------------
 // Exceptions and nested tasks
 // ---------------------------------------------------------------------------
@@ -1036,4 +1060,272 @@ TEST_CASE("an exception in a task on a started loop comes out of Loop::rethrow()
   CHECK(fence->wait());
   CHECK_THROWS_WITH_AS(loop.rethrow(), "started", Thrown);
   CHECK_NOTHROW(loop.rethrow());
+}
+
+// ---------------------------------------------------------------------------
+// Timeouts: a sleep as a first_of() operand
+// ---------------------------------------------------------------------------
+
+TEST_CASE("first_of(read, sleep) resumes with the timeout when nothing arrives, else with the read") {
+  Frames f;
+  std::vector<std::string> got;
+  bool loser_unlinked = false;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                         std::vector<std::string> *out,
+                         bool *unlinked) -> duplex::task<void> {
+    Alive al(fr);
+    auto e1 = co_await duplex::first_of(conn.read(), l.sleep(5ms));
+    REQUIRE(e1.index() == 1);
+    CHECK_FALSE(std::get<1>(e1)); // the time ran out: no error
+    out->push_back("timeout");
+    // The peer writes once it saw "timeout": the read wins long before 1 h.
+    auto e2 = co_await duplex::first_of(conn.read(), l.sleep(1h));
+    REQUIRE(e2.index() == 0);
+    out->push_back("read:" + std::string(std::get<0>(e2).data));
+    // The losing sleep let go of its timer: no sleeper is left waiting.
+    *unlinked = l.core()->sleepers == nullptr;
+    // A ready operand wins without waiting (EOF, once the peer shut down).
+    auto e3 = co_await duplex::first_of(l.sleep(1h), conn.read());
+    REQUIRE(e3.index() == 1);
+    CHECK(std::get<1>(e3).eof);
+    out->push_back("eof");
+  }(loop, c, f, &got, &loser_unlinked));
+  CHECK(pump(loop, [&] { return got.size() == 1; }));
+  REQUIRE(dtest::write_all(sp.peer.get(), "hi", 2) == 0);
+  CHECK(pump(loop, [&] { return got.size() == 2; }));
+  ::shutdown(sp.peer.get(), SHUT_WR);
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(got == std::vector<std::string>{"timeout", "read:hi", "eof"});
+  CHECK(loser_unlinked);
+}
+
+TEST_CASE("first_of() takes three operands: a read, a receive and a timeout") {
+  Frames f;
+  std::vector<std::size_t> winners;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  duplex::Channel<int> ch(loop);
+  duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, duplex::Channel<int> chan,
+                         Frames &fr, std::vector<std::size_t> *out) -> duplex::task<void> {
+    Alive al(fr);
+    for (int i = 0; i < 3; i++) {
+      auto ev = co_await duplex::first_of(conn.read(), chan.receive(), l.sleep(10ms));
+      out->push_back(ev.index());
+      if (ev.index() == 1)
+        CHECK(*std::get<1>(ev) == 7);
+      if (ev.index() == 0)
+        CHECK(std::get<0>(ev).data == "x");
+    }
+  }(loop, c, ch, f, &winners));
+  CHECK(pump(loop, [&] { return f.started == 1; }));
+  CHECK(ch.send(7));
+  CHECK(pump(loop, [&] { return winners.size() == 1; }));
+  REQUIRE(dtest::write_all(sp.peer.get(), "x", 1) == 0);
+  CHECK(pump(loop, [&] { return winners.size() == 2; }));
+  CHECK(pump(loop, [&] { return f.finished == 1; })); // the third times out
+  CHECK(winners == std::vector<std::size_t>{1, 0, 2});
+}
+
+TEST_CASE("a sleep operand whose Loop is gone makes first_of() resume at once with DUPLEX_ECANCELED") {
+  Frames f;
+  std::optional<std::variant<std::optional<int>, std::error_code>> got;
+  std::optional<duplex::sleep_awaiter> aw;
+  {
+    duplex::Loop gone;
+    aw.emplace(gone.sleep(1h));
+  }
+  duplex::Loop loop;
+  duplex::Channel<int> ch(loop);
+  duplex::spawn(loop, await_into(duplex::first_of(ch.receive(), std::move(*aw)), f, &got));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  REQUIRE(got);
+  REQUIRE(got->index() == 1);
+  CHECK(std::get<1>(*got) == errc::DUPLEX_ECANCELED);
+}
+
+TEST_CASE("destroying the Loop resumes a coroutine waiting in first_of(read, sleep)") {
+  Frames f;
+  std::size_t index = 99;
+  std::error_code why = errc::DUPLEX_EUNKNOWN;
+  auto sp = dtest::socket_pair();
+  {
+    duplex::Loop loop;
+    auto c = duplex::Conn::adopt(loop, sp.ours.release());
+    duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                           std::size_t *idx, std::error_code *ec) -> duplex::task<void> {
+      Alive al(fr);
+      auto ev = co_await duplex::first_of(conn.read(), l.sleep(1h));
+      *idx = ev.index();
+      *ec = ev.index() == 0 ? std::get<0>(ev).error : std::get<1>(ev);
+    }(loop, c, f, &index, &why));
+    CHECK(pump(loop, [&] { return f.started == 1; }));
+    loop.run_nowait();
+    CHECK(f.finished == 0);
+  }
+  CHECK(f.finished == 1);
+  CHECK(index <= 1);
+  CHECK(why == errc::DUPLEX_ECANCELED);
+}
+
+// ---------------------------------------------------------------------------
+// One reader at a time
+// ---------------------------------------------------------------------------
+
+TEST_CASE("a second coroutine awaiting a conn's read() gets errc::DUPLEX_EBUSY; the first keeps waiting") {
+  Frames f;
+  std::string first;
+  std::vector<std::error_code> refused;
+  bool no_sleeper = false;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  duplex::spawn(loop, [](duplex::Conn conn, Frames &fr, std::string *out) -> duplex::task<void> {
+    Alive al(fr);
+    auto r = co_await conn.read();
+    *out = r.data;
+  }(c, f, &first));
+  CHECK(pump(loop, [&] { return f.started == 1; }));
+  duplex::spawn(loop, [](duplex::Loop &l, duplex::Conn conn, Frames &fr,
+                         std::vector<std::error_code> *out,
+                         bool *clean) -> duplex::task<void> {
+    Alive al(fr);
+    try {
+      (void)co_await conn.read();
+      FAIL("a second reader was let in");
+    } catch (const duplex::error &e) {
+      out->push_back(e.code());
+    }
+    // Through first_of (the read subscribes after the sleep): the sleep's
+    // subscription is undone before the error comes out.
+    try {
+      (void)co_await duplex::first_of(l.sleep(1h), conn.read());
+      FAIL("a second reader was let in");
+    } catch (const duplex::error &e) {
+      out->push_back(e.code());
+    }
+    *clean = l.core()->sleepers == nullptr;
+  }(loop, c, f, &refused, &no_sleeper));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(refused == std::vector<std::error_code>(2, errc::DUPLEX_EBUSY));
+  CHECK(no_sleeper);
+  REQUIRE(dtest::write_all(sp.peer.get(), "mine", 4) == 0);
+  CHECK(pump(loop, [&] { return f.finished == 2; }));
+  CHECK(first == "mine");
+}
+
+TEST_CASE("a second coroutine awaiting a channel's receive() gets errc::DUPLEX_EBUSY") {
+  Frames f;
+  std::optional<int> first;
+  std::error_code refused;
+  duplex::Loop loop;
+  duplex::Channel<int> ch(loop);
+  duplex::spawn(loop, [](duplex::Channel<int> c, Frames &fr,
+                         std::optional<int> *out) -> duplex::task<void> {
+    Alive al(fr);
+    *out = co_await c.receive();
+  }(ch, f, &first));
+  CHECK(pump(loop, [&] { return f.started == 1; }));
+  duplex::spawn(loop, [](duplex::Channel<int> c, Frames &fr,
+                         std::error_code *out) -> duplex::task<void> {
+    Alive al(fr);
+    try {
+      (void)co_await c.receive();
+    } catch (const duplex::error &e) {
+      *out = e.code();
+    }
+  }(ch, f, &refused));
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  CHECK(refused == errc::DUPLEX_EBUSY);
+  CHECK(ch.send(5));
+  CHECK(pump(loop, [&] { return f.finished == 2; }));
+  CHECK(first == std::optional<int>(5));
+}
+
+// ---------------------------------------------------------------------------
+// Buffers: what a ReadResult owns, what async_write borrows
+// ---------------------------------------------------------------------------
+
+TEST_CASE("a ReadResult owns its bytes: they outlive later reads, the conn and the Loop") {
+  Frames f;
+  std::optional<duplex::ReadResult> kept, moved_from;
+  std::string second;
+  auto sp = dtest::socket_pair();
+  REQUIRE(dtest::write_all(sp.peer.get(), "first\nsecond\n", 13) == 0);
+  ::shutdown(sp.peer.get(), SHUT_WR);
+  {
+    duplex::Loop loop;
+    duplex::ConnOptions o;
+    o.framing = duplex::Framing::lines();
+    auto c = duplex::Conn::adopt(loop, sp.ours.release(), {}, o);
+    duplex::spawn(loop, [](duplex::Conn conn, Frames &fr,
+                           std::optional<duplex::ReadResult> *keep,
+                           std::optional<duplex::ReadResult> *from,
+                           std::string *two) -> duplex::task<void> {
+      Alive al(fr);
+      duplex::ReadResult a = co_await conn.read();
+      duplex::ReadResult b = co_await conn.read();
+      duplex::ReadResult eof = co_await conn.read();
+      CHECK(eof.eof);
+      CHECK(a.data == "first"); // still valid after two more reads
+      duplex::ReadResult m = std::move(b);
+      *two = m.data;
+      CHECK(std::string(reinterpret_cast<const char *>(m.bytes().data()),
+                        m.bytes().size()) == "second");
+      from->emplace(std::move(b)); // moved from: empty
+      keep->emplace(std::move(a));
+    }(c, f, &kept, &moved_from, &second));
+    CHECK(pump(loop, [&] { return f.finished == 1; }));
+    c.close(true);
+  } // the conn and the loop are gone
+  REQUIRE(kept);
+  CHECK(kept->data == "first");
+  CHECK(kept->ok());
+  CHECK(second == "second");
+  REQUIRE(moved_from);
+  CHECK(moved_from->data.empty());
+}
+
+TEST_CASE("async_write borrows a view until the await completes, or takes a std::string by move") {
+  Frames f;
+  std::vector<std::error_code> results;
+  duplex::Loop loop;
+  auto sp = dtest::socket_pair();
+  auto c = duplex::Conn::adopt(loop, sp.ours.release());
+  duplex::spawn(loop, [](duplex::Conn conn, Frames &fr,
+                         std::vector<std::error_code> *out) -> duplex::task<void> {
+    Alive al(fr);
+    std::string local = "lvalue;";
+    out->push_back(co_await conn.async_write(local)); // a view of `local`
+    out->push_back(co_await conn.async_write(std::string_view("view;")));
+    const char raw[] = {'s', 'p', 'a', 'n', ';'};
+    out->push_back(co_await conn.async_write(std::as_bytes(std::span(raw))));
+    out->push_back(co_await conn.async_write("literal;"));
+    std::string big(100, 'o'), small = "sso;";
+    auto w1 = conn.async_write(std::move(big)); // moved in: no copy
+    CHECK(big.empty());
+    auto w2 = conn.async_write(std::move(small));
+    small = "overwritten"; // the awaiter has its own
+    out->push_back(co_await std::move(w2));
+    out->push_back(co_await std::move(w1));
+    // Stored as a task (it owns the awaiter and the string).
+    duplex::task<std::error_code> t = conn.async_write(std::string("task;"));
+    out->push_back(co_await std::move(t));
+    out->push_back(co_await conn.async_write(std::string_view()));
+    conn.shutdown();
+  }(c, f, &results));
+  std::string received;
+  std::thread peer([&] {
+    dtest::read_until_eof(sp.peer.get(), [&](const uint8_t *p, size_t n) {
+      received.append(reinterpret_cast<const char *>(p), n);
+      return true;
+    });
+  });
+  CHECK(pump(loop, [&] { return f.finished == 1; }));
+  peer.join();
+  CHECK(results == std::vector<std::error_code>(8));
+  CHECK(received == "lvalue;view;span;literal;sso;" + std::string(100, 'o') + "task;");
 }
