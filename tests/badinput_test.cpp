@@ -1074,6 +1074,24 @@ std::vector<Case> make_table(Ctx &c) {
     return rp == DUPLEX_ECLOSED && rr == DUPLEX_ECLOSED ? rc : -1;
   }, DUPLEX_ECLOSED);
 
+  add("duplex_conn_get_loop", "NULL conn", [] {
+    duplex_loop *l = reinterpret_cast<duplex_loop *>(1);
+    int rc = duplex_conn_get_loop(nullptr, &l);
+    return out_null(rc, l);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_loop", "NULL out",
+      [&c] { return duplex_conn_get_loop(c.open_conn, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_get_loop", "closed conn (still referenced)", [&c] {
+    duplex_loop *l = reinterpret_cast<duplex_loop *>(1);
+    int rc = duplex_conn_get_loop(c.closed_conn, &l);
+    return out_null(rc, l);
+  }, DUPLEX_ECLOSED);
+  add("duplex_conn_get_loop", "open conn: its loop", [&c] {
+    duplex_loop *l = nullptr;
+    int rc = duplex_conn_get_loop(c.open_conn, &l);
+    return rc == 0 && l != c.loop ? -1 : rc;
+  }, 0);
+
   // ---- signals --------------------------------------------------------------
   add("duplex_signal_new", "NULL out", [&c] {
     return duplex_signal_new(nullptr, c.loop, SIGUSR1, [](duplex_signal *, int, void *) {},

@@ -118,6 +118,10 @@ struct Server {
     auto rec = std::make_unique<ConnRec>();
     rec->srv = s;
     rec->loop = s->group->current();
+    duplex_loop *own = nullptr;
+    if (duplex_conn_get_loop(c, &own) != 0 || rec->loop < 0 ||
+        own != s->group->loops[static_cast<size_t>(rec->loop)])
+      rec->migrations++; // its loop is the one running its callbacks
     rec->thread = std::this_thread::get_id();
     if (s->closed.load())
       s->opens_after_close++;

@@ -837,6 +837,19 @@ DUPLEX_API int duplex_conn_get_queued(const duplex_conn *conn, size_t *out);
 DUPLEX_API int duplex_conn_get_user(const duplex_conn *conn, void **out);
 
 /**
+ * The loop the conn lives on (in a group: the loop it was handed to). A
+ * conn never changes loops.
+ * @thread   any.
+ * @owner    @p *out is borrowed: valid while the loop is (take
+ *           duplex_loop_ref() to keep it).
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ECLOSED (the conn finished closing:
+ *           on_close has returned).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_get_loop(const duplex_conn *conn,
+                                    duplex_loop **out);
+
+/**
  * Replace the user pointer passed to callbacks that start after this call.
  * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.1
  */

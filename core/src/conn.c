@@ -358,6 +358,22 @@ duplex_conn_get_user(const duplex_conn *conn, void **out)
 }
 
 int
+duplex_conn_get_loop(const duplex_conn *conn, duplex_loop **out)
+{
+  if (out != NULL)
+    *out = NULL;
+  if (conn == NULL || out == NULL)
+    return DUPLEX_EINVAL;
+  dpx_conn_lock(conn);
+  duplex_loop *loop = conn->loop; /* NULL once the conn let go of it */
+  dpx_conn_unlock(conn);
+  if (loop == NULL)
+    return DUPLEX_ECLOSED;
+  *out = loop;
+  return 0;
+}
+
+int
 duplex_conn_set_user(duplex_conn *conn, void *user)
 {
   if (conn == NULL)
