@@ -449,6 +449,8 @@ TEST_CASE("group free with live conns and pending cross-thread writes: every com
   Group g(3);
   Server srv(g);
   srv.hold = true;
+  srv.copts.high_watermark = 256 * 1024; // small queues: refusals come soon
+  srv.copts.hard_limit = 1024 * 1024;
   duplex_listener *l = nullptr;
   REQUIRE(duplex_group_listen_tcp(&l, g.g, "127.0.0.1", 0, &srv.lopts) == 0);
   std::vector<Fd> clients;
@@ -470,11 +472,20 @@ TEST_CASE("group free with live conns and pending cross-thread writes: every com
   std::vector<char> block(16 * 1024, 'w');
   for (int t = 0; t < 2; t++)
     writers.emplace_back([&, t] {
-      for (int round = 0; round < 200; round++)
-        for (int i = t; i < kConns; i += 2) {
+      // Each conn until it refuses a write: the kernel's buffers toward the
+      // client (who reads nothing) are full and the queue is at its limit.
+      // (A refused write waits for room; a conn that stays full for
+      // 100 ms has nothing left to drain into.)
+      for (int i = t; i < kConns; i += 2)
+        for (int n = 0; n < 100000; n++) {
           int rc = duplex_conn_write(conns[i], block.data(), block.size(), WriteCounter::cb, &wc);
-          if (rc == 0)
+          if (rc == 0) {
             issued++;
+            continue;
+          }
+          if (rc != DUPLEX_EWOULDBLOCK ||
+              duplex_conn_wait_room(conns[i], block.size(), 100) != 0)
+            break;
         }
     });
   for (auto &w : writers)
