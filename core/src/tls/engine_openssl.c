@@ -47,6 +47,7 @@
 /* Output segment size: a few records each. */
 #define SEG_SIZE ((size_t)32 * 1024)
 #define SESSION_CACHE_DEFAULT 64
+#define SESS_PER_KEY 4
 
 /* ---- config -------------------------------------------------------------- */
 
@@ -54,6 +55,7 @@ typedef struct sess_ent {
   char *key;
   SSL_SESSION *sess;
   unsigned long stamp;
+  const void *origin; /* the engine that received it, while it lives */
 } sess_ent;
 
 struct dpx_tls_config {
@@ -383,6 +385,20 @@ keylog_line(const SSL *ssl, const char *line)
   CRYPTO_THREAD_unlock(cfg->keylog_lock);
 }
 
+/* The client session cache: up to SESS_PER_KEY sessions per key (a TLS 1.3
+ * server sends several tickets, so connections made at once can each
+ * resume), cache_cap in all; the oldest goes first. A TLS 1.3 ticket is
+ * handed out once (RFC 8446 recommends single use, and OpenSSL marks a
+ * ticket it resumed with as spent when new ones arrive); a TLS 1.2 session
+ * stays for reuse. */
+static void
+cache_drop_locked(dpx_tls_config *cfg, size_t i)
+{
+  free(cfg->cache[i].key);
+  SSL_SESSION_free(cfg->cache[i].sess);
+  cfg->cache[i] = cfg->cache[--cfg->cache_n];
+}
+
 static int
 new_session(SSL *ssl, SSL_SESSION *sess)
 {
@@ -395,47 +411,85 @@ new_session(SSL *ssl, SSL_SESSION *sess)
     free(key);
     return 0;
   }
-  sess_ent *slot = NULL;
+  size_t same = 0, oldest_same = SIZE_MAX, oldest = SIZE_MAX;
   for (size_t i = 0; i < cfg->cache_n; i++) {
-    if (strcmp(cfg->cache[i].key, key) == 0) {
-      slot = &cfg->cache[i];
-      break;
-    }
+    sess_ent *e = &cfg->cache[i];
+    if (oldest == SIZE_MAX || e->stamp < cfg->cache[oldest].stamp)
+      oldest = i;
+    if (strcmp(e->key, key) != 0)
+      continue;
+    same++;
+    if (oldest_same == SIZE_MAX || e->stamp < cfg->cache[oldest_same].stamp)
+      oldest_same = i;
   }
-  if (slot == NULL && cfg->cache_n < cfg->cache_cap) {
-    slot = &cfg->cache[cfg->cache_n++];
-    slot->key = NULL;
-    slot->sess = NULL;
-  }
-  if (slot == NULL) { /* full: replace the oldest */
-    slot = &cfg->cache[0];
-    for (size_t i = 1; i < cfg->cache_n; i++)
-      if (cfg->cache[i].stamp < slot->stamp)
-        slot = &cfg->cache[i];
-  }
-  free(slot->key);
-  if (slot->sess != NULL)
-    SSL_SESSION_free(slot->sess);
-  slot->key = key;
-  slot->sess = sess; /* returning 1 keeps OpenSSL's reference */
-  slot->stamp = ++cfg->clock;
+  if (same >= SESS_PER_KEY)
+    cache_drop_locked(cfg, oldest_same);
+  else if (cfg->cache_n == cfg->cache_cap)
+    cache_drop_locked(cfg, oldest);
+  sess_ent *e = &cfg->cache[cfg->cache_n++];
+  e->key = key;
+  e->sess = sess; /* returning 1 keeps OpenSSL's reference */
+  e->stamp = ++cfg->clock;
+  e->origin = t;
   CRYPTO_THREAD_unlock(cfg->lock);
   return 1;
 }
 
-/* A session for @p key with a reference of its own, or NULL. */
+/* The engine @p t goes away: if it failed, the sessions it received go
+ * too (a connection ended by an error must not be resumed); otherwise they
+ * stay and forget their origin. */
+static void
+cache_forget(dpx_tls_config *cfg, const dpx_tls *t, bool failed)
+{
+  if (!CRYPTO_THREAD_write_lock(cfg->lock))
+    return;
+  for (size_t i = 0; i < cfg->cache_n;) {
+    if (cfg->cache[i].origin != t) {
+      i++;
+    } else if (failed) {
+      cache_drop_locked(cfg, i);
+    } else {
+      cfg->cache[i].origin = NULL;
+      i++;
+    }
+  }
+  CRYPTO_THREAD_unlock(cfg->lock);
+}
+
+/* The newest usable session for @p key with a reference for the caller,
+ * or NULL; spent sessions met on the way are dropped. */
 static SSL_SESSION *
 cache_get(dpx_tls_config *cfg, const char *key)
 {
   SSL_SESSION *s = NULL;
-  if (!CRYPTO_THREAD_read_lock(cfg->lock))
+  if (!CRYPTO_THREAD_write_lock(cfg->lock))
     return NULL;
-  for (size_t i = 0; i < cfg->cache_n; i++) {
-    if (strcmp(cfg->cache[i].key, key) == 0) {
-      if (SSL_SESSION_is_resumable(cfg->cache[i].sess) &&
-          SSL_SESSION_up_ref(cfg->cache[i].sess))
-        s = cfg->cache[i].sess;
-      break;
+  size_t best = SIZE_MAX;
+  for (size_t i = 0; i < cfg->cache_n;) {
+    sess_ent *e = &cfg->cache[i];
+    if (strcmp(e->key, key) != 0) {
+      i++;
+      continue;
+    }
+    if (!SSL_SESSION_is_resumable(e->sess)) {
+      cache_drop_locked(cfg, i); /* moves the last entry to i */
+      if (best == cfg->cache_n)
+        best = i;
+      continue;
+    }
+    if (best == SIZE_MAX || e->stamp > cfg->cache[best].stamp)
+      best = i;
+    i++;
+  }
+  if (best != SIZE_MAX) {
+    sess_ent *e = &cfg->cache[best];
+    if (SSL_SESSION_get_protocol_version(e->sess) >= TLS1_3_VERSION) {
+      s = e->sess; /* single use: the cache's reference goes to the caller */
+      e->sess = NULL;
+      free(e->key);
+      cfg->cache[best] = cfg->cache[--cfg->cache_n];
+    } else if (SSL_SESSION_up_ref(e->sess)) {
+      s = e->sess;
     }
   }
   CRYPTO_THREAD_unlock(cfg->lock);
@@ -1004,11 +1058,14 @@ dpx_tls_free(dpx_tls *t)
 {
   if (t == NULL)
     return;
+  if (t->session_key != NULL && t->cfg->cache != NULL)
+    cache_forget(t->cfg, t, t->err != 0);
   if (t->ssl != NULL) {
     /* OpenSSL marks the session of a connection freed before it sent
      * close_notify as not resumable. A connection that ended without an
      * error keeps its session (a conn closed without shutdown is not a
-     * failure); one that failed loses it. */
+     * failure); one that failed loses it, and cache_forget above dropped
+     * the other sessions it received. */
     if (t->hs_done && !t->err)
       SSL_set_shutdown(t->ssl, SSL_get_shutdown(t->ssl) | SSL_SENT_SHUTDOWN);
     SSL_set_app_data(t->ssl, NULL);
