@@ -120,8 +120,10 @@ typedef struct dpx_tls_config_opts {
   int min_version; /* DPX_TLS_V1_2 (default) or DPX_TLS_V1_3 */
   int max_version; /* 0: the highest supported */
 
-  /* Client session resumption: the config keeps the newest session per
-   * session key (dpx_tls_opts.session_key). 0: 64 entries; <0: off. */
+  /* Client session resumption: the config keeps up to 4 sessions per
+   * session key (dpx_tls_opts.session_key), newest first; a TLS 1.3 ticket
+   * is used by one connection only, and a failed connection's sessions are
+   * dropped. Entries in all: 0 means 64; <0: off. */
   int session_cache;
 
   /* Opt-in: append NSS key-log lines (SSLKEYLOGFILE format) here, for
