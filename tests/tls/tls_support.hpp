@@ -469,11 +469,15 @@ public:
   // child's output ends or the guard runs out (false).
   bool wait_for(const std::string &needle) {
     auto d = deadline();
-    while (out_.find(needle) == std::string::npos) {
+    size_t from = 0; // only the new bytes are searched (output may be MiBs)
+    for (;;) {
+      if (out_.find(needle, from) != std::string::npos)
+        return true;
+      if (out_.size() >= needle.size())
+        from = out_.size() - needle.size() + 1;
       if (!read_some(ms_left(d)))
-        return out_.find(needle) != std::string::npos;
+        return out_.find(needle, from) != std::string::npos;
     }
-    return true;
   }
   // Read until @p pred(output) holds (true) or the output ends or the
   // guard runs out (false).
@@ -518,7 +522,7 @@ private:
     int r = poll(&p, 1, timeout_ms);
     if (r <= 0)
       return false;
-    char buf[4096];
+    char buf[65536];
     ssize_t n = ::read(stdout_, buf, sizeof buf);
     if (n <= 0) {
       close(stdout_);
