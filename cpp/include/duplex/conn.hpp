@@ -260,22 +260,11 @@ public:
   read_awaiter &operator=(read_awaiter &&) = delete;
   ~read_awaiter() { unsubscribe(); }
 
-  bool ready() const noexcept {
-    auto *b = box_of(c_.get());
-    return b == nullptr || b->rx_head != nullptr || b->eof || b->closed;
-  }
+  // ---- first_of() operand (see queue_awaitable) ----
+  bool ready() const noexcept { return ready_in(box_of(c_.get())); }
   /// Wait for the conn with @p h; throws errc::DUPLEX_EBUSY when another
   /// coroutine waits in this conn's read() already.
-  void subscribe(std::coroutine_handle<> h) {
-    auto *b = box_of(c_.get());
-    if (b == nullptr)
-      return; // closed: ready() holds
-    if (b->reader && b->reader != h)
-      throw error(DUPLEX_EBUSY, "read: another coroutine is waiting in "
-                                "this conn's read()");
-    b->reader = h;
-    h_ = h;
-  }
+  void subscribe(std::coroutine_handle<> h) { subscribe_in(box_of(c_.get()), h); }
   void unsubscribe() noexcept {
     if (!h_)
       return;
@@ -284,9 +273,37 @@ public:
     if (b != nullptr && b->reader == h)
       b->reader = nullptr;
   }
-  ReadResult take() noexcept {
+  ReadResult take() noexcept { return take_from(box_of(c_.get())); }
+
+  // ---- co_await conn.read() ----
+  // The box is looked up once: it stays valid until the resumption, which
+  // comes from one of its callbacks (data, EOF or the close, before the
+  // box goes).
+  bool await_ready() noexcept {
+    b_ = box_of(c_.get());
+    return ready_in(b_);
+  }
+  void await_suspend(std::coroutine_handle<> h) { subscribe_in(b_, h); }
+  ReadResult await_resume() noexcept {
+    h_ = nullptr; // resumed: the conn let go of us
+    return take_from(b_);
+  }
+
+private:
+  static bool ready_in(const ConnBox *b) noexcept {
+    return b == nullptr || b->rx_head != nullptr || b->eof || b->closed;
+  }
+  void subscribe_in(ConnBox *b, std::coroutine_handle<> h) {
+    if (b == nullptr)
+      return; // closed: ready() holds
+    if (b->reader && b->reader != h)
+      throw error(DUPLEX_EBUSY, "read: another coroutine is waiting in "
+                                "this conn's read()");
+    b->reader = h;
+    h_ = h;
+  }
+  ReadResult take_from(ConnBox *b) noexcept {
     ReadResult r;
-    auto *b = box_of(c_.get());
     if (b == nullptr) {
       r.error = make_error_code(errc::DUPLEX_ECLOSED);
       return r;
@@ -310,16 +327,10 @@ public:
     }
     return r;
   }
-  bool await_ready() const noexcept { return ready(); }
-  void await_suspend(std::coroutine_handle<> h) { subscribe(h); }
-  ReadResult await_resume() noexcept {
-    h_ = nullptr; // resumed: the conn let go of us
-    return take();
-  }
 
-private:
   conn_hold c_;
   std::coroutine_handle<> h_; // while subscribed
+  ConnBox *b_ = nullptr;      // during a plain co_await
 };
 
 /// co_await conn.async_write(bytes): see ConnRef::async_write. Awaited at

@@ -61,6 +61,8 @@ public:
       ::operator delete(p);
       return;
     }
+    if (!s.reaped)
+      arm_reaper(s); // the first block this thread keeps
     auto *b = static_cast<node *>(p);
     b->next = s.free[c];
     s.free[c] = b;
@@ -76,11 +78,14 @@ private:
   static constexpr unsigned kSmall = kSmallMax / kSmallStep; // 64 classes
   static constexpr unsigned kClasses = kSmall + 6;           // + 2K..64K
   static constexpr unsigned kNone = ~0u;
-  // Trivially destructible, so using it while the thread exits is safe;
-  // the reaper below empties it and marks it closed.
+  // Trivially destructible and constant-initialized (no guard on each
+  // access), so using it while the thread exits is safe; the reaper,
+  // armed when the thread first keeps a block, empties it at thread exit
+  // and marks it closed.
   struct state {
     node *free[kClasses];
     std::size_t cached;
+    bool reaped;
     bool closed;
   };
   struct reaper {
@@ -95,9 +100,12 @@ private:
   };
   static state &here() noexcept {
     static thread_local state s{};
+    return s;
+  }
+  static void arm_reaper(state &s) noexcept {
     static thread_local reaper r{&s};
     (void)r;
-    return s;
+    s.reaped = true;
   }
   static unsigned size_class(std::size_t n, std::size_t *size) noexcept {
     if (n <= kSmallMax) {
