@@ -155,9 +155,24 @@ struct ListenerBox : BoxBase {
   explicit ListenerBox(ConnShared *shared) : BoxBase{kListener}, s(shared) {}
   ListenerBox(const ListenerBox &) = delete;
   ListenerBox &operator=(const ListenerBox &) = delete;
-  ~ListenerBox() { s->unref(); }
+  ~ListenerBox() {
+    s->unref();
+    for (auto &e : by_loop)
+      e.second->unref();
+  }
   ConnShared *s; // one reference
   std::function<void(std::error_code)> on_error;
+  // Group listeners: the shared state (with that loop's core) of the conns
+  // each member loop gets, one reference each; empty otherwise.
+  std::vector<std::pair<duplex_loop *, ConnShared *>> by_loop;
+  [[nodiscard]] ConnShared *shared_for(duplex_conn *c) const noexcept {
+    duplex_loop *l = nullptr;
+    if (!by_loop.empty() && duplex_conn_get_loop(c, &l) == 0)
+      for (const auto &e : by_loop)
+        if (e.first == l)
+          return e.second;
+    return s;
+  }
 };
 
 class write_awaiter;
@@ -202,7 +217,7 @@ inline ConnBox *conn_box(duplex_conn *c, void *u) {
   auto *base = static_cast<BoxBase *>(u);
   if (base == nullptr || base->kind == BoxBase::kConn)
     return static_cast<ConnBox *>(base);
-  auto *b = new ConnBox(static_cast<ListenerBox *>(base)->s);
+  auto *b = new ConnBox(static_cast<ListenerBox *>(base)->shared_for(c));
   duplex_conn_set_user(c, static_cast<BoxBase *>(b));
   return b;
 }

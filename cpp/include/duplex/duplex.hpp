@@ -8,3 +8,4 @@
 #include <duplex/listener.hpp>
 #include <duplex/channel.hpp>
 #include <duplex/timer.hpp>
+#include <duplex/group.hpp>

@@ -14,6 +14,11 @@ struct ListenerOptions {
   unsigned mode = 0;
   /// IPv6 TCP listeners: accept IPv6 only (IPV6_V6ONLY).
   bool ipv6_only = false;
+  /// LoopGroup TCP listeners: one SO_REUSEPORT socket per loop, each
+  /// accepting onto its own loop (DUPLEX_LISTEN_REUSEPORT; Linux only,
+  /// else errc::DUPLEX_ENOTSUP). Off: loop 0 accepts and hands each conn
+  /// to the least-loaded loop. Ignored by single-loop listeners.
+  bool reuse_port = false;
   /// Accepting failed; the listener keeps listening. When accept() itself
   /// fails (out of descriptors: errc::DUPLEX_EMFILE / DUPLEX_ENFILE, equal
   /// to std::errc::too_many_files_open / too_many_files_open_in_system; or
@@ -70,6 +75,18 @@ public:
     return unix_path(loop, path, std::move(h), o,
                      ListenerOptions{.backlog = backlog, .mode = mode});
   }
+  /// Listen for a whole LoopGroup (see group.hpp): each accepted conn
+  /// lives on one member loop, where on_open and all its callbacks run;
+  /// their exceptions go to LoopGroup::rethrow(). The handlers are shared
+  /// by every loop's conns, so they may run concurrently on several loop
+  /// threads. Defined in group.hpp.
+  static Listener tcp(LoopGroup &group, const std::string &host,
+                      uint16_t port, ConnHandlers h, const ConnOptions &o = {},
+                      ListenerOptions lo = {});
+  static Listener unix_path(LoopGroup &group, const std::string &path,
+                            ConnHandlers h, const ConnOptions &o = {},
+                            ListenerOptions lo = {});
+
   Listener(Listener &&o) noexcept
       : l_(std::exchange(o.l_, nullptr)), box_(std::move(o.box_)),
         core_(std::move(o.core_)) {}
@@ -112,20 +129,73 @@ public:
   [[nodiscard]] duplex_listener *native() const noexcept { return l_; }
 
 private:
+  friend class LoopGroup;
   template <class F>
   static Listener create(Loop &loop, ConnHandlers h, const ConnOptions &o,
                          ListenerOptions lopt, F &&make) {
+    return create(loop.shared_core(), nullptr, std::move(h), o,
+                  std::move(lopt), std::forward<F>(make));
+  }
+  /// @p members: a group's member cores (loop 0 first), or nullptr.
+  template <class F>
+  static Listener
+  create(std::shared_ptr<detail::LoopCore> core0,
+         const std::vector<std::shared_ptr<detail::LoopCore>> *members,
+         ConnHandlers h, const ConnOptions &o, ListenerOptions lopt,
+         F &&make) {
     Listener l;
-    l.core_ = loop.shared_core();
-    auto *shared = new detail::ConnShared;
-    shared->core = loop.core();
-    shared->h = std::move(h);
-    shared->read_limit = o.read_buffer_limit;
+    l.core_ = std::move(core0);
+    // In a group each loop's conns get a ConnShared naming that loop's
+    // core; their handlers forward to one shared set.
+    std::shared_ptr<ConnHandlers> hs;
+    auto make_shared_state = [&](detail::LoopCore *core) {
+      auto *cs = new detail::ConnShared;
+      cs->core = core;
+      cs->read_limit = o.read_buffer_limit;
+      if (!hs) {
+        cs->h = std::move(h);
+        return cs;
+      }
+      try {
+        if (hs->on_open)
+          cs->h.on_open = [hs](ConnRef c) { hs->on_open(c); };
+        if (hs->on_read)
+          cs->h.on_read = [hs](ConnRef c, std::span<const std::byte> d) {
+            hs->on_read(c, d);
+          };
+        if (hs->on_eof)
+          cs->h.on_eof = [hs](ConnRef c) { hs->on_eof(c); };
+        if (hs->on_backpressure)
+          cs->h.on_backpressure = [hs](ConnRef c, std::size_t q) {
+            hs->on_backpressure(c, q);
+          };
+        if (hs->on_writable)
+          cs->h.on_writable = [hs](ConnRef c) { hs->on_writable(c); };
+        if (hs->on_close)
+          cs->h.on_close = [hs](ConnRef c, std::error_code ec) {
+            hs->on_close(c, ec);
+          };
+      } catch (...) {
+        cs->unref();
+        throw;
+      }
+      return cs;
+    };
+    if (members != nullptr)
+      hs = std::make_shared<ConnHandlers>(std::move(h));
+    auto *shared = make_shared_state(l.core_.get());
     try {
       l.box_ = std::make_shared<detail::ListenerBox>(shared); // owns `shared`
     } catch (...) {
       shared->unref();
       throw;
+    }
+    if (members != nullptr) {
+      l.box_->by_loop.reserve(members->size());
+      for (const auto &m : *members) {
+        auto *cs = make_shared_state(m.get());
+        l.box_->by_loop.emplace_back(m->loop, cs); // reserved: no throw
+      }
     }
     l.box_->on_error = std::move(lopt.on_error);
     static const duplex_conn_cbs cbs = detail::conn_trampolines();
@@ -137,11 +207,16 @@ private:
     lo.backlog = lopt.backlog;
     lo.mode = lopt.mode;
     lo.flags = lopt.ipv6_only ? DUPLEX_LISTEN_IPV6ONLY : 0u;
+    if (members != nullptr && lopt.reuse_port)
+      lo.flags |= DUPLEX_LISTEN_REUSEPORT;
     if (l.box_->on_error) {
       lo.on_error = [](duplex_listener *, int status, void *user) {
         auto *b = static_cast<detail::ListenerBox *>(user);
-        detail::guarded(b->s->core,
-                        [&] { b->on_error(to_error_code(status)); });
+        detail::LoopCore *core = b->s->core;
+        for (const auto &e : b->by_loop) // a group's: this thread's loop
+          if (duplex_loop_on_thread(e.first) == 1)
+            core = e.second->core;
+        detail::guarded(core, [&] { b->on_error(to_error_code(status)); });
       };
       lo.user = l.box_.get();
     }

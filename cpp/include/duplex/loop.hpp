@@ -15,6 +15,8 @@
 
 namespace duplex {
 
+class LoopGroup;
+
 namespace detail {
 
 struct SleepWaiter;
@@ -146,6 +148,7 @@ public:
     if (this != &o) {
       close();
       core_ = std::move(o.core_);
+      member_ = o.member_;
     }
     return *this;
   }
@@ -155,8 +158,9 @@ public:
 
   /// Free the loop now (idempotent). Coroutines sleeping on it resume with
   /// errc::DUPLEX_ECANCELED before it goes. Must not be called on the loop thread.
+  /// A no-op on a LoopGroup's loop (the group frees it).
   void close() noexcept {
-    if (!core_)
+    if (!core_ || member_)
       return;
     detail::LoopCore *core = core_.get();
     // Runs on the loop thread before it stops, or during free with
@@ -230,6 +234,12 @@ public:
   auto sleep(std::chrono::milliseconds d);
 
 private:
+  friend class LoopGroup;
+  // A LoopGroup's member: a view of a loop the group frees.
+  struct member_tag {};
+  Loop(std::shared_ptr<detail::LoopCore> core, member_tag) noexcept
+      : core_(std::move(core)), member_(true) {}
+
   void run_mode(unsigned mode) {
     if (mode != DUPLEX_RUN_DEFAULT) {
       detail::check(duplex_loop_run(core_->loop, mode), "duplex_loop_run");
@@ -246,6 +256,7 @@ private:
     core_->rethrow();
   }
   std::shared_ptr<detail::LoopCore> core_;
+  bool member_ = false; // of a LoopGroup: close() leaves the loop alone
 };
 
 } // namespace duplex
