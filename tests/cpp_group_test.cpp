@@ -10,9 +10,11 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -34,6 +36,17 @@ int connect_client(uint16_t port) {
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0);
+  return fd;
+}
+
+int connect_unix(const std::string &path) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  REQUIRE(path.size() < sizeof a.sun_path);
+  std::memcpy(a.sun_path, path.data(), path.size());
   REQUIRE(::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0);
   return fd;
 }
@@ -310,4 +323,53 @@ TEST_CASE("Signal: a SIGUSR1 watcher on a group loop runs its handler on that lo
   s0.close();
   g.close(); // s2 outlives its loop
   s2.close();
+}
+
+TEST_CASE("group listeners: a UNIX socket, and SO_REUSEPORT sockets (Linux)") {
+  duplex::LoopGroup g(3);
+  std::atomic<unsigned> opened{0}, closed{0}, wrong{0};
+  duplex::ConnHandlers h;
+  h.on_open = [&](duplex::ConnRef c) {
+    if (!g.loop_of(c).on_thread())
+      wrong++;
+    opened++;
+  };
+  h.on_read = [&](duplex::ConnRef c, std::span<const std::byte> d) {
+    if (!g.loop_of(c).on_thread())
+      wrong++;
+    (void)c.write(d);
+  };
+  h.on_eof = [](duplex::ConnRef c) { c.close(); };
+  h.on_close = [&](duplex::ConnRef, std::error_code) { closed++; };
+
+  std::string path = "/tmp/duplex-cppg-" + std::to_string(::getpid()) + ".sock";
+  ::unlink(path.c_str());
+  {
+    auto l = duplex::Listener::unix_path(g, path, h);
+    std::vector<int> fds;
+    for (int i = 0; i < 6; i++)
+      fds.push_back(connect_unix(path));
+    REQUIRE(wait_until([&] { return opened.load() == 6; }));
+    for (int fd : fds) {
+      REQUIRE(write_all(fd, "ping", 4) == 0);
+      char b[4];
+      REQUIRE(read_exactly(fd, b, 4));
+      CHECK(std::string(b, 4) == "ping");
+      ::close(fd);
+    }
+    REQUIRE(wait_until([&] { return closed.load() == 6; }));
+  }
+  ::unlink(path.c_str());
+#ifdef __linux__
+  auto l = duplex::Listener::tcp(g, "127.0.0.1", 0, h, {},
+                                 duplex::ListenerOptions{.reuse_port = true});
+  echo_clients(l, 12, opened);
+  REQUIRE(wait_until([&] { return closed.load() == 18; }));
+  uint64_t total = 0;
+  for (unsigned i = 0; i < 3; i++)
+    total += g.stats(i).accepted;
+  CHECK(total == 18);
+#endif
+  CHECK(wrong.load() == 0);
+  CHECK_NOTHROW(g.rethrow());
 }
