@@ -76,13 +76,6 @@ dpx_conn_opts_get(duplex_conn_opts *o, const duplex_conn_opts *opts)
 }
 
 int
-dpx_conn_opts_check(const duplex_conn_opts *opts)
-{
-  duplex_conn_opts o;
-  return dpx_conn_opts_get(&o, opts);
-}
-
-int
 dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts)
 {
   duplex_conn_opts o;

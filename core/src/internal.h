@@ -99,10 +99,14 @@ struct duplex_loop {
   int cpu; /* pin the own thread to this CPU; -1: no pinning */
 
   /* Figures (duplex_loop_get_stats): written by whichever thread changes
-   * them, read by any; relaxed atomics. */
+   * them, read by any; relaxed atomics. Producers bump st_queued on every
+   * write, so the padding keeps these lines apart from `mu` and `pool_mu`
+   * (no false sharing with the inbox or the chunk pool). */
+  char st_pad0[64];
   atomic_size_t st_conns;
   atomic_size_t st_queued;
   atomic_size_t st_accepted;
+  char st_pad1[64];
 
   /* write chunk pool */
   uv_mutex_t pool_mu;
@@ -244,7 +248,7 @@ typedef struct dpx_conn_cfg {
   bool has_local; /* a source address was asked for (TCP connect only) */
 } dpx_conn_cfg;
 
-/* Validates @p opts (see dpx_conn_opts_check) and copies it. */
+/* Validates @p opts (see dpx_conn_opts_get) and copies it. */
 int dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts);
 void dpx_conn_cfg_unref(dpx_conn_cfg *cfg);
 
@@ -436,7 +440,6 @@ dpx_conn_queued_sub_locked(duplex_conn *c, size_t n)
  * @p handle_size bytes, or two dpx_streams when @p nhandles is 2. */
 duplex_conn *dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
                           unsigned nhandles, size_t handle_size);
-int dpx_conn_opts_check(const duplex_conn_opts *opts);
 /* Check @p opts (NULL: defaults) and widen it into @p out: fields an older,
  * shorter caller struct lacks read as their defaults. */
 int dpx_conn_opts_get(duplex_conn_opts *out, const duplex_conn_opts *opts);
