@@ -128,7 +128,13 @@ extern "C" {
   XX(ECLOSED, -30001, "object is closed")                                    \
   XX(EVERSION, -30002, "struct size or version not supported")               \
   XX(EWRONGTHREAD, -30003, "must be called on the loop thread")              \
-  XX(EUNKNOWN, -30005, "unrecognised system error")
+  XX(EUNKNOWN, -30005, "unrecognised system error")                         \
+  XX(ETLS, -30010,                                                           \
+     "TLS failed: protocol error or alert (duplex_conn_get_tls_error says)") \
+  XX(ETLSVERIFY, -30011, "TLS peer certificate verification failed")         \
+  XX(ETLSTRUNC, -30012,                                                      \
+     "TLS stream truncated: transport closed without close_notify")          \
+  XX(ETLSCONFIG, -30013, "TLS certificate, key or CA could not be loaded")
 
 /** Every error code the library returns. */
 typedef enum duplex_error {
@@ -188,6 +194,8 @@ typedef struct duplex_loop duplex_loop;
 typedef struct duplex_conn duplex_conn;
 /** Accepts connections on a TCP address or a UNIX socket path. */
 typedef struct duplex_listener duplex_listener;
+/** An immutable, shared TLS configuration (see "TLS"). */
+typedef struct duplex_tls duplex_tls;
 
 /** A borrowed buffer, for vectored writes. */
 typedef struct duplex_buf {
@@ -524,10 +532,21 @@ typedef struct duplex_conn_opts {
   const char *local_host;
   /** With duplex_conn_connect_tcp(): the source port; 0 = any. (0.2) */
   uint16_t local_port;
+  /** Speak TLS on this conn (a client-role config; the conn takes its own
+   *  reference). `on_open` runs once the handshake is done. NULL = plain.
+   *  A listener takes its TLS from duplex_listener_opts.tls instead (set
+   *  here in a listener's conn_opts: EINVAL). (0.2) */
+  duplex_tls *tls;
+  /** With @ref tls: the server name sent as SNI and checked against the
+   *  server's certificate. NULL = the host given to
+   *  duplex_conn_connect_tcp(); required for a verifying client on any
+   *  other constructor (EINVAL without it). Copied. (0.2) */
+  const char *tls_host;
 } duplex_conn_opts;
 
 #define DUPLEX_CONN_OPTS_INIT                                                \
-  { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u, 0, 0u, 0u, 0u, 0u, 0, 0u }
+  { sizeof(duplex_conn_opts), 0, 0, 0, 0, 0, 0u, 0, 0u, 0u, 0u, 0u, 0, 0u,   \
+    0, 0 }
 
 /**
  * Fill @p opts with defaults (same as ::DUPLEX_CONN_OPTS_INIT).
@@ -931,10 +950,14 @@ typedef struct duplex_listener_opts {
   int backlog;                       /**< 0 = 511 */
   unsigned flags;                    /**< DUPLEX_LISTEN_* */
   unsigned mode; /**< UNIX socket permission bits (e.g. 0660); 0 = umask */
+  /** Serve TLS with this server-role config (each conn holds a reference
+   *  while it lives); `on_open` runs once a conn's handshake is done.
+   *  NULL = plain. (0.2) */
+  duplex_tls *tls;
 } duplex_listener_opts;
 
 #define DUPLEX_LISTENER_OPTS_INIT                                            \
-  { sizeof(duplex_listener_opts), 0, 0, 0, 0, 0u, 0u }
+  { sizeof(duplex_listener_opts), 0, 0, 0, 0, 0u, 0u, 0 }
 
 /**
  * Fill @p opts with defaults (same as ::DUPLEX_LISTENER_OPTS_INIT).
@@ -1446,6 +1469,204 @@ DUPLEX_API int duplex_timer_ref(duplex_timer *timer);
  *  is open (the loop holds its own reference until it is closed or the
  *  loop is freed). @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
 DUPLEX_API int duplex_timer_unref(duplex_timer *timer);
+
+/* ---------------------------------------------------------------------- */
+/* TLS                                                                     */
+/* ---------------------------------------------------------------------- */
+
+/*
+ * TLS is a conn option: give a ::duplex_tls to duplex_conn_opts.tls (a
+ * client), to duplex_listener_opts.tls (a server), or upgrade a plaintext
+ * conn with duplex_conn_start_tls(). Everything else stays as it is:
+ * writes from any thread in per-thread order, each write sent as
+ * consecutive records with no other write's bytes between them,
+ * exactly-once completions, watermarks and the hard limit counted in
+ * plaintext bytes, pause (a paused conn stops reading the socket and
+ * decrypts nothing more), framing on the decrypted stream, deadlines.
+ *
+ * The handshake runs on the loop thread; `on_open` runs after it (a failed
+ * handshake closes the conn with DUPLEX_ETLS, DUPLEX_ETLSVERIFY or
+ * DUPLEX_ETIMEDOUT and `on_open` never runs). Writes queued before are
+ * encrypted after it, in order. duplex_conn_shutdown() sends close_notify
+ * after the queued writes, then half-closes the socket; reading goes on.
+ * The peer's close_notify is `on_eof`; a transport EOF without it closes
+ * the conn with DUPLEX_ETLSTRUNC, never as a clean EOF. A graceful
+ * duplex_conn_close() sends close_notify after the queued writes; an abort
+ * sends nothing. No renegotiation, no compression. Built without TLS
+ * (meson -Dtls=disabled, or no OpenSSL 3), every TLS call returns
+ * DUPLEX_ENOTSUP and duplex_tls_backend() returns NULL.
+ */
+
+/** duplex_tls_config.role */
+#define DUPLEX_TLS_CLIENT 1
+#define DUPLEX_TLS_SERVER 2
+
+/** duplex_tls_config.verify: clients verify the server's chain and host
+ *  name; servers ask for no client certificate. */
+#define DUPLEX_TLS_VERIFY_DEFAULT 0
+/** Client: accept any server certificate (testing only). */
+#define DUPLEX_TLS_VERIFY_NONE 1
+/** Server: mutual TLS, a valid client certificate is required. */
+#define DUPLEX_TLS_VERIFY_REQUIRE 2
+/** Server: ask for a client certificate; verify it if one is sent. */
+#define DUPLEX_TLS_VERIFY_OPTIONAL 3
+
+/** Protocol versions (duplex_tls_config.min_version, duplex_tls_info). */
+#define DUPLEX_TLS_V1_2 0x0303
+#define DUPLEX_TLS_V1_3 0x0304
+
+/**
+ * What a ::duplex_tls is made from. Everything is borrowed for the
+ * duplex_tls_new() call (files are read, PEM is parsed then). Zero / NULL
+ * means "default" for every field.
+ */
+typedef struct duplex_tls_config {
+  size_t size; /**< sizeof(duplex_tls_config) */
+  int role;    /**< DUPLEX_TLS_CLIENT or DUPLEX_TLS_SERVER (required) */
+  /** Own certificate chain (leaf first), PEM: a file or memory (len 0:
+   *  NUL-terminated). Servers need one; clients for mutual TLS. */
+  const char *cert_file;
+  const char *cert_pem;
+  size_t cert_pem_len;
+  /** Its private key, PEM (unencrypted). */
+  const char *key_file;
+  const char *key_pem;
+  size_t key_pem_len;
+  /** Trust for verifying the peer: a CA file, a hashed CA directory, CA
+   *  certificates in memory, the system store; with none of the first
+   *  three the system store is used. */
+  const char *ca_file;
+  const char *ca_dir;
+  const char *ca_pem;
+  size_t ca_pem_len;
+  int system_ca; /**< non-zero: also trust the system store */
+  int verify;    /**< DUPLEX_TLS_VERIFY_* */
+  /** ALPN protocol names in preference order (each 1..255 bytes). A server
+   *  picks its first one the client offers, and refuses a client that
+   *  offers ALPN without a match. */
+  const char *const *alpn;
+  size_t alpn_count;
+  int min_version; /**< DUPLEX_TLS_V1_2 (default) or DUPLEX_TLS_V1_3 */
+  int max_version; /**< 0 = the highest supported */
+  /** Client session resumption: sessions kept per server (host:port),
+   *  each TLS 1.3 ticket used once. 0 = 64 in all; negative = off. */
+  int session_cache;
+  /** Opt-in, for debugging: append NSS key-log lines (SSLKEYLOGFILE
+   *  format) to this file, created 0600. NULL = off. */
+  const char *keylog_file;
+  /** Longest a handshake may take (from the socket's open, or from a
+   *  duplex_conn_start_tls() reaching its turn) before the conn closes with
+   *  DUPLEX_ETIMEDOUT. 0 = 10 s. Always on: a stalled peer cannot hold a
+   *  conn for ever. */
+  uint32_t handshake_timeout_ms;
+} duplex_tls_config;
+
+#define DUPLEX_TLS_CONFIG_INIT                                               \
+  { sizeof(duplex_tls_config), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  \
+    0, 0, 0, 0, 0, 0u }
+
+/**
+ * Fill @p cfg with defaults (same as ::DUPLEX_TLS_CONFIG_INIT).
+ * @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2
+ */
+DUPLEX_API int duplex_tls_config_init(duplex_tls_config *cfg);
+
+/**
+ * Make an immutable TLS configuration from @p cfg, to share between any
+ * number of conns and listeners on any loops.
+ * @thread   any (it reads files: call it at start-up, not on a loop thread
+ *           that serves traffic).
+ * @owner    @p cfg borrowed for the call. @p *out receives a reference the
+ *           caller drops with duplex_tls_unref() (conns and listeners hold
+ *           their own); NULL on failure.
+ * @param    err, errlen  optional: why it failed (a file that would not
+ *           load, a key that does not match), always NUL-terminated.
+ * @returns  0, DUPLEX_EINVAL (bad fields: no role, a server without a
+ *           certificate, VERIFY_REQUIRE on a client, ...), DUPLEX_EVERSION,
+ *           DUPLEX_ETLSCONFIG (a certificate, key or CA would not load),
+ *           DUPLEX_ENOMEM, DUPLEX_ENOTSUP (built without TLS).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_tls_new(duplex_tls **out, const duplex_tls_config *cfg,
+                              char *err, size_t errlen);
+
+/** Take a reference. @thread any. @returns 0, DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_tls_ref(duplex_tls *tls);
+
+/** Drop a reference; the memory goes with the last one (conns, listeners
+ *  and stored sessions hold theirs). @thread any. @returns 0,
+ *  DUPLEX_EINVAL. @since 0.2 */
+DUPLEX_API int duplex_tls_unref(duplex_tls *tls);
+
+/**
+ * The TLS library this build uses, e.g. "OpenSSL 3.0.15 3 Sep 2024", or
+ * NULL when built without TLS.
+ * @thread any. @owner static; never free it. @since 0.2
+ */
+DUPLEX_API const char *duplex_tls_backend(void);
+
+/**
+ * Upgrade a plaintext conn (STARTTLS): once every write queued before this
+ * call (by this thread) is flushed, the conn speaks TLS with @p tls in its
+ * role, beginning with the handshake. Writes queued after this call are
+ * encrypted after the handshake, in order. Bytes the socket delivers from
+ * then on are TLS; plaintext read before is not re-read.
+ * @thread   any.
+ * @owner    @p tls: the conn takes its own reference. @p host (client:
+ *           SNI and the name checked; NULL = the host given to
+ *           duplex_conn_connect_tcp()) is copied.
+ * @returns  0, DUPLEX_EINVAL (NULL conn or tls, a verifying client with no
+ *           host), DUPLEX_EBUSY (the conn is TLS already, or an upgrade is
+ *           queued), DUPLEX_ESHUTDOWN, DUPLEX_ECLOSED, DUPLEX_ENOMEM,
+ *           DUPLEX_ENOTSUP (built without TLS).
+ * @callback @p done (optional) runs exactly once: 0 once the handshake is
+ *           done, or the error that closed the conn (DUPLEX_ECANCELED if
+ *           it closed before the upgrade began).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_start_tls(duplex_conn *conn, duplex_tls *tls,
+                                     const char *host, duplex_write_cb done,
+                                     void *user);
+
+/** What a TLS conn negotiated (duplex_conn_get_tls_info()). */
+typedef struct duplex_tls_info {
+  size_t size;         /**< sizeof(duplex_tls_info), set by the caller */
+  int version;         /**< DUPLEX_TLS_V1_2 or DUPLEX_TLS_V1_3 */
+  char version_name[16]; /**< "TLSv1.3" */
+  char cipher[64];     /**< "TLS_AES_256_GCM_SHA384" */
+  char alpn[256];      /**< the ALPN protocol, "" if none */
+  char sni[256];       /**< server: the name the client asked for */
+  char peer_subject[256]; /**< RFC 2253 subject, "" without a certificate */
+  int resumed;         /**< 1 when the session was resumed */
+  int peer_cert;       /**< 1 when the peer presented a certificate */
+} duplex_tls_info;
+
+/**
+ * Read what the handshake negotiated (from `on_open` on, or after the
+ * start_tls callback).
+ * @thread   any.
+ * @blocks   off the loop thread, until the loop answers.
+ * @owner    @p info borrowed; its size must be set.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_EVERSION, DUPLEX_ENOTSUP (not a TLS
+ *           conn), DUPLEX_ENOTCONN (handshake not done), DUPLEX_ECLOSED.
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_get_tls_info(const duplex_conn *conn,
+                                        duplex_tls_info *info);
+
+/**
+ * Why TLS failed on this conn, in the TLS library's words: e.g.
+ * "certificate verify failed: certificate has expired (depth 0,
+ * CN=localhost)", "alert received: handshake failure", "transport closed
+ * without close_notify". "" while nothing failed. Readable in `on_close`
+ * and afterwards while the caller holds a reference.
+ * @thread   any.
+ * @returns  0, DUPLEX_EINVAL, DUPLEX_ENOBUFS (@p len too small; @p buf
+ *           holds the truncated text).
+ * @since    0.2
+ */
+DUPLEX_API int duplex_conn_get_tls_error(const duplex_conn *conn, char *buf,
+                                         size_t len);
 
 #ifdef __cplusplus
 }
