@@ -12,20 +12,25 @@ DUPLEX_LIBRARY names. The distribution is called libduplex.
         conn.wait_closed()
 
 duplex.LoopGroup(n) runs n loops on n threads: one listener for all of
-them, pick() for outgoing conns. Callbacks run on the loop thread and take
-the GIL: keep them short. See docs/python.md for the whole story, and
+them, pick() for outgoing conns. duplex.TLSConfig makes TLS configurations
+for connect_*/listen_* (tls=) and Conn.start_tls(). Callbacks run on the
+loop thread and take the GIL: keep them short. See docs/python.md for the whole story, and
 duplex.aio for asyncio streams.
 """
 from . import _ffi
 from ._core import (Channel, Conn, Listener, Loop, LoopGroup, LoopStats,
                     Timer, adopt, adopt_pair, connect_tcp, connect_unix,
                     listen_tcp, listen_unix)
-from .errors import (DuplexError, WouldBlock, WouldDeadlock, err_name,
-                     strerror)
+from ._tls import TLSConfig, TLSInfo, tls_backend
+from .errors import (DuplexError, TLSConfigError, TLSError,
+                     TLSTruncatedError, TLSVerifyError, WouldBlock,
+                     WouldDeadlock, err_name, strerror)
 
 __all__ = ["Loop", "LoopGroup", "LoopStats", "Conn", "Listener", "Timer",
            "Channel", "connect_tcp", "connect_unix", "adopt", "adopt_pair",
            "listen_tcp", "listen_unix", "DuplexError", "WouldBlock", "WouldDeadlock",
+           "TLSConfig", "TLSInfo", "tls_backend", "TLSError",
+           "TLSVerifyError", "TLSTruncatedError", "TLSConfigError",
            "strerror", "err_name", "version", "version_string", "errors",
            "aio", "WRITE_OVERHEAD"]
 

@@ -29,7 +29,7 @@ import time
 import traceback
 from ctypes import byref, c_size_t, c_uint, c_uint16, c_void_p
 
-from . import _ffi
+from . import _ffi, _tls
 from .errors import CODES, DuplexError, WouldBlock, error, check
 
 _ECLOSED = CODES["ECLOSED"]
@@ -259,6 +259,9 @@ def _t_open(conn_p, user):
         if conn is None:
             return
     conn._opened = True
+    if conn._tls:
+        # On the loop thread nothing waits: keep what was negotiated.
+        conn._tls_info = _tls.info_of(conn_p)[1]
     if conn.on_open is not None:
         conn._loop._invoke(conn.on_open, conn)
     if isinstance(obj, _AcceptSpec) and obj.on_accept is not None:
@@ -303,9 +306,11 @@ def _t_close(conn_p, reason, user):
     if conn is None:
         return  # an accepted conn that closed before on_open: never seen
     _handles.pop(user)  # on_close is the last callback: drop the key
+    if conn._tls and reason < 0:
+        conn._tls_detail = _tls.error_text(conn_p)
     conn._set_closed(reason)
     if conn.on_close is not None:
-        conn._loop._invoke(conn.on_close, conn, _err_or_none(reason))
+        conn._loop._invoke(conn.on_close, conn, conn.close_error)
 
 
 @_trampoline(_ffi.write_cb)
@@ -314,6 +319,26 @@ def _t_write_done(_conn_p, status, user):
     if item is not None:
         conn, done = item
         conn._loop._invoke(done, _err_or_none(status))
+
+
+@_trampoline(_ffi.write_cb)
+def _t_tls_done(conn_p, status, user):
+    item = _handles.pop(user)
+    if item is None:
+        return
+    conn, done, future = item
+    if status == 0:
+        conn._tls_info = _tls.info_of(conn_p)[1]
+        exc = None
+    else:
+        exc = error(status, "start_tls", _tls.error_text(conn_p))
+    if done is not None:
+        conn._loop._invoke(done, exc)
+    if not future.done():  # set_running_or_notify_cancel() ran at start
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
 
 
 @_trampoline(_ffi.release_cb)
@@ -856,19 +881,37 @@ class Conn:
         self._eof = False
         self._closed = False
         self._close_reason = None
+        self._tls = False          # TLS from the start or after start_tls
+        self._tls_info = None      # kept once the handshake is done
+        self._tls_detail = None    # the TLS library's words on failure
         for name, fn in callbacks.items():
             setattr(self, name, fn)
         return self
 
     @classmethod
-    def _create(cls, loop, what, call, kw):
+    def _create(cls, loop, what, call, kw, tcp_host=None):
         callbacks, rest = _split_callbacks(dict(kw))
+        tls = rest.pop("tls", None)
+        hostname = rest.pop("server_hostname", None)
+        if hostname is not None:
+            if tls is None:
+                raise ValueError(f"{what}: server_hostname is only "
+                                 "meaningful with tls")
+            hostname = _cstr(hostname, what)
+        if tls is not None and hostname is None and tcp_host is None and \
+                getattr(tls, "verify", None) == "default":
+            raise error(_EINVAL, f"{what}: a verifying TLS client needs "
+                        "server_hostname= (the name to check)")
         self = cls._blank(loop, callbacks)
+        self._tls = tls is not None
         key = _handles.add(self)
         try:
             opts = _conn_opts(key, **rest)
             out = c_void_p()
-            with loop._use(what) as lp:
+            with _tls.use(tls, "client", what) as tp, \
+                    loop._use(what) as lp:
+                opts.tls = tp
+                opts.tls_host = hostname
                 rc = call(lp, byref(out), byref(opts))
         except BaseException:
             _handles.pop(key)
@@ -885,6 +928,7 @@ class Conn:
         # Loop thread, in on_open of a conn a listener accepted: give it a
         # Python object, a reference of its own and its own user key.
         self = cls._blank(loop, spec.callbacks)
+        self._tls = spec.tls
         _ffi.conn_ref(conn_p)
         self._p = conn_p
         key = _handles.add(self)
@@ -1128,7 +1172,72 @@ class Conn:
         (ECONNABORTED) after close(abort=True), ECANCELED when the loop was
         freed, or the error that closed it."""
         r = self._close_reason
-        return _err_or_none(r) if r else None
+        return error(r, None, self._tls_detail) if r else None
+
+    # -- TLS --
+    def start_tls(self, tls, server_hostname=None, done=None):
+        """Upgrade this plaintext conn to TLS (STARTTLS): once every write
+        this thread queued before is flushed, the conn speaks TLS with
+        ``tls`` (a :class:`duplex.TLSConfig`) in its role, beginning with
+        the handshake. Writes made after this call are encrypted after the
+        handshake, in order; bytes read from then on are TLS. A client
+        checks ``server_hostname`` (default: the host given to
+        connect_tcp(); required otherwise unless ``verify="none"``).
+
+        Returns a ``concurrent.futures.Future``: its result is None once
+        the handshake is done; if it fails, the conn closes and the
+        future's exception is the error (TLSVerifyError, TLSError, ...,
+        with the TLS library's reason; ECANCELED if the conn closed
+        before the upgrade began). ``done(error)`` (optional) runs on the
+        loop thread first. Waiting on the future inside a callback of
+        the conn's loop would deadlock. Raises EBUSY if the conn is TLS
+        already or an upgrade is queued, ESHUTDOWN / ECLOSED after
+        shutdown / close."""
+        import concurrent.futures
+        host = _cstr(server_hostname, "start_tls")
+        future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # it cannot be cancelled
+        key = _handles.add((self, done, future))
+        try:
+            with _tls.use(tls, tls.role if isinstance(tls, _tls.TLSConfig)
+                          else "client", "start_tls") as tp:
+                rc = _ffi.conn_start_tls(self._ptr("start_tls"), tp, host,
+                                         _t_tls_done, key)
+        except BaseException:
+            _handles.pop(key)
+            raise
+        if rc != 0:
+            _handles.pop(key)
+            raise error(rc, "start_tls")
+        self._tls = True
+        return future
+
+    def tls_info(self):
+        """What the TLS handshake negotiated, a :class:`duplex.TLSInfo`
+        (version, cipher, ALPN protocol, SNI, peer subject, resumption),
+        or None for a conn that does not speak TLS. Available from
+        ``on_open`` (or the end of start_tls()) on, also after the conn
+        closed; before the handshake is done it raises ENOTCONN."""
+        info = self._tls_info
+        if info is not None:
+            return info
+        rc, info = _tls.info_of(self._ptr("tls_info"))
+        if rc == _ENOTSUP:
+            return None
+        check(rc, "tls_info")
+        self._tls_info = info
+        return info
+
+    @property
+    def tls_error(self):
+        """Why TLS failed on this conn, in the TLS library's words (e.g.
+        "certificate verify failed: unable to get local issuer
+        certificate"), or None while nothing failed. The close error
+        carries the same text as its ``detail``."""
+        if self._tls_detail is not None:
+            return self._tls_detail
+        p = self._p
+        return _tls.error_text(p) if p is not None else None
 
     def wait_closed(self, timeout=None):
         """Block (not on the loop thread) until on_close ran; return the
@@ -1189,16 +1298,22 @@ def connect_tcp(loop, host, port, **kw):
     on_backpressure, on_writable, on_close), high_watermark,
     low_watermark, hard_limit (bytes), nagle, keepalive, start_paused
     (bools), connect_timeout, idle_timeout, read_timeout, flush_timeout
-    (seconds). Bad arguments raise DuplexError(EINVAL)."""
+    (seconds), ``tls`` (a client-role duplex.TLSConfig: the conn speaks
+    TLS and on_open runs once the handshake is done; a failed handshake
+    closes it with TLSVerifyError / TLSError / TimeoutError) and
+    ``server_hostname`` (the name sent as SNI and checked against the
+    certificate; default ``host``). Bad arguments raise
+    DuplexError(EINVAL)."""
     h = _cstr(host, "connect_tcp")
     _port(port, "connect_tcp")
     return Conn._create(loop, "connect_tcp",
                         lambda lp, out, o: _ffi.conn_connect_tcp(
-                            out, lp, h, port, o), kw)
+                            out, lp, h, port, o), kw, tcp_host=h)
 
 
 def connect_unix(loop, path, **kw):
-    """Connect to a UNIX-domain socket; otherwise as connect_tcp()."""
+    """Connect to a UNIX-domain socket; otherwise as connect_tcp() (with
+    ``tls``, a verifying client needs ``server_hostname``)."""
     p = _cstr(path, "connect_unix")
     return Conn._create(loop, "connect_unix",
                         lambda lp, out, o: _ffi.conn_connect_unix(
@@ -1309,10 +1424,11 @@ class _AcceptSpec:
     closes the listener still finds it. `owner` is the Loop, or the
     LoopGroup of a group listener, whose conns open on any of its loops."""
 
-    def __init__(self, owner, on_accept, callbacks):
+    def __init__(self, owner, on_accept, callbacks, tls=False):
         self.owner = owner
         self.on_accept = on_accept
         self.callbacks = callbacks
+        self.tls = tls
         self.listener = None
 
     def loop_here(self):
@@ -1347,11 +1463,13 @@ class Listener:
                 mode, kw):
         # owner: the Loop, or the LoopGroup (same _use, _cond, _owned).
         callbacks, rest = _split_callbacks(dict(kw))
-        spec = _AcceptSpec(owner, on_accept, callbacks)
+        tls = rest.pop("tls", None)
+        spec = _AcceptSpec(owner, on_accept, callbacks, tls is not None)
         key = _handles.add(spec)
         self = object.__new__(cls)
         self._owner = owner
         self.on_error = on_error
+        self.tls = tls
         try:
             copts = _conn_opts(key, **rest)
             lopts = _ffi.listener_opts(conn_opts=ctypes.pointer(copts),
@@ -1359,7 +1477,8 @@ class Listener:
                                        backlog=backlog, flags=flags,
                                        mode=mode)
             out = c_void_p()
-            with owner._use(what) as lp:
+            with _tls.use(tls, "server", what) as tp, owner._use(what) as lp:
+                lopts.tls = tp
                 rc = call(lp, byref(out), byref(lopts))
                 if rc == 0:
                     # At once: accepts use only the spec, but an on_error
@@ -1438,9 +1557,11 @@ def listen_tcp(loop, host, port=0, *, on_accept=None, on_error=None,
                backlog=0, ipv6only=False, **kw):
     """Listen on TCP. ``host``: a numeric IPv4/IPv6 address, "localhost",
     or None for every IPv4 address. Port 0 picks a free port (see
-    Listener.port). Bound and listening when this returns. Other keyword
-    arguments (callbacks, limits) apply to every accepted conn, as for
-    connect_tcp()."""
+    Listener.port). Bound and listening when this returns. ``tls``: a
+    server-role duplex.TLSConfig; every conn then speaks TLS, and
+    on_accept runs once its handshake is done (a conn whose handshake
+    fails is closed and never seen). Other keyword arguments (callbacks,
+    limits) apply to every accepted conn, as for connect_tcp()."""
     h = _cstr(host, "listen_tcp")
     _port(port, "listen_tcp")
     return Listener._create(

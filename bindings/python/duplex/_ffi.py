@@ -13,6 +13,7 @@ library from before that model lacks; loading one fails here, at import.
 """
 import ctypes
 import ctypes.util
+import errno
 import os
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_char, c_char_p, c_int,
                     c_longlong, c_size_t, c_ubyte, c_uint, c_uint16,
@@ -137,13 +138,39 @@ class conn_opts(_Versioned):
                 ("connect_timeout_ms", c_uint32),
                 ("idle_timeout_ms", c_uint32),
                 ("read_timeout_ms", c_uint32),
-                ("flush_timeout_ms", c_uint32)]
+                ("flush_timeout_ms", c_uint32),
+                ("local_host", c_char_p), ("local_port", c_uint16),
+                ("tls", c_void_p), ("tls_host", c_char_p)]
 
 
 class listener_opts(_Versioned):
     _fields_ = [("size", c_size_t), ("conn_opts", POINTER(conn_opts)),
                 ("on_error", listen_error_cb), ("user", c_void_p),
-                ("backlog", c_int), ("flags", c_uint), ("mode", c_uint)]
+                ("backlog", c_int), ("flags", c_uint), ("mode", c_uint),
+                ("tls", c_void_p)]
+
+
+class tls_config(_Versioned):
+    _fields_ = [("size", c_size_t), ("role", c_int),
+                ("cert_file", c_char_p), ("cert_pem", c_char_p),
+                ("cert_pem_len", c_size_t),
+                ("key_file", c_char_p), ("key_pem", c_char_p),
+                ("key_pem_len", c_size_t),
+                ("ca_file", c_char_p), ("ca_dir", c_char_p),
+                ("ca_pem", c_char_p), ("ca_pem_len", c_size_t),
+                ("system_ca", c_int), ("verify", c_int),
+                ("alpn", POINTER(c_char_p)), ("alpn_count", c_size_t),
+                ("min_version", c_int), ("max_version", c_int),
+                ("session_cache", c_int), ("keylog_file", c_char_p),
+                ("handshake_timeout_ms", c_uint32)]
+
+
+class tls_info(_Versioned):
+    _fields_ = [("size", c_size_t), ("version", c_int),
+                ("version_name", c_char * 16), ("cipher", c_char * 64),
+                ("alpn", c_char * 256), ("sni", c_char * 256),
+                ("peer_subject", c_char * 256), ("resumed", c_int),
+                ("peer_cert", c_int)]
 
 
 class loop_stats(_Versioned):
@@ -173,6 +200,10 @@ GROUP_MAX_LOOPS = 1024
 TIMEOUT_KINDS = {"connect": 0, "idle": 1, "read": 2, "flush": 3}
 WRITE_MAX = 1 << 30
 WRITE_OVERHEAD = 64  # what each queued write costs beyond its payload
+TLS_CLIENT, TLS_SERVER = 1, 2
+TLS_VERIFY_DEFAULT, TLS_VERIFY_NONE = 0, 1
+TLS_VERIFY_REQUIRE, TLS_VERIFY_OPTIONAL = 2, 3
+TLS_V1_2, TLS_V1_3 = 0x0303, 0x0304
 
 # ---- prototypes ---------------------------------------------------------------
 _vp, _pp = c_void_p, POINTER(c_void_p)
@@ -251,6 +282,33 @@ _PROTOS = {
     "duplex_timer_ref": (c_int, [_vp]),
     "duplex_timer_unref": (c_int, [_vp]),
 }
+
+# TLS (duplex.h, "TLS"; @since 0.2). A library built without TLS has them
+# and answers DUPLEX_ENOTSUP; one from before them lacks them: stand-ins
+# that answer the same keep the rest of the binding working.
+_TLS_PROTOS = {
+    "duplex_tls_new": (c_int, [_pp, POINTER(tls_config), c_char_p,
+                               c_size_t]),
+    "duplex_tls_ref": (c_int, [_vp]),
+    "duplex_tls_unref": (c_int, [_vp]),
+    "duplex_tls_backend": (c_char_p, []),
+    "duplex_conn_start_tls": (c_int, [_vp, _vp, c_char_p, write_cb, _vp]),
+    "duplex_conn_get_tls_info": (c_int, [_vp, POINTER(tls_info)]),
+    "duplex_conn_get_tls_error": (c_int, [_vp, c_char_p, c_size_t]),
+}
+HAVE_TLS_SYMBOLS = True
+_ENOTSUP = -errno.ENOTSUP if os.name == "posix" else -4049
+
+for _name, (_res, _args) in _TLS_PROTOS.items():
+    try:
+        _fn = getattr(lib, _name)
+        _fn.restype = _res
+        _fn.argtypes = _args
+    except AttributeError:
+        HAVE_TLS_SYMBOLS = False
+        _fn = ((lambda *a: None) if _name == "duplex_tls_backend"
+               else (lambda *a: _ENOTSUP))
+    globals()[_name[len("duplex_"):]] = _fn
 
 for _name, (_res, _args) in _PROTOS.items():
     try:

@@ -23,11 +23,29 @@ write was refused whole and the caller keeps its bytes. ``DUPLEX_EDEADLK``
 :class:`WouldDeadlock`, also a RuntimeError like Python's own "cannot join
 current thread".
 
+TLS failures carry the TLS library's own words in ``detail`` (from
+``duplex_conn_get_tls_error`` or ``duplex_tls_new``'s message) and derive
+from the ``ssl`` module's exceptions, so code written for ``ssl`` catches
+them:
+
+- ``DUPLEX_ETLSVERIFY``: :class:`TLSVerifyError`, an
+  ``ssl.SSLCertVerificationError`` (so also ``ssl.SSLError`` and
+  ``ValueError``); ``verify_message`` is the detail;
+- ``DUPLEX_ETLSTRUNC``: :class:`TLSTruncatedError`, an ``ssl.SSLEOFError``
+  (the transport closed without close_notify: never a clean EOF);
+- ``DUPLEX_ETLS``: :class:`TLSError`, an ``ssl.SSLError``;
+- ``DUPLEX_ETLSCONFIG``: :class:`TLSConfigError`, an ``ssl.SSLError``.
+
 The code constants (``EINVAL``, ``ECLOSED``, ...) are read from the loaded
 library at import, so they are the library's own values on every platform.
 """
 import os
 import socket
+
+try:
+    import ssl as _ssl
+except ImportError:  # a Python built without OpenSSL
+    _ssl = None
 
 from . import _ffi
 
@@ -64,10 +82,14 @@ EAGAIN = CODES["EWOULDBLOCK"]
 class DuplexError(OSError):
     """A libduplex error code as an exception (see the module docstring)."""
 
-    def __init__(self, code, what=None):
+    detail = None
+    """The TLS library's words for a TLS failure (None otherwise)."""
+
+    def __init__(self, code, what=None, detail=None):
         self.code = code
         self.name = err_name(code)
         self.what = what
+        self.detail = detail or None
         # On POSIX a system code is -errno (EDEADLK included); EAI codes
         # (-3000s) get the socket module's EAI value, and library codes
         # (-30000 and below) have no errno.
@@ -79,10 +101,11 @@ class DuplexError(OSError):
 
     def __str__(self):
         where = f"{self.what}: " if self.what else ""
-        return f"{where}{self.strerror} ({self.name})"
+        why = f": {self.detail}" if self.detail else ""
+        return f"{where}{self.strerror}{why} ({self.name})"
 
     def __reduce__(self):
-        return (error, (self.code, self.what))
+        return (error, (self.code, self.what, self.detail))
 
 
 class WouldBlock(DuplexError, BlockingIOError):
@@ -118,8 +141,58 @@ for _short in ("EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA",
     if _short in CODES:
         _BUILTIN[_short] = socket.gaierror
 
+_SSLError = _ssl.SSLError if _ssl else OSError
+_SSLVerify = _ssl.SSLCertVerificationError if _ssl else OSError
+_SSLEOF = _ssl.SSLEOFError if _ssl else OSError
+
+
+class TLSError(DuplexError, _SSLError):
+    """DUPLEX_ETLS: the TLS handshake or a record failed (a protocol error,
+    an alert from the peer, no common ALPN protocol or version); ``detail``
+    says which, in the TLS library's words. Also an ``ssl.SSLError``.
+    The TLS failures below derive from it too."""
+
+    library = "SSL"
+
+    @property
+    def reason(self):  # ssl.SSLError's attribute
+        return self.detail
+
+
+class TLSVerifyError(TLSError, _SSLVerify):
+    """DUPLEX_ETLSVERIFY: the peer's certificate did not verify (unknown
+    issuer, expired, wrong host name, no certificate where one is
+    required). An ``ssl.SSLCertVerificationError``: ``verify_message`` is
+    the reason (``detail``), ``verify_code`` is None (OpenSSL's number is
+    not passed through)."""
+
+    verify_code = None
+
+    @property
+    def verify_message(self):
+        return self.detail
+
+
+class TLSTruncatedError(TLSError, _SSLEOF):
+    """DUPLEX_ETLSTRUNC: the transport closed without the peer's
+    close_notify, so the stream may have been cut short; never a clean
+    EOF. An ``ssl.SSLEOFError``, as Python's ssl reports the same."""
+
+
+class TLSConfigError(TLSError):
+    """DUPLEX_ETLSCONFIG: a certificate, key or CA given to TLSConfig would
+    not load (``detail`` names it)."""
+
+
 _CLASSES = {CODES["EWOULDBLOCK"]: WouldBlock,
             CODES["EDEADLK"]: WouldDeadlock}
+for _short, _cls in (("ETLS", TLSError), ("ETLSVERIFY", TLSVerifyError),
+                     ("ETLSTRUNC", TLSTruncatedError),
+                     ("ETLSCONFIG", TLSConfigError)):
+    if _short in CODES:
+        _CLASSES[CODES[_short]] = _cls
+TLS_CODES = frozenset(CODES[n] for n in ("ETLS", "ETLSVERIFY", "ETLSTRUNC",
+                                         "ETLSCONFIG") if n in CODES)
 for _short, _base in _BUILTIN.items():
     if _short in CODES:
         _CLASSES[CODES[_short]] = type(
@@ -127,9 +200,9 @@ for _short, _base in _BUILTIN.items():
             {"__module__": __name__, "__doc__": f"DUPLEX_{_short}"})
 
 
-def error(code, what=None):
+def error(code, what=None, detail=None):
     """The DuplexError (or its subclass) for a negative code."""
-    return _CLASSES.get(code, DuplexError)(code, what)
+    return _CLASSES.get(code, DuplexError)(code, what, detail)
 
 
 def check(rc, what=None):
