@@ -27,6 +27,11 @@ limit).
 
 By default conns live on one process-wide libduplex loop
 (:func:`default_loop`); pass ``duplex_loop=`` to use your own.
+
+TLS: ``ssl=`` takes a :class:`duplex.TLSConfig` (libduplex speaks TLS
+itself, so an ``ssl.SSLContext`` cannot be used), ``ssl=True`` a default
+client configuration (the system's CAs); :func:`start_tls` upgrades an
+open stream.
 """
 import asyncio
 import collections
@@ -36,13 +41,13 @@ import os
 import socket
 import threading
 
-from . import _core, _ffi
+from . import _core, _ffi, _tls
 from .errors import CODES, DuplexError, WouldBlock, error
 
 __all__ = ["open_connection", "open_unix_connection", "start_server",
            "start_unix_server", "create_connection",
            "create_unix_connection", "create_server", "create_unix_server",
-           "Server", "Transport", "SocketInfo", "default_loop"]
+           "start_tls", "Server", "Transport", "SocketInfo", "default_loop"]
 
 _ECLOSED = CODES["ECLOSED"]
 _EWOULDBLOCK = CODES["EWOULDBLOCK"]
@@ -68,15 +73,16 @@ def default_loop():
 # ---- asyncio's keyword arguments ---------------------------------------------
 
 # Accepted with these values (what asyncio does by default); anything else
-# asks for something a libduplex conn does not do (TLS above all).
+# asks for something a libduplex conn does not do. (``ssl`` and
+# ``server_hostname`` are taken apart first: see _tls_options.)
 _CONNECT_DEFAULTS = {
-    "ssl": None, "family": 0, "proto": 0, "flags": 0, "local_addr": None,
-    "server_hostname": None, "ssl_handshake_timeout": None,
+    "family": 0, "proto": 0, "flags": 0, "local_addr": None,
+    "ssl_handshake_timeout": None,
     "ssl_shutdown_timeout": None, "happy_eyeballs_delay": None,
     "interleave": None, "all_errors": False,
 }
 _SERVE_DEFAULTS = {
-    "ssl": None, "flags": socket.AI_PASSIVE, "reuse_address": None,
+    "flags": socket.AI_PASSIVE, "reuse_address": None,
     "reuse_port": None, "ssl_handshake_timeout": None,
     "ssl_shutdown_timeout": None,
 }
@@ -86,13 +92,60 @@ def _asyncio_options(kw, defaults):
     for name, default in defaults.items():
         if name in kw:
             value = kw.pop(name)
-            if value != default and not (name == "ssl" and not value) and \
-                    not (name == "reuse_address" and value):
+            if value != default and not (name == "reuse_address" and value):
+                if name == "ssl_handshake_timeout":
+                    raise NotImplementedError(
+                        "duplex.aio: the handshake timeout belongs to the "
+                        "TLS configuration: duplex.TLSConfig("
+                        "handshake_timeout=...)")
                 raise NotImplementedError(
                     f"duplex.aio does not support {name}={value!r}")
     if "start_paused" in kw:
         raise TypeError("start_paused: call transport.pause_reading() in "
                         "connection_made() instead")
+
+
+_default_client_tls = None
+
+
+def _tls_config(value, server):
+    """asyncio's ``ssl=`` argument as a duplex.TLSConfig (None: plain)."""
+    global _default_client_tls
+    if value is None or value is False:
+        return None
+    if value is True:
+        if server:
+            raise ValueError("duplex.aio: a server needs ssl=duplex."
+                             "TLSConfig('server', cert_file=..., "
+                             "key_file=...)")
+        with _default_lock:
+            if _default_client_tls is None:
+                _default_client_tls = _tls.TLSConfig("client")
+            return _default_client_tls
+    if not isinstance(value, _tls.TLSConfig):
+        raise TypeError(
+            "duplex.aio: ssl= takes a duplex.TLSConfig (or True for a "
+            f"default client), not {type(value).__name__}: libduplex "
+            "speaks TLS itself and cannot use an ssl.SSLContext")
+    return value
+
+
+def _tls_options(kw, server):
+    """Turn asyncio's ``ssl=`` and ``server_hostname=`` in ``kw`` into the
+    conn options ``tls=`` and ``server_hostname=``."""
+    tls = _tls_config(kw.pop("ssl", None), server)
+    if server:
+        if tls is not None:
+            kw["tls"] = tls
+        return
+    hostname = kw.pop("server_hostname", None)
+    if tls is None:
+        if hostname is not None:
+            raise ValueError("server_hostname is only meaningful with ssl")
+        return
+    kw["tls"] = tls
+    if hostname is not None:
+        kw["server_hostname"] = hostname
 
 
 # ---- addresses -----------------------------------------------------------------
@@ -164,13 +217,19 @@ class Transport(asyncio.Transport):
     is made (``high_watermark=``, ``low_watermark=``, ``hard_limit=``
     keyword arguments). ``get_extra_info()`` knows "peername",
     "sockname", "socket" (a :class:`SocketInfo`) and "duplex_conn" (the
-    :class:`duplex.Conn`). Differences from a socket transport: once the
+    :class:`duplex.Conn`); over TLS also "duplex_tls_info" (a
+    :class:`duplex.TLSInfo`), "duplex_tls_config" (the
+    :class:`duplex.TLSConfig`) and "cipher" (``(name, version, None)``);
+    "sslcontext" and "ssl_object" are None, as StreamReader takes a
+    transport with an SSL context for one that cannot half-close. Differences from a socket
+    transport: once the
     peer's EOF came and write_eof() was flushed the conn closes by itself
     (connection_lost(None)); after abort() writes are refused at once."""
 
     def __init__(self, aloop, protocol=None, *, unix=False, server=None,
-                 watermarks=(0, 0)):
+                 watermarks=(0, 0), tls=None):
         super().__init__()
+        self._tls = tls
         self._aloop = aloop
         self._call = aloop.call_soon_threadsafe
         self._protocol = protocol
@@ -225,6 +284,16 @@ class Transport(asyncio.Transport):
                 names.append(None)
         self._hop(conn, self._opened, conn, *names)
 
+    def _set_tls_extra(self, info, config):
+        if info is None:
+            return
+        # Not "sslcontext": asyncio's StreamReaderProtocol takes a
+        # transport that has one for an SSL one that cannot half-close,
+        # and closes at the peer's EOF. A TLS conn half-closes.
+        self._extra.update(duplex_tls_info=info, duplex_tls_config=config,
+                           cipher=(info.cipher, info.version, None),
+                           compression=None)
+
     def _lt_read(self, conn, data):
         try:
             self._call(self._data, data)
@@ -253,6 +322,7 @@ class Transport(asyncio.Transport):
         self._extra.update(peername=peername, sockname=sockname,
                            socket=SocketInfo(family, sockname, peername),
                            duplex_conn=conn)
+        self._set_tls_extra(conn._tls_info, self._tls)
         if self._closing:
             return
         if self._server is not None:
@@ -577,8 +647,17 @@ async def create_connection(protocol_factory, host=None, port=None, *,
     ``duplex_loop``: the libduplex Loop (default: :func:`default_loop`).
     Other keyword arguments are conn options (``high_watermark``,
     ``low_watermark``, ``hard_limit``, ``nagle``, ``keepalive``, the
-    timeouts; see duplex.connect_tcp()); asyncio's own (``ssl``,
-    ``family``, ``local_addr``, ...) only at their defaults."""
+    timeouts; see duplex.connect_tcp()); asyncio's own (``family``,
+    ``local_addr``, ...) only at their defaults.
+
+    ``ssl``: a client-role :class:`duplex.TLSConfig` (or True: a default
+    one trusting the system's CAs) to speak TLS; the connection is made
+    once the handshake is done. ``server_hostname``: the name sent as SNI
+    and checked (default ``host``; needed with ``sock=``). A certificate
+    that does not verify raises :class:`duplex.TLSVerifyError` (an
+    ``ssl.SSLCertVerificationError``), another TLS failure
+    :class:`duplex.TLSError` (an ``ssl.SSLError``)."""
+    _tls_options(kw, server=False)
     _asyncio_options(kw, _CONNECT_DEFAULTS)
     dloop = duplex_loop or default_loop()
     if sock is not None:
@@ -602,7 +681,10 @@ async def create_connection(protocol_factory, host=None, port=None, *,
 
 async def create_unix_connection(protocol_factory, path=None, *, sock=None,
                                  duplex_loop=None, **kw):
-    """As :func:`create_connection`, to a UNIX-domain socket ``path``."""
+    """As :func:`create_connection`, to a UNIX-domain socket ``path``
+    (with ``ssl``, ``server_hostname`` is needed unless the configuration
+    does not verify)."""
+    _tls_options(kw, server=False)
     _asyncio_options(kw, _CONNECT_DEFAULTS)
     dloop = duplex_loop or default_loop()
     if sock is not None:
@@ -623,7 +705,7 @@ async def _make_connection(protocol_factory, make, unix, kw):
     aloop = asyncio.get_running_loop()
     protocol = protocol_factory()
     transport = Transport(aloop, protocol, unix=unix,
-                          watermarks=_watermarks(kw))
+                          watermarks=_watermarks(kw), tls=kw.get("tls"))
     await transport._connect(make)
     return transport, protocol
 
@@ -677,9 +759,9 @@ class Server:
         self._forever = None     # serve_forever()'s future
 
     # loop thread, for each accepted conn (made paused)
-    def _on_accept(self, conn, unix, watermarks):
+    def _on_accept(self, conn, unix, watermarks, tls=None):
         transport = Transport(self._aloop, unix=unix, server=self,
-                              watermarks=watermarks)
+                              watermarks=watermarks, tls=tls)
         for name, fn in transport._callbacks().items():
             if name.startswith("on_"):
                 setattr(conn, name, fn)
@@ -798,6 +880,7 @@ class Server:
 
 
 def _serve_options(kw):
+    _tls_options(kw, server=True)
     _asyncio_options(kw, _SERVE_DEFAULTS)
     if "keep_alive" in kw:  # asyncio 3.13's name
         kw["keepalive"] = bool(kw.pop("keep_alive"))
@@ -816,8 +899,10 @@ async def create_server(protocol_factory, host=None, port=None, *,
     ones IPv6-only), as with asyncio. ``port`` None or 0 picks a free
     port (see ``Server.sockets``). ``backlog``, ``start_serving``,
     ``duplex_loop`` and conn options (as :func:`create_connection`) are
-    also taken. ``sock=`` (a listening socket to adopt) is not
-    supported."""
+    also taken. ``ssl``: a server-role :class:`duplex.TLSConfig`; each
+    connection is made once its handshake is done (one that fails is
+    closed and never seen). ``sock=`` (a listening socket to adopt) is
+    not supported."""
     backlog, start = _serve_options(kw)
     if sock is not None:
         raise NotImplementedError("duplex.aio cannot adopt a listening "
@@ -842,7 +927,7 @@ async def create_server(protocol_factory, host=None, port=None, *,
                     dloop, addr, port or 0, backlog=backlog,
                     ipv6only=fam == socket.AF_INET6, start_paused=True,
                     on_accept=lambda conn: server._on_accept(
-                        conn, False, watermarks), **kw)
+                        conn, False, watermarks, kw.get("tls")), **kw)
             except DuplexError as e:
                 # No IPv6 here: asyncio skips such addresses too.
                 if host is None and fam == socket.AF_INET6 and \
@@ -876,7 +961,8 @@ async def create_unix_server(protocol_factory, path=None, *, sock=None,
     watermarks = _watermarks(kw)
     listener = _core.listen_unix(
         dloop, os.fspath(path), backlog=backlog, mode=mode, start_paused=True,
-        on_accept=lambda conn: server._on_accept(conn, True, watermarks),
+        on_accept=lambda conn: server._on_accept(conn, True, watermarks,
+                                                 kw.get("tls")),
         **kw)
     server._listeners.append(listener)
     server._sockets = (SocketInfo(socket.AF_UNIX, listener.address),)
@@ -910,3 +996,33 @@ async def start_unix_server(client_connected_cb, path=None, *,
     """As :func:`start_server`, on a UNIX-domain socket ``path``."""
     return await create_unix_server(
         _stream_factory(client_connected_cb, limit), path, **kw)
+
+
+# ---- STARTTLS ------------------------------------------------------------------
+
+async def start_tls(stream, tls, *, server_hostname=None):
+    """Upgrade an open connection to TLS (STARTTLS) and wait for the
+    handshake: ``stream`` is a StreamWriter or a :class:`Transport` made
+    here, ``tls`` a :class:`duplex.TLSConfig` in the role this side plays
+    (a server's accepted connection takes a server-role one). Everything
+    written before is sent in plaintext first (a write the conn refused
+    and still kept here raises RuntimeError: ``await writer.drain()``
+    first); what is written after is encrypted. Bytes the reader already
+    holds stay as they were; everything read afterwards is decrypted.
+    The same reader and writer go on working. A failed handshake closes
+    the connection and raises its error (:class:`duplex.TLSVerifyError`,
+    :class:`duplex.TLSError`, ...). ``server_hostname``: the name a
+    client checks (default: the host it connected to)."""
+    transport = getattr(stream, "transport", stream)
+    if not isinstance(transport, Transport):
+        raise TypeError("duplex.aio.start_tls: needs a StreamWriter or "
+                        "Transport of duplex.aio")
+    if transport._pending:
+        raise RuntimeError("duplex.aio.start_tls: writes are still kept "
+                           "(await writer.drain() first)")
+    if transport._closing or transport._conn is None:
+        raise error(_ECLOSED, "start_tls")
+    future = transport._conn.start_tls(tls, server_hostname=server_hostname)
+    await asyncio.wrap_future(future)
+    transport._tls = tls
+    transport._set_tls_extra(transport._conn.tls_info(), tls)

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -806,7 +807,11 @@ class DuplexOnlyTest(unittest.TestCase):
             w.close()
             await w.wait_closed()
             with self.assertRaises(NotImplementedError):
-                await duplex.aio.open_connection("127.0.0.1", 1, ssl=True)
+                await duplex.aio.open_connection("127.0.0.1", 1,
+                                                 local_addr=("::", 0))
+            with self.assertRaises(TypeError):  # TLS takes a TLSConfig
+                await duplex.aio.open_connection(
+                    "127.0.0.1", 1, ssl=ssl.create_default_context())
             with self.assertRaises(TypeError):
                 await duplex.aio.open_connection("127.0.0.1", 1,
                                                  no_such_option=1)
