@@ -1563,7 +1563,7 @@ typedef struct duplex_tls_config {
 
 #define DUPLEX_TLS_CONFIG_INIT                                               \
   { sizeof(duplex_tls_config), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  \
-    0, 0, 0, 0, 0, 0u }
+    0, 0, 0, 0, 0u }
 
 /**
  * Fill @p cfg with defaults (same as ::DUPLEX_TLS_CONFIG_INIT).
@@ -1601,7 +1601,8 @@ DUPLEX_API int duplex_tls_unref(duplex_tls *tls);
 /**
  * The TLS library this build uses, e.g. "OpenSSL 3.0.15 3 Sep 2024", or
  * NULL when built without TLS.
- * @thread any. @owner static; never free it. @since 0.2
+ * @thread any. @owner static; never free it.
+ * @returns the name, or NULL. @since 0.2
  */
 DUPLEX_API const char *duplex_tls_backend(void);
 

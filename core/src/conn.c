@@ -65,6 +65,8 @@ dpx_conn_opts_get(duplex_conn_opts *o, const duplex_conn_opts *opts)
                                                          : DPX_DEFAULT_HARD);
   if (o->low_watermark >= high || hard < high)
     return DUPLEX_EINVAL;
+  if (o->tls_host != NULL && (o->tls == NULL || o->tls_host[0] == '\0'))
+    return DUPLEX_EINVAL; /* a server name means nothing without TLS */
   if (o->local_host != NULL) {
     struct sockaddr_in in;
     struct sockaddr_in6 in6;
@@ -107,6 +109,14 @@ dpx_conn_cfg_new(dpx_conn_cfg **out, const duplex_conn_opts *opts)
     cfg->framing.size = sizeof cfg->framing;
   }
   cfg->has_local = o.local_host != NULL || o.local_port != 0;
+  if (o.tls_host != NULL && (cfg->tls_host = dpx_strdup(o.tls_host)) == NULL) {
+    free(cfg);
+    return DUPLEX_ENOMEM;
+  }
+  if (o.tls != NULL) {
+    duplex_tls_ref(o.tls);
+    cfg->tls = o.tls;
+  }
   *out = cfg;
   return 0;
 }
@@ -115,8 +125,13 @@ void
 dpx_conn_cfg_unref(dpx_conn_cfg *cfg)
 {
   if (cfg != NULL &&
-      atomic_fetch_sub_explicit(&cfg->refs, 1u, memory_order_acq_rel) == 1u)
+      atomic_fetch_sub_explicit(&cfg->refs, 1u, memory_order_acq_rel) == 1u) {
+    if (cfg->tls != NULL)
+      duplex_tls_unref(cfg->tls);
+    free(cfg->tls_host);
+    free(cfg->tls_key);
     free(cfg);
+  }
 }
 
 /* ---- the lock set ------------------------------------------------------- */
@@ -193,6 +208,7 @@ dpx_conn_new(duplex_loop *loop, int kind, dpx_conn_cfg *cfg,
   c->kind = (uint8_t)kind;
   c->nhandles = (uint8_t)nhandles;
   c->want_read = !(cfg->flags & DUPLEX_CONN_START_PAUSED);
+  c->tls_asked = cfg->tls != NULL;
   /* Nothing is written before the conn opens; opening pumps it. */
   c->scheduled = true;
   /* Deadlines and the open state need the extra part from the start. */
@@ -241,6 +257,8 @@ dpx_conn_free(duplex_conn *c)
     wstate_destroy(w);
   dpx_conn_extra *x = dpx_conn_x(c);
   if (x != NULL) {
+    dpx_conn_tls_free(x);
+    free(x->tls_reason);
     free(x->peer);
     free(x->deadline);
     free(x->held);
@@ -393,8 +411,8 @@ duplex_conn_get_queued(const duplex_conn *conn, size_t *out)
  * conn finished. The loop cannot be freed before the conn finished (which
  * clears c->loop under the conn lock): a reference taken under that lock
  * keeps its memory for the exec, whatever a concurrent free does. */
-static int
-conn_exec(duplex_conn *c, int (*fn)(duplex_loop *, void *), void *arg)
+int
+dpx_conn_exec(duplex_conn *c, int (*fn)(duplex_loop *, void *), void *arg)
 {
   dpx_conn_lock(c);
   duplex_loop *loop = c->loop;
@@ -444,7 +462,7 @@ duplex_conn_get_peer(const duplex_conn *conn, char *buf, size_t len)
   if (!known) {
     /* Asked for the first time: the loop thread reads it off the socket
      * and keeps it (an idle conn stores no name nobody asked for). */
-    int r = conn_exec(c, peer_fetch, c);
+    int r = dpx_conn_exec(c, peer_fetch, c);
     if (r != 0)
       return r;
     x = dpx_conn_x(c);
@@ -506,7 +524,7 @@ duplex_conn_get_local(const duplex_conn *conn, char *buf, size_t len)
   duplex_conn *c = (duplex_conn *)conn;
   buf[0] = '\0';
   local_args a = { c, buf, len };
-  int r = conn_exec(c, local_fetch, &a);
+  int r = dpx_conn_exec(c, local_fetch, &a);
   if (r != 0)
     buf[0] = '\0';
   return r;
@@ -566,7 +584,10 @@ dpx_conn_opened(duplex_conn *c)
   }
   if (c->kind != DPX_CONN_ACCEPTED)
     dpx_conn_set_peer(c); /* clients ask for it; servers pay on demand */
-  if (c->cfg->cbs.on_open != NULL)
+  if (c->cfg->tls != NULL)
+    dpx_conn_tls_begin(c, c->cfg->tls, c->cfg->tls_host, c->cfg->tls_key,
+                       NULL, NULL); /* on_open once the handshake is done */
+  else if (c->cfg->cbs.on_open != NULL)
     c->cfg->cbs.on_open(c, conn_user(c));
   dpx_conn_pump(c);
 }
@@ -608,8 +629,8 @@ pump_work_locked(const duplex_conn *c)
     work |= DPX_WORK_COMPLETED;
   if (c->events != 0)
     work |= DPX_WORK_EVENTS;
-  if (!c->abort_requested && w != NULL && c->opened && !c->writing &&
-      !c->close_begun && !w->shut_pending && w->intake.n > 0)
+  if (!c->abort_requested && w != NULL && c->opened && !c->tls_wait &&
+      !c->writing && !c->close_begun && !w->shut_pending && w->intake.n > 0)
     work |= DPX_WORK_BATCH;
   return work;
 }
@@ -639,7 +660,31 @@ dpx_conn_pump(duplex_conn *c)
     memcpy(x->timeout, x->timeout_req, sizeof x->timeout);
     x->timeouts_dirty = false;
   }
-  if (work & DPX_WORK_BATCH) {
+  if ((work & DPX_WORK_BATCH) && c->starttls_queued) {
+    /* A STARTTLS ends its batch: what was queued after it waits for the
+     * handshake. */
+    size_t k = 0;
+    while (w->intake.v[k].kind != DPX_ENT_STARTTLS)
+      k++;
+    if (dpx_entvec_reserve(&w->batch, k + 1) == 0) {
+      memcpy(w->batch.v, w->intake.v, (k + 1) * sizeof(dpx_ent));
+      w->batch.n = k + 1;
+      memmove(w->intake.v, w->intake.v + k + 1,
+              (w->intake.n - k - 1) * sizeof(dpx_ent));
+      w->intake.n -= k + 1;
+      c->starttls_queued = false;
+      c->writing = true;
+    } else {
+      work &= ~DPX_WORK_BATCH;
+      if (!c->abort_requested) {
+        c->abort_requested = true; /* no memory to keep the order */
+        c->reason = DUPLEX_ENOMEM;
+        dpx_conn_mark_closed_locked(c);
+        abort_reason = DUPLEX_ENOMEM;
+        work |= DPX_WORK_ABORT;
+      }
+    }
+  } else if (work & DPX_WORK_BATCH) {
     dpx_entvec t = w->batch;
     w->batch = w->intake;
     w->intake = t;
@@ -676,7 +721,7 @@ dpx_conn_pump(duplex_conn *c)
   } else {
     /* Nothing left: a later request must wake us, unless a batch in
      * flight or the pending open will pump anyway. */
-    c->scheduled = c->writing || !c->opened || c->close_begun;
+    c->scheduled = c->writing || !c->opened || c->tls_wait || c->close_begun;
     if (!c->close_begun)
       dpx_conn_w_trim_locked(c);
   }
@@ -828,7 +873,8 @@ conn_finish(duplex_conn *c)
   /* A batch libuv never reported (handle never written) is canceled. */
   if (c->writing) {
     c->writing = false;
-    dpx_conn_complete(c, &w->batch, w->bpos, DUPLEX_ECANCELED);
+    dpx_conn_complete(c, &w->batch, c->tls_on ? w->tls_sent : w->bpos,
+                      DUPLEX_ECANCELED);
   }
   if (w != NULL && w->completed.n > 0)
     dpx_conn_complete(c, &w->completed, w->completed.n, 0);
@@ -851,8 +897,13 @@ conn_finish(duplex_conn *c)
   dpx_conn_lock(c);
   dpx_conn_queued_sub_locked(c, c->queued);
   dpx_conn_unlock(c);
+  dpx_conn_tls_finish(c);
   if (c->cfg->cbs.on_close != NULL)
     c->cfg->cbs.on_close(c, c->reason, conn_user(c));
+  if (x == NULL)
+    x = dpx_conn_x(c);
+  if (x != NULL)
+    dpx_conn_tls_free(x); /* the engine's memory goes at once */
   dpx_conn_lock(c);
   dpx_conn_release_chunks_locked(c);
   dpx_conn_queued_sub_locked(c, c->queued);

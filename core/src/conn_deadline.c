@@ -29,6 +29,11 @@ deadline_next(duplex_conn *c, dpx_conn_extra *x)
   DPX_DUE_(c->opened && c->reading, x->t_read, DUPLEX_TIMEOUT_READ);
   DPX_DUE_(c->opened && c->writing, x->t_write, DUPLEX_TIMEOUT_FLUSH);
 #undef DPX_DUE_
+  if (c->tls_wait) {
+    uint64_t d = dpx_conn_tls_hs_due(c); /* the handshake deadline */
+    if (d != 0 && (due == 0 || d < due))
+      due = d;
+  }
   return due;
 }
 

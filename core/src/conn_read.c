@@ -100,7 +100,7 @@ emit_frame(void *ctx, const char *msg, size_t len)
   duplex_conn *c = b->c;
   if (c->rd_cut)
     return 1;
-  if (!c->reading || dpx_conn_has_held(c)) {
+  if (!c->rd_want || dpx_conn_has_held(c)) {
     if (hold_frame(c, msg, len) != 0) {
       dpx_conn_begin_close(c, DUPLEX_ENOMEM);
       return 1;
@@ -136,16 +136,16 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 bool
 dpx_conn_read_pending(const duplex_conn *c, bool want)
 {
-  if (c->rd_cut || c->close_begun || !c->opened)
+  if (c->rd_cut || c->close_begun || !c->opened || c->tls_wait)
     return false;
-  if (dpx_conn_has_held(c) || c->eof_pending)
+  if (dpx_conn_has_held(c) || c->eof_pending || dpx_conn_tls_rd_more(c))
     return want; /* waiting for a resume */
-  return !c->rd_ended && want != c->reading;
+  return !c->rd_ended && want != c->reading &&
+         !dpx_conn_tls_read_blocked(c);
 }
 
-/* Start reading the socket (no callback runs in here). */
-static void
-read_start(duplex_conn *c)
+void
+dpx_conn_read_start(duplex_conn *c)
 {
   int r = uv_read_start(&dpx_conn_rd(c)->stream, on_alloc, on_read);
   if (r == UV_ENOTCONN) {
@@ -168,6 +168,8 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
   c->rd_want = want;
   if (!c->opened || c->rd_cut || c->close_begun)
     return false;
+  if (c->tls_wait)
+    return false; /* the handshake reads; the wish applies after it */
   if (!want) {
     dpx_conn_read_stop(c);
     return false;
@@ -202,31 +204,58 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
       return false;
     }
   }
-  if (!c->rd_ended && !c->reading)
-    read_start(c);
+  if (!c->rd_ended && !c->reading && !dpx_conn_tls_read_blocked(c))
+    dpx_conn_read_start(c);
+  if (dpx_conn_tls_rd_more(c)) {
+    /* Input left undecrypted by a pause: it comes before the socket's. */
+    if (!deliver)
+      return true;
+    dpx_conn_tls_drain(c);
+  }
   return false;
+}
+
+void
+dpx_conn_deliver(duplex_conn *c, const char *data, size_t len)
+{
+  dpx_conn_extra *x = dpx_conn_x(c);
+  read_batch b = { c, 0 };
+  if (x != NULL && x->framer != NULL) {
+    int r = dpx_framer_feed(x->framer, data, len, emit_frame, &b);
+    if (r != 0)
+      dpx_conn_begin_close(c, r);
+  } else if (c->cfg->cbs.on_read != NULL) {
+    c->cfg->cbs.on_read(c, data, len, conn_user(c));
+    b.delivered = 1;
+  }
+  batch_end(c, b.delivered);
+}
+
+void
+dpx_conn_deliver_eof(duplex_conn *c)
+{
+  dpx_conn_extra *x = dpx_conn_x(c);
+  c->eof_proto = x != NULL && x->framer != NULL &&
+                 dpx_framer_eof(x->framer) != 0;
+  c->eof_pending = true;
+  if (!dpx_conn_has_held(c))
+    deliver_eof(c);
+  /* else it waits behind the held frames for a resume */
 }
 
 static void
 on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
   duplex_conn *c = s->data;
+  if (c->tls_on) {
+    dpx_conn_tls_on_read(c, nread, buf);
+    return;
+  }
   if (nread > 0) {
     dpx_conn_stamp_read(c);
     if (c->rd_cut)
       return;
-    dpx_conn_extra *x = dpx_conn_x(c);
-    read_batch b = { c, 0 };
-    if (x != NULL && x->framer != NULL) {
-      int r = dpx_framer_feed(x->framer, buf->base, (size_t)nread,
-                              emit_frame, &b);
-      if (r != 0)
-        dpx_conn_begin_close(c, r);
-    } else if (c->cfg->cbs.on_read != NULL) {
-      c->cfg->cbs.on_read(c, buf->base, (size_t)nread, conn_user(c));
-      b.delivered = 1;
-    }
-    batch_end(c, b.delivered);
+    dpx_conn_deliver(c, buf->base, (size_t)nread);
     return;
   }
   if (nread == 0)
@@ -241,13 +270,7 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     dpx_conn_begin_close(c, dpx_err((int)nread));
     return;
   }
-  dpx_conn_extra *x = dpx_conn_x(c);
-  c->eof_proto = x != NULL && x->framer != NULL &&
-                 dpx_framer_eof(x->framer) != 0;
-  c->eof_pending = true;
-  if (!dpx_conn_has_held(c))
-    deliver_eof(c);
-  /* else it waits behind the held frames for a resume */
+  dpx_conn_deliver_eof(c);
 }
 
 /* Pause or resume: on the loop thread at once (no callback runs inside

@@ -126,6 +126,14 @@ dpx_conn_complete(duplex_conn *c, dpx_entvec *v, size_t ok_before,
       if (e->done != NULL)
         e->done(c, status == 0 ? DUPLEX_ECANCELED : status, e->user);
       break;
+    case DPX_ENT_STARTTLS:
+      /* Never reached its turn (a taken one has orig cleared). */
+      if (e->done != NULL)
+        e->done(c, status == 0 ? DUPLEX_ECANCELED : status, e->user);
+      if (e->orig != NULL)
+        duplex_tls_unref(e->orig);
+      free(e->base);
+      break;
     default:
       break;
     }
@@ -153,8 +161,8 @@ batch_done(duplex_conn *c, int status)
 {
   dpx_wstate *ws = dpx_conn_w(c);
   size_t total = 0, chunk_bytes = 0;
-  bool shutdown = false, close = false;
-  dpx_ent shut = { 0 };
+  bool shutdown = false, close = false, starttls = false;
+  dpx_ent shut = { 0 }, start = { 0 };
   for (size_t i = 0; i < ws->batch.n; i++) {
     dpx_ent *e = &ws->batch.v[i];
     total += e->cost;
@@ -166,6 +174,14 @@ batch_done(duplex_conn *c, int status)
       shutdown = true;
       shut = *e;
       e->done = NULL; /* its callback is ours to call below */
+      break;
+    case DPX_ENT_STARTTLS:
+      /* Always the batch's last entry (the pump splits the intake). */
+      starttls = true;
+      start = *e;
+      e->done = NULL;
+      e->orig = NULL;
+      e->base = NULL;
       break;
     case DPX_ENT_CLOSE:
       close = true;
@@ -199,9 +215,24 @@ batch_done(duplex_conn *c, int status)
   /* Writes completed directly before this batch come first. */
   if (ws->completed.n > 0)
     dpx_conn_complete(c, &ws->completed, ws->completed.n, 0);
-  /* Every entry before the first data entry not wholly written went out:
-   * those complete with 0 whatever happened to the rest. */
-  dpx_conn_complete(c, &ws->batch, status == 0 ? ws->batch.n : ws->bpos, status);
+  /* Every entry before the first data entry not wholly written went out
+   * (over TLS: whose records went out): those complete with 0 whatever
+   * happened to the rest. */
+  dpx_conn_complete(c, &ws->batch,
+                    status == 0 ? ws->batch.n
+                                : (c->tls_on ? ws->tls_sent : ws->bpos),
+                    status);
+
+  if (starttls) {
+    if (status == 0 && !c->close_begun) {
+      dpx_conn_tls_begin(c, start.orig, start.base, NULL, start.done,
+                         start.user);
+    } else if (start.done != NULL) {
+      start.done(c, status < 0 ? status : DUPLEX_ECANCELED, start.user);
+    }
+    duplex_tls_unref(start.orig);
+    free(start.base);
+  }
 
   if (status < 0) {
     if (shutdown && shut.done != NULL)
@@ -216,16 +247,26 @@ batch_done(duplex_conn *c, int status)
     } else if (shutdown && shut.done != NULL) {
       shut.done(c, DUPLEX_ECANCELED, shut.user);
     }
-    if (close && shutdown && ws->shut_pending)
+    if (close && shutdown && ws->shut_pending) {
       ws->close_after_shut = true; /* close once the write side is shut */
-    else if (close && !c->close_begun)
+    } else if (close && !c->close_begun &&
+               dpx_conn_tls_close_notify_due(c)) {
+      /* A graceful TLS close says close_notify after the writes: the
+       * half-close path sends it, then closes. */
+      memset(&ws->shut_ent, 0, sizeof ws->shut_ent);
+      ws->shut_pending = true;
+      ws->close_after_shut = true;
+      dpx_conn_start_shutdown(c);
+    } else if (close && !c->close_begun) {
       dpx_conn_begin_close(c, 0);
+    }
   }
   if (writable && !c->close_begun && c->cfg->cbs.on_writable != NULL)
     c->cfg->cbs.on_writable(c, atomic_load(&c->user));
 }
 
 static void batch_continue(duplex_conn *c);
+static void batch_continue_tls(duplex_conn *c);
 
 /* @p n more bytes of the batch are in the kernel. */
 static void
@@ -270,6 +311,10 @@ on_write(uv_write_t *req, int status)
 static void
 batch_continue(duplex_conn *c)
 {
+  if (c->tls_on) {
+    batch_continue_tls(c);
+    return;
+  }
   dpx_wstate *ws = dpx_conn_w(c);
   for (;;) {
     while (ws->bpos < ws->batch.n && !is_data(&ws->batch.v[ws->bpos]))
@@ -318,6 +363,60 @@ batch_continue(duplex_conn *c)
   }
 }
 
+/* The batch over TLS: encrypt entry by entry into the engine's output
+ * (a write's records are consecutive: the next entry starts only once
+ * this one is wholly taken), sending as the output fills; a full kernel
+ * parks the batch until the flush in flight completes
+ * (dpx_conn_batch_resume). The batch is done once its last records are
+ * on the wire. */
+static void
+batch_continue_tls(duplex_conn *c)
+{
+  dpx_wstate *ws = dpx_conn_w(c);
+  for (;;) {
+    while (ws->bpos < ws->batch.n && !is_data(&ws->batch.v[ws->bpos]))
+      ws->bpos++;
+    bool all = ws->bpos == ws->batch.n;
+    if (!all) {
+      dpx_ent *e = &ws->batch.v[ws->bpos];
+      size_t want = e->len - ws->boff, taken = 0;
+      int r = dpx_conn_tls_encrypt(c, e->base + ws->boff, want, &taken);
+      if (r < 0) {
+        batch_done(c, r);
+        c->pump_again = true;
+        return;
+      }
+      batch_advance(c, taken);
+      if (taken == want)
+        continue;
+    }
+    /* The batch is encrypted, or the output is at its cap: send. */
+    int f = dpx_conn_tls_flush(c);
+    if (f < 0) {
+      batch_done(c, f);
+      c->pump_again = true;
+      return;
+    }
+    if (f == 0) {
+      dpx_conn_tls_wait_flush(c);
+      return;
+    }
+    ws->tls_sent = ws->bpos;
+    if (all) {
+      batch_done(c, 0);
+      c->pump_again = true;
+      return;
+    }
+  }
+}
+
+void
+dpx_conn_batch_resume(duplex_conn *c)
+{
+  if (c->writing && !c->close_begun)
+    batch_continue(c);
+}
+
 void
 dpx_conn_batch_start(duplex_conn *c)
 {
@@ -341,6 +440,7 @@ dpx_conn_batch_start(duplex_conn *c)
   }
   ws->bpos = 0;
   ws->boff = 0;
+  ws->tls_sent = 0;
   dpx_conn_extra *x = dpx_conn_x(c);
   if (x != NULL && x->timeout[DUPLEX_TIMEOUT_FLUSH] != 0) {
     /* Writes are pending from now: the flush deadline applies. */
@@ -408,6 +508,15 @@ on_write_side_closed(uv_handle_t *h)
 void
 dpx_conn_start_shutdown(duplex_conn *c)
 {
+  if (c->tls_on && dpx_conn_tls_close_notify_due(c)) {
+    /* close_notify first; the transport half-close follows once it is
+     * sent (here, or from the flush's completion). */
+    int r = dpx_conn_tls_close_notify(c);
+    if (r < 0)
+      shutdown_finished(c, r);
+    if (r != 1)
+      return;
+  }
   if (dpx_conn_wr(c) != dpx_conn_rd(c)) {
     /* Adopted pair: closing the write fd is the peer's EOF. */
     c->handles_open++;
@@ -582,8 +691,14 @@ append_locked(duplex_conn *c, dpx_wstate *ws, const write_req *w,
  * written (0 if the kernel took nothing or the fd failed: the batch path
  * then reports the error through the completion). */
 static size_t
-write_direct(duplex_conn *c, const write_req *w)
+write_direct_tls(duplex_conn *c, const write_req *w, bool *sent);
+
+static size_t
+write_direct(duplex_conn *c, const write_req *w, bool *sent)
 {
+  *sent = true;
+  if (c->tls_on)
+    return write_direct_tls(c, w, sent);
   uv_buf_t bufs[DPX_DIRECT_BUFS];
   unsigned n = 0;
   if (w->zc != NULL) {
@@ -596,6 +711,42 @@ write_direct(duplex_conn *c, const write_req *w)
   }
   int r = uv_try_write(&dpx_conn_wr(c)->stream, bufs, n);
   return r > 0 ? (size_t)r : 0;
+}
+
+/* The same over TLS: encrypt what the engine takes (buffer after buffer,
+ * so the write's records stay consecutive), then send. Returns the bytes
+ * encrypted; *sent says whether their records are all on the wire (else
+ * a flush in flight carries the rest). An engine error takes nothing: the
+ * batch path reports it. */
+static size_t
+write_direct_tls(duplex_conn *c, const write_req *w, bool *sent)
+{
+  size_t done = 0;
+  for (size_t i = 0; i < w->nbufs || (w->zc != NULL && i == 0); i++) {
+    const char *p = w->zc != NULL ? w->zc : w->bufs[i].base;
+    size_t len = w->zc != NULL ? w->total : w->bufs[i].len;
+    if (len == 0)
+      continue;
+    size_t taken = 0;
+    if (dpx_conn_tls_encrypt(c, p, len, &taken) != 0)
+      break;
+    done += taken;
+    if (taken < len)
+      break;
+    if (w->zc != NULL)
+      break;
+  }
+  int f = dpx_conn_tls_flush(c);
+  *sent = f == 1;
+  if (f < 0) {
+    /* The socket failed: encrypted records are lost with it. */
+    c->abort_requested = true;
+    if (c->reason == 0)
+      c->reason = f;
+    dpx_conn_mark_closed_locked(c);
+    dpx_conn_schedule_locked(c, true);
+  }
+  return done;
 }
 
 static int
@@ -623,12 +774,14 @@ conn_submit(duplex_conn *c, const write_req *w)
   size_t skip = 0;
   dpx_wstate *ws = dpx_conn_w(c);
   /* Loop-thread fields are read only on the loop thread. */
-  if (w->total > 0 && dpx_on_loop(c->loop) && c->opened && !c->writing &&
+  if (w->total > 0 && dpx_on_loop(c->loop) && c->opened && !c->tls_wait &&
+      !c->writing &&
       (ws == NULL || ws->intake.n == 0) && !c->close_begun &&
       w->nbufs <= DPX_DIRECT_BUFS) {
     /* Nothing queued: straight to the socket. A write the kernel takes
      * whole and that wants no callback leaves no trace (no write state). */
-    skip = write_direct(c, w);
+    bool sent;
+    skip = write_direct(c, w, &sent);
     if (skip > 0)
       dpx_conn_stamp_write(c); /* the idle deadline sees direct writes */
     bool notify = w->done != NULL || (w->zc != NULL && w->release != NULL);
@@ -637,7 +790,7 @@ conn_submit(duplex_conn *c, const write_req *w)
       return 0;
     }
     ws = dpx_conn_w_get_locked(c);
-    if (ws != NULL && skip == w->total) {
+    if (ws != NULL && skip == w->total && sent) {
       /* On the wire; the callback runs from the pump, never inside this
        * call. */
       if (dpx_entvec_reserve(&ws->completed, 1) == 0) {

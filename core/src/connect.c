@@ -579,6 +579,13 @@ conn_create(duplex_conn **out, duplex_loop *loop, int kind,
     dpx_conn_cfg_unref(cfg);
     return DUPLEX_EINVAL; /* a source address only means something there */
   }
+  /* A TCP connect's host is the TLS name unless tls_host says otherwise. */
+  r = dpx_tls_check_use(cfg->tls, DUPLEX_TLS_CLIENT,
+                        cfg->tls_host != NULL || kind == DPX_CONN_TCP_CONNECT);
+  if (r != 0) {
+    dpx_conn_cfg_unref(cfg);
+    return r;
+  }
   *out = dpx_conn_new(loop, kind, cfg, nhandles, handle_size);
   dpx_conn_cfg_unref(cfg); /* the conn holds its own reference */
   return *out != NULL ? 0 : DUPLEX_ENOMEM;
@@ -602,7 +609,17 @@ duplex_conn_connect_tcp(duplex_conn **out, duplex_loop *loop,
     return r;
   dpx_connect_state *cs = calloc(1, sizeof *cs);
   char *h = dpx_strdup(host);
-  if (cs == NULL || h == NULL) {
+  /* The conn's own cfg (not shared yet): the TLS name (also for a later
+   * duplex_conn_start_tls) and the session cache key. */
+  dpx_conn_cfg *cfg = c->cfg;
+  if (cfg->tls_host == NULL)
+    cfg->tls_host = dpx_strdup(host);
+  size_t klen = strlen(host) + 8;
+  cfg->tls_key = malloc(klen);
+  if (cfg->tls_key != NULL)
+    snprintf(cfg->tls_key, klen, "%s:%u", host, (unsigned)port);
+  if (cs == NULL || h == NULL || cfg->tls_host == NULL ||
+      cfg->tls_key == NULL) {
     free(cs);
     free(h);
     dpx_conn_free(c);

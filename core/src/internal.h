@@ -177,7 +177,9 @@ enum dpx_ent_kind {
   DPX_ENT_ZC,       /* caller's buffer, released when done */
   DPX_ENT_DONE,     /* completion callback for the write before it */
   DPX_ENT_SHUTDOWN, /* half-close once everything before is written */
-  DPX_ENT_CLOSE     /* graceful close once everything before is written */
+  DPX_ENT_CLOSE,    /* graceful close once everything before is written */
+  DPX_ENT_STARTTLS  /* begin TLS: orig = duplex_tls (a reference), base =
+                       the host (malloc'ed or NULL) */
 };
 
 /* One queue entry. A data entry may carry the done callback of the write
@@ -246,6 +248,12 @@ typedef struct dpx_conn_cfg {
   uint32_t timeout[4];
   duplex_framing framing; /* kind DUPLEX_FRAME_NONE: no framing */
   bool has_local; /* a source address was asked for (TCP connect only) */
+  duplex_tls *tls; /* a reference, or NULL: plaintext */
+  /* The TLS server name: opts.tls_host, else a TCP connect's host (kept
+   * for a later duplex_conn_start_tls too); and the client's session
+   * cache key ("host:port"). NULL when not known. */
+  char *tls_host;
+  char *tls_key;
 } dpx_conn_cfg;
 
 /* Validates @p opts (see dpx_conn_opts_get) and copies it. */
@@ -270,6 +278,7 @@ typedef struct dpx_wstate {
   size_t bpos;   /* first data entry of the batch not wholly written */
   size_t boff;   /* bytes of it already written */
   size_t wpiece; /* bytes the uv_write in flight carries */
+  size_t tls_sent; /* TLS: entries before this one are on the wire */
   uv_buf_t *bufs;
   size_t bufs_cap;
   uv_write_t wreq;
@@ -288,7 +297,9 @@ typedef struct dpx_conn_extra {
   char *peer; /* cached answer of duplex_conn_get_peer; NULL: not read yet */
   uint32_t timeout_req[4]; /* deadlines asked for, applied by the pump */
   bool timeouts_dirty;
+  char *tls_reason; /* why TLS failed (duplex_conn_get_tls_error) */
   /* ---- loop thread only ---- */
+  struct dpx_conn_tls *tls; /* the TLS state once TLS began (conn_tls.c) */
   dpx_op open_op; /* creation request (not for accepted conns) */
   duplex_conn *conn;
   dpx_connect_state *connecting;
@@ -323,6 +334,8 @@ struct duplex_conn {
   uint16_t congested : 1;
   uint16_t refused : 1; /* a write was refused since the last drain */
   uint16_t events : 2; /* DPX_EV_* waiting for the loop */
+  uint16_t tls_asked : 1; /* TLS configured or a STARTTLS queued */
+  uint16_t starttls_queued : 1; /* a STARTTLS entry waits in the intake */
   uint16_t : 0;
   /* ---- loop thread only ---- */
   uint16_t opened : 1;
@@ -335,6 +348,8 @@ struct duplex_conn {
   uint16_t has_rd : 1; /* the first handle is initialised */
   uint16_t wr_gone : 1; /* an adopted pair's write handle is closed */
   uint16_t handles_open : 3;
+  uint16_t tls_on : 1;   /* the conn speaks TLS (engine attached) */
+  uint16_t tls_wait : 1; /* its handshake runs: writes and on_open wait */
   uint16_t : 0;
   /* ---- loop thread only: the read side (conn_read.c) ---- */
   uint16_t rd_want : 1;     /* the read wish the loop acts on */
@@ -455,6 +470,12 @@ void dpx_conn_deadline_read_started(duplex_conn *conn);
 void dpx_conn_deadline_retime(duplex_conn *conn);
 /* The read side (conn_read.c, loop thread). */
 void dpx_conn_read_stop(duplex_conn *conn);
+/* Start reading the socket (no callback runs in here). */
+void dpx_conn_read_start(duplex_conn *conn);
+/* Bytes read (or decrypted): through framing to on_read, as one batch. */
+void dpx_conn_deliver(duplex_conn *conn, const char *data, size_t len);
+/* The peer's clean end of data, in delivery order after held frames. */
+void dpx_conn_deliver_eof(duplex_conn *conn);
 /* No read callback runs after this (abort, close). */
 void dpx_conn_read_cut(duplex_conn *conn);
 bool dpx_conn_has_held(const duplex_conn *conn);
@@ -490,6 +511,12 @@ void dpx_conn_release_chunks_locked(duplex_conn *conn);
 void dpx_wstate_pool_free(duplex_loop *loop);
 void dpx_conn_wake_waiters_locked(duplex_conn *conn);
 void dpx_conn_batch_start(duplex_conn *conn);
+/* Continue a batch that waited for TLS output to drain. */
+void dpx_conn_batch_resume(duplex_conn *conn);
+/* Run @p fn on the conn's loop (dpx_loop_exec); DUPLEX_ECLOSED once the
+ * conn finished. */
+int dpx_conn_exec(duplex_conn *conn, int (*fn)(duplex_loop *, void *),
+                  void *arg);
 /* Start a uv_shutdown / close of the write side for the SHUTDOWN entry. */
 void dpx_conn_start_shutdown(duplex_conn *conn);
 int dpx_entvec_grow(dpx_entvec *v, size_t extra);
@@ -499,6 +526,47 @@ dpx_entvec_reserve(dpx_entvec *v, size_t extra)
   return v->cap - v->n >= extra ? 0 : dpx_entvec_grow(v, extra);
 }
 void dpx_entvec_free(dpx_entvec *v);
+
+/* ---- TLS on conns (conn_tls.c; loop thread unless said) ---------------- */
+
+typedef struct dpx_conn_tls dpx_conn_tls;
+/* Any thread: whether @p tls (NULL: fine) may serve @p role, with a host
+ * name known or not. DUPLEX_ENOTSUP when built without TLS. */
+int dpx_tls_check_use(const duplex_tls *tls, int role, bool have_host);
+/* Begin TLS on an open socket: the handshake starts, writes and on_open
+ * (or @p done, for STARTTLS) wait for it. @p host, @p key borrowed. */
+void dpx_conn_tls_begin(duplex_conn *conn, duplex_tls *tls, const char *host,
+                        const char *key, duplex_write_cb done, void *user);
+/* The socket read callback of a TLS conn. */
+void dpx_conn_tls_on_read(duplex_conn *conn, ssize_t nread,
+                          const uv_buf_t *buf);
+/* Paused with input left to decrypt / reading stopped until the output
+ * drains. */
+bool dpx_conn_tls_rd_more(const duplex_conn *conn);
+bool dpx_conn_tls_read_blocked(const duplex_conn *conn);
+/* Decrypt and deliver what waits (after a resume). */
+void dpx_conn_tls_drain(duplex_conn *conn);
+/* Encrypt a prefix of @p data (*taken bytes): 0 or an error. */
+int dpx_conn_tls_encrypt(duplex_conn *conn, const void *data, size_t len,
+                         size_t *taken);
+/* Send pending ciphertext: 1 when all is on the wire, 0 while a write is
+ * in flight (its completion continues), or an error. */
+int dpx_conn_tls_flush(duplex_conn *conn);
+/* The batch waits for the flush in flight. */
+void dpx_conn_tls_wait_flush(duplex_conn *conn);
+/* Queue and send close_notify: as dpx_conn_tls_flush; on 0 the flush's
+ * completion starts the transport half-close. */
+int dpx_conn_tls_close_notify(duplex_conn *conn);
+/* A graceful close should send close_notify first. */
+bool dpx_conn_tls_close_notify_due(const duplex_conn *conn);
+/* The handshake deadline (loop time), or 0. */
+uint64_t dpx_conn_tls_hs_due(const duplex_conn *conn);
+/* The conn finished: a STARTTLS waiting for its handshake is told. */
+void dpx_conn_tls_finish(duplex_conn *conn);
+/* Free the TLS state (any thread, once nothing uses it). */
+void dpx_conn_tls_free(dpx_conn_extra *x);
+/* Fill @p info (loop thread). */
+int dpx_conn_tls_info_fill(duplex_conn *conn, duplex_tls_info *info);
 
 /* connect.c: the creation op for every conn kind. */
 void dpx_conn_open_op(duplex_loop *loop, dpx_op *op, int status);

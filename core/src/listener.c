@@ -512,11 +512,17 @@ listener_opts_get(duplex_listener_opts *o, const duplex_listener_opts *opts,
   *o = def;
   if (opts == NULL)
     return 0;
-  int r = dpx_check_size(opts, opts->size, sizeof(duplex_listener_opts),
+  int r = dpx_check_size(opts, opts->size,
+                         offsetof(duplex_listener_opts, tls),
                          sizeof(duplex_listener_opts));
   if (r != 0)
     return r;
-  *o = *opts;
+  /* Fields an older, shorter struct lacks keep their defaults. */
+  memcpy(o, opts, opts->size < sizeof *o ? opts->size : sizeof *o);
+  o->size = sizeof *o;
+  r = dpx_tls_check_use(o->tls, DUPLEX_TLS_SERVER, true);
+  if (r != 0)
+    return r;
   unsigned allowed = DUPLEX_LISTEN_FLAGS_ALL;
   if (!group_ok)
     allowed &= ~DUPLEX_LISTEN_REUSEPORT;
@@ -552,9 +558,15 @@ listener_prepare(duplex_listener **out, duplex_loop *loop,
   int r = dpx_conn_cfg_new(&cfg, o.conn_opts);
   if (r != 0)
     return r;
-  if (cfg->has_local) {
+  if (cfg->has_local || cfg->tls != NULL) {
+    /* A source address is for outgoing conns; a listener's TLS is in its
+     * own options (a server config), not in conn_opts. */
     dpx_conn_cfg_unref(cfg);
-    return DUPLEX_EINVAL; /* a source address is for outgoing conns */
+    return DUPLEX_EINVAL;
+  }
+  if (o.tls != NULL) {
+    duplex_tls_ref(o.tls);
+    cfg->tls = o.tls; /* not shared yet */
   }
   duplex_listener *l = calloc(1, sizeof *l);
   if (l == NULL) {

@@ -57,7 +57,7 @@ AT(duplex_framing, max_frame, 24);
 AT(duplex_framing, custom, 28);
 AT(duplex_framing, custom_user, 32);
 
-SIZE_IS(duplex_conn_opts, 56, 4);
+SIZE_IS(duplex_conn_opts, 64, 4);
 AT(duplex_conn_opts, size, 0);
 AT(duplex_conn_opts, cbs, 4);
 AT(duplex_conn_opts, user, 8);
@@ -72,8 +72,10 @@ AT(duplex_conn_opts, read_timeout_ms, 40);
 AT(duplex_conn_opts, flush_timeout_ms, 44);
 AT(duplex_conn_opts, local_host, 48);
 AT(duplex_conn_opts, local_port, 52);
+AT(duplex_conn_opts, tls, 56);
+AT(duplex_conn_opts, tls_host, 60);
 
-SIZE_IS(duplex_listener_opts, 28, 4);
+SIZE_IS(duplex_listener_opts, 32, 4);
 AT(duplex_listener_opts, size, 0);
 AT(duplex_listener_opts, conn_opts, 4);
 AT(duplex_listener_opts, on_error, 8);
@@ -81,6 +83,7 @@ AT(duplex_listener_opts, user, 12);
 AT(duplex_listener_opts, backlog, 16);
 AT(duplex_listener_opts, flags, 20);
 AT(duplex_listener_opts, mode, 24);
+AT(duplex_listener_opts, tls, 28);
 
 SIZE_IS(duplex_group_opts, 16, 4);
 AT(duplex_group_opts, size, 0);
@@ -95,6 +98,40 @@ AT(duplex_channel_opts, on_close, 8);
 AT(duplex_channel_opts, user, 12);
 AT(duplex_channel_opts, capacity, 16);
 AT(duplex_channel_opts, flags, 20);
+
+SIZE_IS(duplex_tls_config, 84, 4);
+AT(duplex_tls_config, size, 0);
+AT(duplex_tls_config, role, 4);
+AT(duplex_tls_config, cert_file, 8);
+AT(duplex_tls_config, cert_pem, 12);
+AT(duplex_tls_config, cert_pem_len, 16);
+AT(duplex_tls_config, key_file, 20);
+AT(duplex_tls_config, key_pem, 24);
+AT(duplex_tls_config, key_pem_len, 28);
+AT(duplex_tls_config, ca_file, 32);
+AT(duplex_tls_config, ca_dir, 36);
+AT(duplex_tls_config, ca_pem, 40);
+AT(duplex_tls_config, ca_pem_len, 44);
+AT(duplex_tls_config, system_ca, 48);
+AT(duplex_tls_config, verify, 52);
+AT(duplex_tls_config, alpn, 56);
+AT(duplex_tls_config, alpn_count, 60);
+AT(duplex_tls_config, min_version, 64);
+AT(duplex_tls_config, max_version, 68);
+AT(duplex_tls_config, session_cache, 72);
+AT(duplex_tls_config, keylog_file, 76);
+AT(duplex_tls_config, handshake_timeout_ms, 80);
+
+SIZE_IS(duplex_tls_info, 864, 4);
+AT(duplex_tls_info, size, 0);
+AT(duplex_tls_info, version, 4);
+AT(duplex_tls_info, version_name, 8);
+AT(duplex_tls_info, cipher, 24);
+AT(duplex_tls_info, alpn, 88);
+AT(duplex_tls_info, sni, 344);
+AT(duplex_tls_info, peer_subject, 600);
+AT(duplex_tls_info, resumed, 856);
+AT(duplex_tls_info, peer_cert, 860);
 
 #endif
 

@@ -49,7 +49,7 @@ AT(duplex_framing, max_frame, 32);
 AT(duplex_framing, custom, 40);
 AT(duplex_framing, custom_user, 48);
 
-SIZE_IS(duplex_conn_opts, 96, 8);
+SIZE_IS(duplex_conn_opts, 112, 8);
 AT(duplex_conn_opts, size, 0);
 AT(duplex_conn_opts, cbs, 8);
 AT(duplex_conn_opts, user, 16);
@@ -64,8 +64,10 @@ AT(duplex_conn_opts, read_timeout_ms, 72);
 AT(duplex_conn_opts, flush_timeout_ms, 76);
 AT(duplex_conn_opts, local_host, 80);
 AT(duplex_conn_opts, local_port, 88);
+AT(duplex_conn_opts, tls, 96);
+AT(duplex_conn_opts, tls_host, 104);
 
-SIZE_IS(duplex_listener_opts, 48, 8);
+SIZE_IS(duplex_listener_opts, 56, 8);
 AT(duplex_listener_opts, size, 0);
 AT(duplex_listener_opts, conn_opts, 8);
 AT(duplex_listener_opts, on_error, 16);
@@ -73,6 +75,7 @@ AT(duplex_listener_opts, user, 24);
 AT(duplex_listener_opts, backlog, 32);
 AT(duplex_listener_opts, flags, 36);
 AT(duplex_listener_opts, mode, 40);
+AT(duplex_listener_opts, tls, 48);
 
 SIZE_IS(duplex_channel_opts, 48, 8);
 AT(duplex_channel_opts, size, 0);
@@ -93,6 +96,40 @@ AT(duplex_group_opts, size, 0);
 AT(duplex_group_opts, loops, 8);
 AT(duplex_group_opts, flags, 12);
 AT(duplex_group_opts, loop_opts, 16);
+
+SIZE_IS(duplex_tls_config, 152, 8);
+AT(duplex_tls_config, size, 0);
+AT(duplex_tls_config, role, 8);
+AT(duplex_tls_config, cert_file, 16);
+AT(duplex_tls_config, cert_pem, 24);
+AT(duplex_tls_config, cert_pem_len, 32);
+AT(duplex_tls_config, key_file, 40);
+AT(duplex_tls_config, key_pem, 48);
+AT(duplex_tls_config, key_pem_len, 56);
+AT(duplex_tls_config, ca_file, 64);
+AT(duplex_tls_config, ca_dir, 72);
+AT(duplex_tls_config, ca_pem, 80);
+AT(duplex_tls_config, ca_pem_len, 88);
+AT(duplex_tls_config, system_ca, 96);
+AT(duplex_tls_config, verify, 100);
+AT(duplex_tls_config, alpn, 104);
+AT(duplex_tls_config, alpn_count, 112);
+AT(duplex_tls_config, min_version, 120);
+AT(duplex_tls_config, max_version, 124);
+AT(duplex_tls_config, session_cache, 128);
+AT(duplex_tls_config, keylog_file, 136);
+AT(duplex_tls_config, handshake_timeout_ms, 144);
+
+SIZE_IS(duplex_tls_info, 872, 8);
+AT(duplex_tls_info, size, 0);
+AT(duplex_tls_info, version, 8);
+AT(duplex_tls_info, version_name, 12);
+AT(duplex_tls_info, cipher, 28);
+AT(duplex_tls_info, alpn, 92);
+AT(duplex_tls_info, sni, 348);
+AT(duplex_tls_info, peer_subject, 604);
+AT(duplex_tls_info, resumed, 860);
+AT(duplex_tls_info, peer_cert, 864);
 
 #endif
 
