@@ -45,11 +45,21 @@ func goOnWritable(p *C.duplex_conn, user C.uintptr_t) {
 
 //export goOnClose
 func goOnClose(p *C.duplex_conn, reason C.int, user C.uintptr_t) {
-	// An accepted conn that closed before on_open would still carry its
-	// listener's handle; no such conn was handed to Go, so nothing to do.
+	// An accepted conn that closed before on_open (a TLS handshake that
+	// failed, or was cut by the loop's free) still carries its
+	// listener's handle, which stays valid until the loop is freed; no
+	// such conn was handed to Go, so nothing to do.
 	if c, ok := cgo.Handle(user).Value().(*Conn); ok {
-		c.onClose(reason)
+		c.onClose(p, reason)
 	}
+}
+
+//export goOnTLSDone
+func goOnTLSDone(p *C.duplex_conn, status C.int, user C.uintptr_t) {
+	h := cgo.Handle(user)
+	w := h.Value().(*tlsStart)
+	deleteHandle(h) // the callback runs exactly once
+	w.onTLSDone(p, status)
 }
 
 //export goListenerClosed

@@ -48,6 +48,9 @@ type Conn struct {
 	roomWaiting bool                   // the room waiter runs (waitRoom)
 	laddr       net.Addr               // set by on_open
 	raddr       net.Addr
+	tls         bool     // speaks TLS (or an upgrade was asked for)
+	tlsInfo     *TLSInfo // what the handshake negotiated, once done
+	tlsReason   string   // the TLS library's words when TLS failed
 
 	rmu  sync.Mutex // Read's leftover
 	rbuf []byte
@@ -67,6 +70,7 @@ func newConn(network string, cfg config) *Conn {
 		writable: make(chan struct{}),
 		rdl:      newDeadline(),
 		wdl:      newDeadline(),
+		tls:      cfg.tls != nil,
 	}
 }
 
@@ -79,6 +83,15 @@ func (c *Conn) opError(op string, err error) error {
 
 func (c *Conn) opErrorLocked(op string, err error) error {
 	return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
+}
+
+// causeLocked is why the conn closed: its Errno, or for a TLS failure the
+// error carrying the TLS library's reason (see tlsCause).
+func (c *Conn) causeLocked() error {
+	if c.tls {
+		return tlsCause(c.reason, c.tlsReason)
+	}
+	return c.reason
 }
 
 // codeError is opError for a C return code; nil for 0.
@@ -123,6 +136,11 @@ func splitNetworkAddr(op, network, addr string) (string, C.uint16_t, error) {
 // the conn is open, or a *net.OpError (Op "dial") with the reason it could
 // not open (an Errno such as ECONNREFUSED or EAI_NONAME), or with ctx's
 // error if ctx ends first.
+//
+// With WithTLS the conn speaks TLS: Dial returns once the handshake is
+// done, and a failed handshake is the dial error (a
+// *CertificateVerificationError when the server's certificate does not
+// verify, a *TLSError otherwise).
 func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (*Conn, error) {
 	dialErr := func(err error) error {
 		return &net.OpError{Op: "dial", Net: network, Addr: makeAddr(network, addr), Err: err}
@@ -138,6 +156,11 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 	c := newConn(network, cfg)
 	chost := C.CString(host)
 	defer C.free(unsafe.Pointer(chost))
+	var ctlsHost *C.char
+	if cfg.serverName != "" {
+		ctlsHost = C.CString(cfg.serverName)
+		defer C.free(unsafe.Pointer(ctlsHost))
+	}
 	c.h = newHandle(c)
 
 	l.mu.RLock()
@@ -150,12 +173,12 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 	// that does not resolve) sees ptr set; connecting never waits for the
 	// loop, so the loop thread waits here only briefly.
 	c.life.Lock()
-	var rc C.int
-	if network == "unix" {
-		rc = C.dpxgo_connect_unix(&c.ptr, l.ptr, chost, C.uintptr_t(c.h), cfg.lim)
-	} else {
-		rc = C.dpxgo_connect_tcp(&c.ptr, l.ptr, chost, port, C.uintptr_t(c.h), cfg.lim)
-	}
+	rc := cfg.tls.lend(false, func(tp *C.duplex_tls) C.int {
+		if network == "unix" {
+			return C.dpxgo_connect_unix(&c.ptr, l.ptr, chost, C.uintptr_t(c.h), cfg.lim, tp, ctlsHost)
+		}
+		return C.dpxgo_connect_tcp(&c.ptr, l.ptr, chost, port, C.uintptr_t(c.h), cfg.lim, tp, ctlsHost)
+	})
 	c.life.Unlock()
 	l.mu.RUnlock()
 	if rc != 0 {
@@ -167,11 +190,11 @@ func (l *Loop) Dial(ctx context.Context, network, addr string, opts ...Option) (
 		return c, nil
 	case <-c.done:
 		c.mu.Lock()
-		err := c.reason
-		c.mu.Unlock()
-		if err == 0 {
-			err = ECLOSED
+		var err error = ECLOSED
+		if c.reason != 0 {
+			err = c.causeLocked()
 		}
+		c.mu.Unlock()
 		return nil, dialErr(err)
 	case <-ctx.Done():
 		c.Abort()
@@ -238,7 +261,7 @@ func (c *Conn) CloseErr() error {
 	if c.reason == 0 {
 		return nil
 	}
-	return c.opErrorLocked("close", c.reason)
+	return c.opErrorLocked("close", c.causeLocked())
 }
 
 // LocalAddr returns the conn's own address: a *net.TCPAddr, or a
@@ -565,6 +588,9 @@ func (c *Conn) onOpen(p *C.duplex_conn) {
 	}
 	c.raddr = makeAddr(c.network, peer)
 	c.laddr = makeAddr(c.network, local)
+	if c.tls && c.tlsInfo == nil {
+		c.tlsInfo = readTLSInfo(p)
+	}
 	if !c.opened {
 		c.opened = true
 		close(c.open)
@@ -647,9 +673,12 @@ func (c *Conn) onWritable() {
 	c.mu.Unlock()
 }
 
-func (c *Conn) onClose(reason C.int) {
+func (c *Conn) onClose(p *C.duplex_conn, reason C.int) {
 	c.mu.Lock()
 	c.reason = Errno(reason)
+	if c.tls && reason != 0 {
+		c.tlsReason = readTLSError(p)
+	}
 	if !c.ended {
 		c.ended = true
 		// Closed on this side: by Close (reason 0) or Abort (ECONNABORTED).
@@ -657,7 +686,7 @@ func (c *Conn) onClose(reason C.int) {
 		if local {
 			c.readErr = c.opErrorLocked("read", ECLOSED)
 		} else {
-			c.readErr = c.opErrorLocked("read", c.reason)
+			c.readErr = c.opErrorLocked("read", c.causeLocked())
 		}
 		c.closeRecvLocked()
 	}

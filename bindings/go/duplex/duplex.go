@@ -64,6 +64,8 @@ type config struct {
 	backlog     int
 	listenFlags uint // DUPLEX_LISTEN_*
 	lim         C.dpxgo_limits
+	tls         *TLSConfig // WithTLS
+	serverName  string     // WithServerName
 }
 
 func newConfig(opts []Option) config {
@@ -131,6 +133,7 @@ type Loop struct {
 
 	lmu       sync.Mutex
 	listeners map[*Listener]struct{}
+	parked    []cgo.Handle // retired TLS listeners' handles, deleted once freed
 }
 
 // NewLoop creates a loop and starts its thread.
@@ -198,5 +201,13 @@ func (l *Loop) finishListeners() {
 	l.lmu.Unlock()
 	for _, ln := range rest {
 		ln.finish()
+	}
+	// Freed: no callback can use a retired TLS listener's handle now.
+	l.lmu.Lock()
+	parked := l.parked
+	l.parked = nil
+	l.lmu.Unlock()
+	for _, h := range parked {
+		deleteHandle(h)
 	}
 }

@@ -5,6 +5,7 @@ import "C"
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"runtime"
@@ -61,6 +62,10 @@ const (
 	EWRONGTHREAD  Errno = C.DUPLEX_EWRONGTHREAD
 	EDEADLK       Errno = C.DUPLEX_EDEADLK
 	EUNKNOWN      Errno = C.DUPLEX_EUNKNOWN
+	ETLS          Errno = C.DUPLEX_ETLS
+	ETLSVERIFY    Errno = C.DUPLEX_ETLSVERIFY
+	ETLSTRUNC     Errno = C.DUPLEX_ETLSTRUNC
+	ETLSCONFIG    Errno = C.DUPLEX_ETLSCONFIG
 )
 
 // Error returns the library's message for the code (duplex_strerror).
@@ -70,15 +75,18 @@ func (e Errno) Error() string { return C.GoString(C.duplex_strerror(C.int(e))) }
 func (e Errno) Name() string { return C.GoString(C.duplex_err_name(C.int(e))) }
 
 // Is lets errors.Is match the standard library's sentinels: ECLOSED is
-// net.ErrClosed, ETIMEDOUT is os.ErrDeadlineExceeded, and on Unix a system
-// code is its syscall.Errno (ECONNREFUSED is syscall.ECONNREFUSED, EDEADLK
-// is syscall.EDEADLK, ...).
+// net.ErrClosed, ETIMEDOUT is os.ErrDeadlineExceeded, ETLSTRUNC (a TLS
+// stream cut without close_notify) is io.ErrUnexpectedEOF, and on Unix a
+// system code is its syscall.Errno (ECONNREFUSED is syscall.ECONNREFUSED,
+// EDEADLK is syscall.EDEADLK, ...).
 func (e Errno) Is(target error) bool {
 	switch target {
 	case net.ErrClosed:
 		return e == ECLOSED
 	case os.ErrDeadlineExceeded:
 		return e == ETIMEDOUT
+	case io.ErrUnexpectedEOF:
+		return e == ETLSTRUNC
 	}
 	if t, ok := target.(syscall.Errno); ok {
 		n, sys := e.sysErrno()
@@ -117,11 +125,73 @@ func (e Errno) As(target any) bool {
 func (e Errno) Timeout() bool { return e == ETIMEDOUT }
 
 // Conn and Listener operations fail with a *net.OpError, as the net
-// package's do: Op is "dial", "listen", "accept", "read", "write", "close"
-// or "set" (a deadline), Net the network ("tcp", "unix", ...), Source and
-// Addr the local and remote addresses (the target for "dial", the bound
-// address for "listen" and "accept"), and Err the cause: an Errno, or
+// package's do: Op is "dial", "listen", "accept", "read", "write", "close",
+// "starttls" or "set" (a deadline), Net the network ("tcp", "unix", ...),
+// Source and Addr the local and remote addresses (the target for "dial",
+// the bound address for "listen" and "accept"), and Err the cause: an
+// Errno, a *CertificateVerificationError or *TLSError for TLS failures,
 // os.ErrDeadlineExceeded for a passed deadline, or a context's error.
+
+// TLSError is why TLS failed on a conn, or why NewTLSConfig failed: Code
+// is ETLS (a protocol error or an alert), ETLSTRUNC (the transport closed
+// without close_notify: never a clean EOF; errors.Is(err,
+// io.ErrUnexpectedEOF) holds), ETLSCONFIG (a certificate, key or CA that
+// would not load), ETIMEDOUT (the handshake took too long) or EINVAL (a
+// configuration NewTLSConfig refuses); Reason is the TLS library's own
+// words, e.g. "alert received: handshake failure" ("" when it has none).
+// errors.Is(err, duplex.ETLS) and the like match through Unwrap.
+type TLSError struct {
+	Code   Errno
+	Reason string
+}
+
+func (e *TLSError) Error() string {
+	if e.Reason == "" {
+		return e.Code.Error()
+	}
+	return e.Code.Error() + ": " + e.Reason
+}
+
+// Unwrap returns the Errno.
+func (e *TLSError) Unwrap() error { return e.Code }
+
+// Timeout reports whether the handshake timed out (net.Error style).
+func (e *TLSError) Timeout() bool { return e.Code == ETIMEDOUT }
+
+// CertificateVerificationError is a TLS peer certificate that did not
+// verify (ETLSVERIFY): an unknown issuer, an expired certificate, a host
+// name that does not match, or no client certificate where one is
+// required. Reason is the TLS library's words, e.g. "certificate verify
+// failed: unable to get local issuer certificate (depth 0, CN=localhost)".
+// It unwraps to ETLSVERIFY. (Go's crypto/tls has a type of this name from
+// Go 1.20 on; this one carries text, not certificates.)
+type CertificateVerificationError struct {
+	Reason string
+}
+
+func (e *CertificateVerificationError) Error() string {
+	if e.Reason == "" {
+		return ETLSVERIFY.Error()
+	}
+	return ETLSVERIFY.Error() + ": " + e.Reason
+}
+
+// Unwrap returns ETLSVERIFY.
+func (e *CertificateVerificationError) Unwrap() error { return ETLSVERIFY }
+
+// tlsCause is the error for a conn that closed with code on TLS, with the
+// TLS library's reason: a *CertificateVerificationError for ETLSVERIFY, a
+// *TLSError for the other TLS codes or when there is a reason, else the
+// Errno itself.
+func tlsCause(code Errno, reason string) error {
+	switch {
+	case code == ETLSVERIFY:
+		return &CertificateVerificationError{Reason: reason}
+	case code == ETLS || code == ETLSTRUNC || code == ETLSCONFIG || reason != "":
+		return &TLSError{Code: code, Reason: reason}
+	}
+	return code
+}
 
 // loopError is the error of a Loop operation: NewLoop, Loop.Close.
 func loopError(op string, rc C.int) error {

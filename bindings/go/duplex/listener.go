@@ -45,7 +45,10 @@ type Listener struct {
 // where host is a numeric address, "localhost", or empty for every IPv4
 // address, and port 0 picks a free port (see Addr); or on network "unix" at
 // a socket path (a stale socket file is replaced, and the file is removed
-// on Close). The socket is listening when Listen returns.
+// on Close). The socket is listening when Listen returns. With WithTLS
+// (a server-role configuration) every conn speaks TLS: Accept returns it
+// once its handshake is done, and a conn whose handshake fails is closed
+// without being seen.
 func (l *Loop) Listen(network, addr string, opts ...Option) (*Listener, error) {
 	return listen(l, nil, network, addr, opts)
 }
@@ -90,16 +93,17 @@ func listen(l *Loop, g *LoopGroup, network, addr string, opts []Option) (*Listen
 	ln.mu.Lock()
 	var rc C.int
 	backlog, flags, user := C.int(cfg.backlog), C.unsigned(cfg.listenFlags), C.uintptr_t(ln.h)
-	switch {
-	case g != nil && network == "unix":
-		rc = C.dpxgo_group_listen_unix(&ln.ptr, g.ptr, chost, backlog, flags, user, cfg.lim)
-	case g != nil:
-		rc = C.dpxgo_group_listen_tcp(&ln.ptr, g.ptr, chost, port, backlog, flags, user, cfg.lim)
-	case network == "unix":
-		rc = C.dpxgo_listen_unix(&ln.ptr, l.ptr, chost, backlog, flags, user, cfg.lim)
-	default:
-		rc = C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, backlog, flags, user, cfg.lim)
-	}
+	rc = cfg.tls.lend(true, func(tp *C.duplex_tls) C.int {
+		switch {
+		case g != nil && network == "unix":
+			return C.dpxgo_group_listen_unix(&ln.ptr, g.ptr, chost, backlog, flags, user, cfg.lim, tp)
+		case g != nil:
+			return C.dpxgo_group_listen_tcp(&ln.ptr, g.ptr, chost, port, backlog, flags, user, cfg.lim, tp)
+		case network == "unix":
+			return C.dpxgo_listen_unix(&ln.ptr, l.ptr, chost, backlog, flags, user, cfg.lim, tp)
+		}
+		return C.dpxgo_listen_tcp(&ln.ptr, l.ptr, chost, port, backlog, flags, user, cfg.lim, tp)
+	})
 	if rc == 0 {
 		liveRefs.Add(1)
 		var buf [1024]C.char
@@ -306,7 +310,17 @@ func (ln *Listener) finish() {
 	}
 	ln.loop.lmu.Lock()
 	delete(ln.loop.listeners, ln)
-	ln.loop.lmu.Unlock()
-	deleteHandle(ln.h)
+	if ln.cfg.tls != nil {
+		// A TLS listener's accepted conns carry its handle until their
+		// handshake is done (on_open), and closing the listener does not
+		// end handshakes under way: their on_open or on_close may still
+		// come. The handle stays until the loop (or group) is freed, when
+		// no callback can come any more (see Loop.finishListeners).
+		ln.loop.parked = append(ln.loop.parked, ln.h)
+		ln.loop.lmu.Unlock()
+	} else {
+		ln.loop.lmu.Unlock()
+		deleteHandle(ln.h)
+	}
 	close(ln.closed)
 }

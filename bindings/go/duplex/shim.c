@@ -36,6 +36,12 @@ on_close(duplex_conn *c, int reason, void *user)
 }
 
 static void
+on_tls_done(duplex_conn *c, int status, void *user)
+{
+  goOnTLSDone(c, status, (uintptr_t)user);
+}
+
+static void
 on_listener_close(duplex_loop *loop, int status, void *arg)
 {
   (void)loop;
@@ -51,7 +57,7 @@ on_listener_barrier(duplex_loop *loop, int status, void *arg)
 
 static void
 fill_opts(duplex_conn_opts *opts, duplex_conn_cbs *cbs, uintptr_t user,
-          dpxgo_limits lim)
+          dpxgo_limits lim, duplex_tls *tls, const char *tls_host)
 {
   duplex_conn_cbs c = DUPLEX_CONN_CBS_INIT;
   c.on_open = on_open;
@@ -66,88 +72,102 @@ fill_opts(duplex_conn_opts *opts, duplex_conn_cbs *cbs, uintptr_t user,
   o.high_watermark = lim.high;
   o.low_watermark = lim.low;
   o.hard_limit = lim.hard;
+  o.tls = tls;
+  o.tls_host = tls_host;
   *opts = o;
 }
 
 int
 dpxgo_connect_tcp(duplex_conn **out, duplex_loop *loop, const char *host,
-                  uint16_t port, uintptr_t user, dpxgo_limits lim)
+                  uint16_t port, uintptr_t user, dpxgo_limits lim,
+                  duplex_tls *tls, const char *tls_host)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
-  fill_opts(&opts, &cbs, user, lim);
+  fill_opts(&opts, &cbs, user, lim, tls, tls_host);
   return duplex_conn_connect_tcp(out, loop, host, port, &opts);
 }
 
 int
 dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
-                   uintptr_t user, dpxgo_limits lim)
+                   uintptr_t user, dpxgo_limits lim, duplex_tls *tls,
+                   const char *tls_host)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
-  fill_opts(&opts, &cbs, user, lim);
+  fill_opts(&opts, &cbs, user, lim, tls, tls_host);
   return duplex_conn_connect_unix(out, loop, path, &opts);
 }
 
 static void
 fill_listener_opts(duplex_listener_opts *lo, duplex_conn_opts *opts,
                    duplex_conn_cbs *cbs, int backlog, unsigned flags,
-                   uintptr_t user, dpxgo_limits lim)
+                   uintptr_t user, dpxgo_limits lim, duplex_tls *tls)
 {
-  fill_opts(opts, cbs, user, lim);
+  fill_opts(opts, cbs, user, lim, NULL, NULL);
   duplex_listener_opts o = DUPLEX_LISTENER_OPTS_INIT;
   o.conn_opts = opts;
   o.backlog = backlog;
   o.flags = flags;
+  o.tls = tls;
   *lo = o;
 }
 
 int
 dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop, const char *host,
                  uint16_t port, int backlog, unsigned flags, uintptr_t user,
-                 dpxgo_limits lim)
+                 dpxgo_limits lim, duplex_tls *tls)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim, tls);
   return duplex_listener_tcp(out, loop, host, port, &lo);
 }
 
 int
 dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop, const char *path,
                   int backlog, unsigned flags, uintptr_t user,
-                  dpxgo_limits lim)
+                  dpxgo_limits lim, duplex_tls *tls)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim, tls);
   return duplex_listener_unix(out, loop, path, &lo);
 }
 
 int
 dpxgo_group_listen_tcp(duplex_listener **out, duplex_loop_group *group,
                        const char *host, uint16_t port, int backlog,
-                       unsigned flags, uintptr_t user, dpxgo_limits lim)
+                       unsigned flags, uintptr_t user, dpxgo_limits lim,
+                       duplex_tls *tls)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim, tls);
   return duplex_group_listen_tcp(out, group, host, port, &lo);
 }
 
 int
 dpxgo_group_listen_unix(duplex_listener **out, duplex_loop_group *group,
                         const char *path, int backlog, unsigned flags,
-                        uintptr_t user, dpxgo_limits lim)
+                        uintptr_t user, dpxgo_limits lim,
+                        duplex_tls *tls)
 {
   duplex_conn_cbs cbs;
   duplex_conn_opts opts;
   duplex_listener_opts lo;
-  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim);
+  fill_listener_opts(&lo, &opts, &cbs, backlog, flags, user, lim, tls);
   return duplex_group_listen_unix(out, group, path, &lo);
+}
+
+int
+dpxgo_start_tls(duplex_conn *conn, duplex_tls *tls, const char *host,
+                uintptr_t user)
+{
+  return duplex_conn_start_tls(conn, tls, host, on_tls_done, (void *)user);
 }
 
 int

@@ -11,22 +11,33 @@ typedef struct dpxgo_limits {
   size_t high, low, hard;
 } dpxgo_limits;
 
+/* tls/tls_host: duplex_conn_opts.tls and .tls_host (NULL: plain, or the
+ * default name); a listener's tls goes to duplex_listener_opts.tls. */
 int dpxgo_connect_tcp(duplex_conn **out, duplex_loop *loop, const char *host,
-                      uint16_t port, uintptr_t user, dpxgo_limits lim);
+                      uint16_t port, uintptr_t user, dpxgo_limits lim,
+                      duplex_tls *tls, const char *tls_host);
 int dpxgo_connect_unix(duplex_conn **out, duplex_loop *loop, const char *path,
-                       uintptr_t user, dpxgo_limits lim);
+                       uintptr_t user, dpxgo_limits lim, duplex_tls *tls,
+                       const char *tls_host);
 int dpxgo_listen_tcp(duplex_listener **out, duplex_loop *loop,
                      const char *host, uint16_t port, int backlog,
-                     unsigned flags, uintptr_t user, dpxgo_limits lim);
+                     unsigned flags, uintptr_t user, dpxgo_limits lim,
+                     duplex_tls *tls);
 int dpxgo_listen_unix(duplex_listener **out, duplex_loop *loop,
                       const char *path, int backlog, unsigned flags,
-                      uintptr_t user, dpxgo_limits lim);
+                      uintptr_t user, dpxgo_limits lim, duplex_tls *tls);
 int dpxgo_group_listen_tcp(duplex_listener **out, duplex_loop_group *group,
                            const char *host, uint16_t port, int backlog,
-                           unsigned flags, uintptr_t user, dpxgo_limits lim);
+                           unsigned flags, uintptr_t user, dpxgo_limits lim,
+                           duplex_tls *tls);
 int dpxgo_group_listen_unix(duplex_listener **out, duplex_loop_group *group,
                             const char *path, int backlog, unsigned flags,
-                            uintptr_t user, dpxgo_limits lim);
+                            uintptr_t user, dpxgo_limits lim,
+                            duplex_tls *tls);
+/* duplex_conn_start_tls with goOnTLSDone(conn, status, user) as its
+ * callback. */
+int dpxgo_start_tls(duplex_conn *conn, duplex_tls *tls, const char *host,
+                    uintptr_t user);
 int dpxgo_group_new(duplex_loop_group **out, unsigned loops, unsigned flags);
 int dpxgo_set_user(duplex_conn *conn, uintptr_t user);
 /* Post goListenerClosed(user, status) to the loop thread. */
