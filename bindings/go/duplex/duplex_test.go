@@ -30,6 +30,10 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "%d listener references leaked\n", n)
 		code = 1
 	}
+	if n := duplex.LiveTLS(); n != 0 && code == 0 {
+		fmt.Fprintf(os.Stderr, "%d TLSConfig references leaked\n", n)
+		code = 1
+	}
 	os.Exit(code)
 }
 

@@ -8,6 +8,9 @@ func LiveHandles() int64 { return liveHandles.Load() }
 // LiveRefs is the number of listener references not yet dropped.
 func LiveRefs() int64 { return liveRefs.Load() }
 
+// LiveTLS is the number of TLSConfig references not yet dropped.
+func LiveTLS() int64 { return liveTLS.Load() }
+
 // LiveRoomWaiters is the number of room waiters (each holding a conn
 // reference) still running.
 func LiveRoomWaiters() int64 { return liveRoomWaiters.Load() }
