@@ -2,8 +2,10 @@
 #pragma once
 
 #include <duplex/task.hpp>
+#include <duplex/tls.hpp>
 
 #include <atomic>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -62,9 +64,19 @@ struct ConnOptions {
   unsigned flags = 0;
   std::chrono::milliseconds connect_timeout{0}, idle_timeout{0},
       read_timeout{0}, flush_timeout{0};
-  std::optional<Framing> framing;
+  std::optional<Framing> framing = {};
   /// Coroutine reads: pause reading while this many bytes wait unread.
   std::size_t read_buffer_limit = 1 << 20;
+  /// Speak TLS on this conn with a client-role configuration (see
+  /// duplex_conn_opts.tls): on_open runs once the handshake is done, and
+  /// reads, writes, framing and coroutines work on the plaintext as
+  /// usual. Empty = plain. Listeners take theirs from
+  /// ListenerOptions::tls instead (set here for a listener: EINVAL).
+  Tls tls = {};
+  /// With tls: the server name sent as SNI and checked against the
+  /// server's certificate. "" = the host given to connect_tcp(); required
+  /// for a verifying client made any other way.
+  std::string tls_host = {};
 };
 
 namespace detail {
@@ -485,6 +497,50 @@ private:
   std::string owned_;
 };
 
+/// co_await conn.async_start_tls(tls, host): see ConnRef::async_start_tls.
+/// Calls duplex_conn_start_tls() when awaited and resumes from its done
+/// callback (never inside the call): with an empty error_code once the
+/// handshake is done, or the error that closed the conn. A refused call
+/// (EBUSY, ECLOSED, ...) resumes at once with its code. Holds a reference
+/// to the conn, one to the configuration and a copy of the host, so it may
+/// outlive the ConnRef, Tls and string it was made from. Awaited once.
+class start_tls_awaiter {
+public:
+  start_tls_awaiter(duplex_conn *c, Tls tls, std::string host) noexcept
+      : c_(c), tls_(std::move(tls)), host_(std::move(host)) {}
+  start_tls_awaiter(start_tls_awaiter &&o) noexcept
+      : c_(std::move(o.c_)), tls_(std::move(o.tls_)),
+        host_(std::move(o.host_)) {}
+  start_tls_awaiter &operator=(start_tls_awaiter &&) = delete;
+
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<> h) noexcept {
+    h_ = h;
+    rc_ = duplex_conn_start_tls(c_.get(), tls_.native(),
+                                host_.empty() ? nullptr : host_.c_str(),
+                                &done, this);
+    return rc_ == 0; // refused: resume now with the code
+  }
+  std::error_code await_resume() const noexcept { return to_error_code(rc_); }
+
+  operator task<std::error_code>() && { return as_task(std::move(*this)); }
+
+private:
+  static void done(duplex_conn *, int status, void *user) {
+    auto *self = static_cast<start_tls_awaiter *>(user);
+    self->rc_ = status;
+    self->h_.resume();
+  }
+  static task<std::error_code> as_task(start_tls_awaiter a) {
+    co_return co_await a;
+  }
+  conn_hold c_;
+  Tls tls_;
+  std::string host_;
+  std::coroutine_handle<> h_;
+  int rc_ = 0;
+};
+
 } // namespace detail
 
 /// A non-owning view of a conn, given to callbacks. Valid during the
@@ -682,6 +738,111 @@ public:
     return owned_write_awaiter(c_, std::move(owned));
   }
 
+  // ---- TLS ----
+
+  /// Upgrade this plaintext conn to TLS (STARTTLS; duplex_conn_start_tls):
+  /// once every write queued before (by this thread) is flushed, the conn
+  /// speaks TLS in @p tls's role, beginning with the handshake; writes made
+  /// after this call are encrypted after it, in order. @p host (client:
+  /// SNI and the name checked) "" = the host given to connect_tcp(). Any
+  /// thread. Throws duplex::error: errc::DUPLEX_EBUSY (TLS already, or an
+  /// upgrade queued), DUPLEX_EINVAL (no tls, or a verifying client without
+  /// a host), DUPLEX_ESHUTDOWN, DUPLEX_ECLOSED, DUPLEX_ENOTSUP.
+  void start_tls(const Tls &tls, std::string_view host = {}) {
+    std::error_code ec;
+    start_tls(tls, host, ec);
+    if (ec)
+      throw error(ec.value(), "start_tls");
+  }
+  void start_tls(const Tls &tls, std::string_view host,
+                 std::error_code &ec) {
+    std::string h(host);
+    ec = to_error_code(duplex_conn_start_tls(
+        c_, tls.native(), h.empty() ? nullptr : h.c_str(), nullptr, nullptr));
+  }
+  /// The same; @p done(std::error_code) runs once on the loop thread:
+  /// empty once the handshake is done, else the error that closed the conn
+  /// (errc::DUPLEX_ECANCELED if it closed before the upgrade began). It
+  /// does not run when this throws.
+  template <class F>
+    requires std::invocable<F &, std::error_code>
+  void start_tls(const Tls &tls, std::string_view host, F &&done) {
+    std::string h(host);
+    auto *fn = new std::function<void(std::error_code)>(std::forward<F>(done));
+    int rc = duplex_conn_start_tls(c_, tls.native(),
+                                   h.empty() ? nullptr : h.c_str(),
+                                   done_tramp, fn);
+    if (rc != 0) {
+      delete fn;
+      throw error(rc, "start_tls");
+    }
+  }
+  /// co_await conn.async_start_tls(tls, host): start_tls() when awaited;
+  /// resumes (on the loop thread) with an empty std::error_code once the
+  /// handshake is done, or with the error that closed the conn
+  /// (errc::DUPLEX_ETLS, DUPLEX_ETLSVERIFY, DUPLEX_ETIMEDOUT, ...), or at
+  /// once with the reason start_tls() was refused. Converts to
+  /// task<std::error_code>.
+  using start_tls_awaiter = detail::start_tls_awaiter;
+  [[nodiscard]] start_tls_awaiter async_start_tls(Tls tls,
+                                                  std::string host = {}) const {
+    return start_tls_awaiter(c_, std::move(tls), std::move(host));
+  }
+
+  /// What the handshake negotiated (from on_open on, or once start_tls is
+  /// done). Any thread (off the loop thread it waits for the loop).
+  /// Throws duplex::error: errc::DUPLEX_ENOTSUP (not a TLS conn),
+  /// DUPLEX_ENOTCONN (handshake not done), DUPLEX_ECLOSED.
+  [[nodiscard]] TlsInfo tls_info() const {
+    std::error_code ec;
+    TlsInfo info = tls_info(ec);
+    if (ec)
+      throw error(ec.value(), "tls_info");
+    return info;
+  }
+  [[nodiscard]] TlsInfo tls_info(std::error_code &ec) const {
+    duplex_tls_info raw;
+    std::memset(&raw, 0, sizeof raw);
+    raw.size = sizeof raw;
+    TlsInfo info;
+    ec = to_error_code(duplex_conn_get_tls_info(c_, &raw));
+    if (ec)
+      return info;
+    auto text = [](const char *p, std::size_t cap) { // NUL-terminated
+      const void *nul = std::memchr(p, '\0', cap);
+      return std::string(p, nul != nullptr
+                                ? static_cast<std::size_t>(
+                                      static_cast<const char *>(nul) - p)
+                                : cap);
+    };
+    info.version = static_cast<TlsVersion>(raw.version);
+    info.version_name = text(raw.version_name, sizeof raw.version_name);
+    info.cipher = text(raw.cipher, sizeof raw.cipher);
+    info.alpn = text(raw.alpn, sizeof raw.alpn);
+    info.sni = text(raw.sni, sizeof raw.sni);
+    info.peer_subject = text(raw.peer_subject, sizeof raw.peer_subject);
+    info.resumed = raw.resumed != 0;
+    info.peer_cert = raw.peer_cert != 0;
+    return info;
+  }
+  /// Why TLS failed on this conn, in the TLS library's words
+  /// ("certificate verify failed: ..."), "" while nothing failed. Readable
+  /// in on_close and afterwards. Any thread.
+  [[nodiscard]] std::string tls_error() const {
+    std::string buf(256, '\0');
+    for (;;) {
+      int rc = duplex_conn_get_tls_error(c_, buf.data(), buf.size());
+      if (rc == DUPLEX_ENOBUFS && buf.size() < (1u << 20)) {
+        buf.resize(buf.size() * 4);
+        continue;
+      }
+      if (rc != 0 && rc != DUPLEX_ENOBUFS)
+        return {};
+      buf.resize(std::char_traits<char>::length(buf.c_str()));
+      return buf;
+    }
+  }
+
   [[nodiscard]] duplex_conn *native() const noexcept { return c_; }
 
 protected:
@@ -818,6 +979,8 @@ public:
       *fr = o.framing->raw;
       co.framing = fr;
     }
+    co.tls = o.tls.native();
+    co.tls_host = o.tls_host.empty() ? nullptr : o.tls_host.c_str();
     return co;
   }
 

@@ -4,6 +4,7 @@
 #include <duplex/error.hpp>
 #include <duplex/loop.hpp>
 #include <duplex/task.hpp>
+#include <duplex/tls.hpp>
 #include <duplex/conn.hpp>
 #include <duplex/listener.hpp>
 #include <duplex/channel.hpp>

@@ -52,7 +52,7 @@ constexpr int generic_errno_of(int code) noexcept {
 /// std::errc (DUPLEX_ECONNRESET == std::errc::connection_reset,
 /// DUPLEX_EWOULDBLOCK == both resource_unavailable_try_again and
 /// operation_would_block); library-only codes (ECLOSED, EVERSION,
-/// EWRONGTHREAD, EUNKNOWN, EAI_*) match no generic condition.
+/// EWRONGTHREAD, EUNKNOWN, ETLS*, EAI_*) match no generic condition.
 class error_category_impl final : public std::error_category {
 public:
   const char *name() const noexcept override { return "duplex"; }

@@ -29,6 +29,11 @@ struct ListenerOptions {
   /// close() returned on that thread; an exception it throws goes to
   /// Loop::run() like a handler's. May be empty.
   std::function<void(std::error_code)> on_error = {};
+  /// Serve TLS with this server-role configuration (each accepted conn
+  /// holds a reference while it lives); a conn's on_open runs once its
+  /// handshake is done, and one whose handshake fails closes without
+  /// on_open (its on_close still runs, with the reason). Empty = plain.
+  Tls tls = {};
 };
 
 /// Accepts conns; each accepted conn gets the handlers and options given
@@ -207,6 +212,7 @@ private:
     lo.backlog = lopt.backlog;
     lo.mode = lopt.mode;
     lo.flags = lopt.ipv6_only ? DUPLEX_LISTEN_IPV6ONLY : 0u;
+    lo.tls = lopt.tls.native();
     if (members != nullptr && lopt.reuse_port)
       lo.flags |= DUPLEX_LISTEN_REUSEPORT;
     if (l.box_->on_error) {
