@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -1012,6 +1013,328 @@ class Unix(unittest.TestCase):
             self.assertEqual((rc, err), (0, ""))
             self.assertEqual(sha(peer.result()), sha(up))
             self.assertEqual(sha(out), sha(down))
+
+
+# ---- TLS (--tls) -----------------------------------------------------------
+
+# meson sets DUPLEX_HAVE_TLS=1 when the library speaks TLS, and
+# OPENSSL_PROG to the openssl command that makes the certificates and plays
+# the peer (s_server, s_client).
+HAVE_TLS = os.environ.get("DUPLEX_HAVE_TLS") == "1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tls_certs  # noqa: E402
+
+
+class TlsUsage(unittest.TestCase):
+    """The TLS options are checked before anything else happens (status 2),
+    whether or not the library has TLS."""
+
+    def usage(self, args, needle):
+        rc, out, err = run(args)
+        self.assertEqual(rc, 2, err)
+        self.assertTrue(err.startswith("duplexcat: "), err)
+        self.assertIn(needle, err)
+        self.assertIn("usage: duplexcat", err)
+
+    def test_each_tls_option_needs_tls(self):
+        for opt in (["--cert", "c.pem"], ["--key", "k.pem"], ["--ca", "ca"],
+                    ["--insecure"], ["--tls-host", "example.org"],
+                    ["--alpn", "h2"]):
+            with self.subTest(option=opt[0]):
+                self.usage(opt + ["127.0.0.1", "1"], opt[0] + " needs --tls")
+
+    def test_conflicting_tls_options(self):
+        for args, needle in (
+                (["-l", "--tls", "0"], "--tls with -l needs --cert"),
+                (["--tls", "--cert", "c.pem", "localhost", "1"],
+                 "--cert and --key go together"),
+                (["--tls", "--insecure", "--ca", "ca", "localhost", "1"],
+                 "--insecure and --ca exclude each other"),
+                (["-l", "--tls", "--insecure", "--cert", "c", "--key", "k",
+                  "0"], "--insecure is for clients"),
+                (["-l", "--tls", "--tls-host", "h", "--cert", "c", "--key",
+                  "k", "0"], "--tls-host is for clients"),
+                (["--tls", "-U", "/tmp/nowhere.sock"],
+                 "needs --tls-host NAME"),
+                (["--tls", "--alpn", "h2,,x", "localhost", "1"],
+                 "bad --alpn list"),
+                (["--tls", "--alpn", "x" * 256, "localhost", "1"],
+                 "bad --alpn list")):
+            with self.subTest(args=args):
+                self.usage(args, needle)
+
+
+def tls_server_handler(context, body):
+    """A Peer handler speaking TLS with Python's ssl module: body(tls)."""
+    def handler(conn):
+        with context.wrap_socket(conn, server_side=True,
+                                 suppress_ragged_eofs=False) as tls:
+            return body(tls)
+    return handler
+
+
+class OpensslProc:
+    """openssl s_server or s_client in the background: output collected by
+    a thread (wait_output), stdin a pipe, killed at cleanup."""
+
+    def __init__(self, test, args, cwd):
+        self.p = subprocess.Popen([tls_certs.openssl()] + args, cwd=cwd,
+                                  stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        test.addCleanup(self.cleanup)
+        self.test = test
+        self.out = bytearray()
+        self.reader = threading.Thread(target=Server._drain,
+                                       args=(self.p.stdout, self.out),
+                                       daemon=True)
+        self.reader.start()
+
+    def wait_output(self, pattern):
+        """The first match of the regex pattern in the output (hang guard)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            m = re.search(pattern, bytes(self.out))
+            if m:
+                return m
+            if self.p.poll() is not None and not self.reader.is_alive() \
+                    and not re.search(pattern, bytes(self.out)):
+                self.test.fail("openssl exited %s without printing %r: %r"
+                               % (self.p.returncode, pattern,
+                                  bytes(self.out)))
+            if time.monotonic() > deadline:
+                self.test.fail("hang guard: openssl printed no %r in %d s: "
+                               "%r" % (pattern, TIMEOUT, bytes(self.out)))
+            time.sleep(0.01)
+
+    def wait(self):
+        try:
+            rc = self.p.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.test.fail("hang guard: openssl still running after %d s: "
+                           "%r" % (TIMEOUT, bytes(self.out)))
+        self.reader.join(TIMEOUT)
+        return rc
+
+    def cleanup(self):
+        stop(self.p)
+        self.reader.join(TIMEOUT)
+        for f in (self.p.stdin, self.p.stdout):
+            f.close()
+
+
+@unittest.skipUnless(HAVE_TLS and tls_certs.openssl(),
+                     "the library has no TLS, or no openssl command")
+class Tls(unittest.TestCase):
+    """--tls against openssl s_server / s_client, Python's ssl module and
+    duplexcat itself, with certificates made by the openssl command."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.certs = tls_certs.make(cls.dir.name)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dir.cleanup()
+
+    def input(self, data):
+        """A regular file holding data, closed at cleanup."""
+        f = file_with(data)
+        self.addCleanup(f.close)
+        return f
+
+    def s_server(self, *args, cert="server"):
+        """openssl s_server on 127.0.0.1 (one connection); its port."""
+        c = self.certs
+        srv = OpensslProc(self, ["s_server", "-accept", "127.0.0.1:0",
+                                 "-naccept", "1", "-cert", c[cert],
+                                 "-key", c[cert + "_key"]] + list(args),
+                          self.dir.name)
+        return srv, int(srv.wait_output(rb"ACCEPT 127\.0\.0\.1:(\d+)")
+                        .group(1))
+
+    def client_args(self, *extra):
+        return ["--tls", "--ca", self.certs["ca"]] + list(extra)
+
+    def server_args(self, *extra):
+        return ["--tls", "--cert", self.certs["server"], "--key",
+                self.certs["server_key"]] + list(extra)
+
+    def test_client_against_openssl_s_server(self):
+        # -rev: s_server sends each line back reversed; its close_notify
+        # answers ours (sent at the end of stdin), which ends us cleanly.
+        srv, port = self.s_server("-rev")
+        rc, out, err = run(self.client_args("localhost", str(port)),
+                           b"hello over tls\n")
+        self.assertEqual((rc, err, out), (0, "", b"slt revo olleh\n"))
+        srv.wait()
+
+    def test_client_verbose_reports_the_handshake(self):
+        srv, port = self.s_server("-rev")
+        rc, out, err = run(["-v"] + self.client_args("localhost", str(port)),
+                           b"abc\n")
+        self.assertEqual((rc, out), (0, b"cba\n"), err)
+        self.assertRegex(err, r"(?m)^duplexcat: TLS: \S")  # the library
+        self.assertRegex(err, r"(?m)^duplexcat: TLS: TLSv1\.[23], \S+, "
+                              r"peer CN=localhost$")
+
+    def test_server_against_openssl_s_client(self):
+        srv = Server(self, self.server_args("127.0.0.1:0"))
+        port = srv.address.rsplit(":", 1)[1]
+        cli = OpensslProc(self, ["s_client", "-connect", srv.address,
+                                 "-CAfile", self.certs["ca"],
+                                 "-servername", "localhost",
+                                 "-verify_hostname", "localhost",
+                                 "-verify_return_error", "-quiet"],
+                          self.dir.name)
+        cli.p.stdin.write(b"to server\n")
+        cli.p.stdin.close()  # -quiet: s_client reads on after its stdin
+        srv.wait_stdout(b"to server\n")
+        srv.write(b"to client\n")
+        srv.eof()  # our close_notify ends s_client, whose own ends us
+        cli.wait_output(rb"to client\n")
+        self.assertEqual(cli.wait(), 0)
+        self.assertEqual(srv.wait(), 0, bytes(srv.err))
+        self.assertNotIn(b"duplexcat:", bytes(srv.err))
+        self.assertTrue(port.isdigit())
+
+    def test_duplexcat_to_duplexcat_1mb_each_way(self):
+        up, down = os.urandom(MB), os.urandom(MB)
+        srv = Server(self, ["-v"] + self.server_args("127.0.0.1:0"),
+                     stdin=self.input(down))
+        rc, out, err = run(["-v"] + self.client_args(
+            "--tls-host", "localhost", srv.address), up)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(sha(out), sha(down))
+        self.assertEqual(srv.wait(), 0, bytes(srv.err))
+        self.assertEqual(sha(bytes(srv.out)), sha(up))
+        self.assertIn("SNI localhost", bytes(srv.err).decode())
+
+    def test_lines_mode_over_tls(self):
+        srv = Server(self, ["-L"] + self.server_args("127.0.0.1:0"),
+                     stdin=self.input(b"three\n"))
+        rc, out, err = run(["-L"] + self.client_args(
+            "--tls-host", "localhost", srv.address), b"one\ntwo")
+        self.assertEqual((rc, err, out), (0, "", b"three\n"))
+        self.assertEqual(srv.wait(), 0, bytes(srv.err))
+        self.assertEqual(bytes(srv.out), b"one\ntwo\n")
+
+    def test_mutual_tls_and_alpn(self):
+        c = self.certs
+        srv = Server(self, ["-v"] + self.server_args(
+            "--ca", c["ca"], "--alpn", "x-duplex,http/1.1", "127.0.0.1:0"),
+            stdin=self.input(b"hi client\n"))
+        rc, out, err = run(["-v"] + self.client_args(
+            "--cert", c["client"], "--key", c["client_key"],
+            "--alpn", "http/1.1,x-duplex", "--tls-host", "localhost",
+            srv.address), b"hi server\n")
+        self.assertEqual((rc, out), (0, b"hi client\n"), err)
+        self.assertIn(", ALPN x-duplex, peer CN=localhost", err)
+        self.assertEqual(srv.wait(), 0, bytes(srv.err))
+        self.assertEqual(bytes(srv.out), b"hi server\n")
+        self.assertIn(", ALPN x-duplex, peer CN=client", bytes(srv.err).decode())
+
+    def test_mutual_tls_refuses_a_client_without_a_certificate(self):
+        srv = Server(self, self.server_args("--ca", self.certs["ca"],
+                                            "127.0.0.1:0"),
+                     stdin=self.input(b"never\n"))
+        rc, out, err = run(self.client_args("--tls-host", "localhost",
+                                            srv.address), b"hello\n")
+        self.assertEqual((rc, out), (1, b""), err)
+        self.assertEqual(srv.wait(), 1)
+        self.assertEqual(bytes(srv.out), b"")
+        self.assertIn("TLS peer certificate verification failed",
+                      bytes(srv.err).decode())
+
+    def test_verification_failure_exits_1_and_says_why(self):
+        for cert, extra, words in (
+                ("untrusted", [], "unable to get local issuer certificate"),
+                ("server", ["--tls-host", "wrong.example"], "")):
+            with self.subTest(cert=cert, extra=extra):
+                srv, port = self.s_server("-rev", cert=cert)
+                rc, out, err = run(self.client_args(
+                    *extra, "localhost", str(port)), b"x\n")
+                self.assertEqual((rc, out), (1, b""))
+                self.assertTrue(err.startswith(
+                    "duplexcat: connect to localhost port %d (tcp): TLS peer "
+                    "certificate verification failed: certificate verify "
+                    "failed" % port), err)
+                self.assertIn(words, err)
+                srv.wait()
+
+    def test_insecure_accepts_any_certificate(self):
+        srv, port = self.s_server("-rev", cert="untrusted")
+        rc, out, err = run(["--tls", "--insecure", "127.0.0.1", str(port)],
+                           b"abc\n")
+        self.assertEqual((rc, err, out), (0, "", b"cba\n"))
+        srv.wait()
+
+    def test_half_close_sends_close_notify_and_reads_on(self):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.certs["server"], self.certs["server_key"])
+
+        def body(tls):
+            got = b""
+            while True:  # a ragged EOF would raise SSLEOFError here
+                d = tls.recv(65536)
+                if not d:
+                    break  # close_notify
+                got += d
+            tls.sendall(b"after your close_notify\n")
+            tls.unwrap()  # ours; the conn then ends
+            return got
+        peer = Peer(tls_server_handler(ctx, body))
+        rc, out, err = run(self.client_args("--tls-host", "localhost",
+                                            peer.address), b"bye\n")
+        self.assertEqual((rc, err, out), (0, "", b"after your close_notify\n"))
+        self.assertEqual(peer.result(), b"bye\n")
+
+    def test_truncated_stream_is_an_error(self):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.certs["server"], self.certs["server_key"])
+
+        def body(tls):
+            tls.sendall(b"partial\n")
+            tls.shutdown(socket.SHUT_RDWR)  # the socket's, no close_notify
+        peer = Peer(tls_server_handler(ctx, body))
+        rc, out, err = run(["--no-shutdown"] + self.client_args(
+            "--tls-host", "localhost", peer.address))
+        peer.result()
+        self.assertEqual((rc, out), (1, b"partial\n"))
+        self.assertTrue(err.startswith(
+            "duplexcat: connection to 127.0.0.1 port %d (tcp): TLS stream "
+            "truncated" % peer.port), err)
+
+    def test_a_certificate_that_does_not_load_exits_1(self):
+        missing = os.path.join(self.dir.name, "missing.pem")
+        rc, out, err = run(["--tls", "--cert", missing, "--key",
+                            self.certs["server_key"], "127.0.0.1", "1"])
+        self.assertEqual(rc, 1)
+        self.assertTrue(err.startswith(
+            "duplexcat: TLS configuration: TLS certificate, key or CA could "
+            "not be loaded: "), err)
+        self.assertIn("missing.pem", err)
+        rc, out, err = run(["-l"] + ["--tls", "--cert", self.certs["server"],
+                                     "--key", self.certs["client_key"], "0"])
+        self.assertEqual(rc, 1)
+        self.assertIn("TLS configuration: ", err)
+
+    def test_keep_open_reports_a_failed_handshake_and_serves_the_next(self):
+        srv = Server(self, ["-k"] + self.server_args("127.0.0.1", "0"))
+        bad = ["--tls", "--ca", self.certs["otherca"], "--tls-host",
+               "localhost", srv.address]
+        rc, out, err = run(bad, b"refused\n")
+        self.assertEqual(rc, 1)
+        self.assertIn("verification failed", err)
+        rc, out, err = run(self.client_args("--tls-host", "localhost",
+                                            srv.address), b"served\n")
+        self.assertEqual((rc, err), (0, ""))
+        srv.wait_stdout(b"served\n")
+        srv.p.send_signal(signal.SIGTERM)
+        self.assertEqual(srv.wait(), -signal.SIGTERM)
+        self.assertRegex(bytes(srv.err).decode(),
+                         r"^duplexcat: connection (from|on) .*: TLS ")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@
  * regular file, /dev/null) is copied into a pipe by a plain thread and the
  * pipe is adopted instead, so every byte of input arrives on the loop
  * thread. A stdout that is not a stream is written with write().
+ *
+ * --tls speaks TLS on the connection (the library's duplex_tls: a client
+ * config, or with -l a server config given to the listener); everything
+ * above works unchanged on the decrypted stream, and the half-close of -N
+ * sends close_notify first.
  */
 #include <duplex.h>
 
@@ -42,6 +47,7 @@
 #define MAX_LINE ((size_t)1 << 20) /* -L: longest line sent or accepted */
 #define MAX_WAITING 32  /* -k: accepted clients held while one is served */
 #define MAX_ADDRS 16    /* -4/-6: addresses of a name tried in turn */
+#define MAX_ALPN 16     /* --alpn: protocol names */
 
 enum { FAMILY_ANY, FAMILY_4, FAMILY_6 };
 
@@ -76,6 +82,12 @@ static struct {
   char addrs[MAX_ADDRS][INET6_ADDRSTRLEN];
   size_t n_addrs, next_addr;
   int64_t deadline_ms; /* -w, on the monotonic clock; 0 = none */
+  /* --tls and its options */
+  bool tls, insecure;
+  const char *cert, *key, *ca, *tls_host;
+  char *alpn[MAX_ALPN];
+  size_t n_alpn;
+  duplex_tls *tls_cfg;        /* made before the loop; we hold a ref */
 } cat;
 
 /* ---- messages ------------------------------------------------------------- */
@@ -115,11 +127,29 @@ net_what(char *buf, size_t len)
   return buf;
 }
 
-/* An error of the connection itself (reset, refused, timed out, ...). */
-static void
-net_error(int rc)
+/* ": " and why TLS failed on @p conn, in the TLS library's words, or "". */
+static const char *
+tls_reason(duplex_conn *conn, char *buf, size_t len)
 {
-  char what[1500];
+  buf[0] = '\0';
+  if (!cat.tls || conn == NULL || len < 3)
+    return buf;
+  if (duplex_conn_get_tls_error(conn, buf + 2, len - 2) != DUPLEX_EINVAL &&
+      buf[2] != '\0') {
+    buf[0] = ':';
+    buf[1] = ' ';
+  } else {
+    buf[0] = '\0';
+  }
+  return buf;
+}
+
+/* An error of the connection itself (reset, refused, timed out, a failed
+ * TLS handshake, ...). */
+static void
+net_error(duplex_conn *conn, int rc)
+{
+  char what[1500], why[600];
   net_what(what, sizeof what);
   if (rc == DUPLEX_ETIMEDOUT && cat.net_open && cat.idle_ms > 0) {
     char idle[64];
@@ -127,11 +157,14 @@ net_error(int rc)
              cat.idle_ms / 1000.0);
     strncat(what, idle, sizeof what - strlen(what) - 1);
   }
+  tls_reason(conn, why, sizeof why);
   if (cat.keep) { /* -k: report, then serve the next client */
     if (cat.verbose > 0 && !cat.freeing)
-      say("%s: %s", what, duplex_strerror(rc));
-  } else {
-    set_error(what, rc);
+      say("%s: %s%s", what, duplex_strerror(rc), why);
+  } else if (!cat.freeing && cat.status == 0) {
+    cat.status = 1;
+    if (cat.verbose > 0)
+      say("%s: %s%s", what, duplex_strerror(rc), why);
   }
 }
 
@@ -657,6 +690,22 @@ resolve(void)
 
 /* ---- serving ------------------------------------------------------------------ */
 
+/* -v: what the TLS handshake of @p net negotiated. */
+static void
+say_tls(duplex_conn *net)
+{
+  duplex_tls_info info;
+  memset(&info, 0, sizeof info);
+  info.size = sizeof info;
+  if (!cat.tls || cat.verbose < 2 || duplex_conn_get_tls_info(net, &info) != 0)
+    return;
+  say("TLS: %s, %s%s%s%s%s%s%s%s", info.version_name, info.cipher,
+      info.alpn[0] != '\0' ? ", ALPN " : "", info.alpn,
+      info.peer_subject[0] != '\0' ? ", peer " : "", info.peer_subject,
+      cat.listening && info.sni[0] != '\0' ? ", SNI " : "",
+      cat.listening ? info.sni : "", info.resumed ? ", resumed" : "");
+}
+
 /* -l: start serving an accepted client (now, or after waiting with -k). */
 static void
 serve(duplex_conn *net)
@@ -671,6 +720,7 @@ serve(duplex_conn *net)
     snprintf(cat.peer, sizeof cat.peer, "on %s", cat.name);
   if (cat.verbose > 1)
     say("connection %s", cat.peer);
+  say_tls(net);
   if (cat.accept_timer != NULL)
     duplex_timer_stop(cat.accept_timer);
   if (cat.idle_ms > 0) /* set now: a waiting client does not time out */
@@ -691,6 +741,7 @@ net_open(duplex_conn *net, void *user)
     cat.net_open = true;
     if (cat.verbose > 1 && duplex_conn_get_peer(net, peer, sizeof peer) == 0)
       say("connected to %s", peer[0] ? peer : cat.name);
+    say_tls(net);
     duplex_conn_resume(cat.io);
     return;
   }
@@ -707,10 +758,38 @@ net_open(duplex_conn *net, void *user)
     }
     duplex_conn_ref(net);
     cat.waiting[cat.n_waiting++] = net;
+    duplex_conn_pause(net); /* TLS: not started paused (see main) */
     return;
   }
   duplex_conn_ref(net);
   serve(net);
+}
+
+/* --tls -l: an accepted client failed its handshake: "connection from
+ * 127.0.0.1:5000: TLS failed: ...: alert received: ...". */
+static void
+handshake_failed(duplex_conn *net, int reason)
+{
+  char peer[256], why[600];
+  if (duplex_conn_get_peer(net, peer, sizeof peer) == 0 && peer[0] != '\0')
+    snprintf(cat.peer, sizeof cat.peer, "from %s", peer);
+  else
+    snprintf(cat.peer, sizeof cat.peer, "on %s", cat.name);
+  tls_reason(net, why, sizeof why);
+  if (cat.keep) {
+    if (cat.verbose > 0)
+      say("connection %s: %s%s", cat.peer, duplex_strerror(reason), why);
+    return;
+  }
+  if (cat.status == 0) {
+    cat.status = 1;
+    if (cat.verbose > 0)
+      say("connection %s: %s%s", cat.peer, duplex_strerror(reason), why);
+  }
+  close_listener();
+  if (cat.io != NULL)
+    duplex_conn_close(cat.io, DUPLEX_CLOSE_GRACEFUL);
+  maybe_stop();
 }
 
 static void
@@ -726,13 +805,21 @@ net_close(duplex_conn *net, int reason, void *user)
                 (cat.n_waiting - i - 1) * sizeof *cat.waiting);
         cat.n_waiting--;
         duplex_conn_unref(net);
-        break;
+        return;
       }
+    /* --tls -l: a client whose handshake failed (it never opened). It was
+     * the one connection of -l: that is the error; -k reports it and
+     * serves the next. */
+    if (cat.listening && cat.tls && reason != 0 &&
+        reason != DUPLEX_ECONNABORTED && (cat.keep || cat.net == NULL))
+      handshake_failed(net, reason);
     return;
   }
   if (!cat.net_open && cat.next_addr < cat.n_addrs &&
-      reason != DUPLEX_ECONNABORTED) {
-    /* -4/-6: this address failed, try the next one */
+      reason != DUPLEX_ECONNABORTED && reason != DUPLEX_ETLS &&
+      reason != DUPLEX_ETLSVERIFY) {
+    /* -4/-6: this address failed, try the next one (not after a TLS
+     * failure: the server answered, and said no) */
     if (cat.verbose > 1)
       say("connect to %s (%s) port %u (tcp): %s", cat.host,
           cat.addrs[cat.next_addr - 1], (unsigned)cat.port,
@@ -743,7 +830,7 @@ net_close(duplex_conn *net, int reason, void *user)
       return;
   }
   if (reason != 0)
-    net_error(reason);
+    net_error(net, reason);
   cat.net_closed = true;
   if (cat.keep) { /* serve the next client, or wait for one */
     duplex_conn_unref(net);
@@ -796,6 +883,12 @@ static const char synopsis[] =
   "       duplexcat -l [-46kLNqv] [-i SEC] [-w SEC] [-p FILE] [HOST] PORT\n"
   "       duplexcat -l [-kLNqv] [-i SEC] [-w SEC] [-p FILE] -U PATH | "
   "unix:PATH\n"
+  "       duplexcat --tls [--ca FILE | --insecure] [--tls-host NAME] "
+  "[--alpn LIST]\n"
+  "                 [--cert FILE --key FILE] [OPTIONS] ADDRESS\n"
+  "       duplexcat -l --tls --cert FILE --key FILE [--ca FILE] "
+  "[--alpn LIST]\n"
+  "                 [OPTIONS] ADDRESS\n"
   "       duplexcat -h | --help | --version\n";
 
 static void
@@ -825,6 +918,19 @@ help(void)
     "                        (not nc's -p)\n"
     "  -q, --quiet           print no diagnostics (not nc's -q)\n"
     "  -v, --verbose         report addresses and connections on stderr\n"
+    "      --tls             speak TLS (with -l: serve TLS, which needs\n"
+    "                        --cert and --key)\n"
+    "      --cert FILE       certificate chain, PEM: the server's with -l,\n"
+    "                        else a client certificate for mutual TLS\n"
+    "      --key FILE        the private key of --cert, PEM\n"
+    "      --ca FILE         verify the peer with these CA certificates\n"
+    "                        (PEM; default: the system's); with -l: require\n"
+    "                        a client certificate they signed\n"
+    "      --insecure        accept any server certificate (testing only)\n"
+    "      --tls-host NAME   the server name to send (SNI) and verify\n"
+    "                        (default: HOST)\n"
+    "      --alpn LIST       ALPN protocols, comma-separated, preferred\n"
+    "                        first\n"
     "  -h, --help            print this help and exit\n"
     "      --version         print the version and exit\n"
     "\n"
@@ -1073,6 +1179,91 @@ start_connecting(void)
   return rc;
 }
 
+/* The TLS options together: each needs --tls; a server needs its
+ * certificate and key; --insecure and --tls-host are a client's. Splits
+ * --alpn LIST into cat.alpn. */
+static char *alpn_buf;
+
+static int
+check_tls_options(const char *alpn_arg)
+{
+  const char *opt = cat.cert != NULL       ? "--cert"
+                    : cat.key != NULL      ? "--key"
+                    : cat.ca != NULL       ? "--ca"
+                    : cat.insecure         ? "--insecure"
+                    : cat.tls_host != NULL ? "--tls-host"
+                    : alpn_arg != NULL     ? "--alpn"
+                                           : NULL;
+  if (!cat.tls)
+    return opt != NULL ? usage_error("%s needs --tls", opt) : 0;
+  if ((cat.cert == NULL) != (cat.key == NULL))
+    return usage_error("--cert and --key go together");
+  if (cat.listening) {
+    if (cat.cert == NULL)
+      return usage_error("--tls with -l needs --cert FILE and --key FILE");
+    if (cat.insecure)
+      return usage_error("--insecure is for clients (with -l, clients are "
+                         "verified only with --ca)");
+    if (cat.tls_host != NULL)
+      return usage_error("--tls-host is for clients");
+  } else {
+    if (cat.insecure && cat.ca != NULL)
+      return usage_error("--insecure and --ca exclude each other");
+    if (cat.path != NULL && cat.tls_host == NULL && !cat.insecure)
+      return usage_error("--tls over a UNIX socket needs --tls-host NAME "
+                         "(the name to verify) or --insecure");
+  }
+  if (alpn_arg == NULL)
+    return 0;
+  if ((alpn_buf = strdup(alpn_arg)) == NULL)
+    return usage_error("out of memory");
+  for (char *p = alpn_buf, *comma; p != NULL; p = comma) {
+    if ((comma = strchr(p, ',')) != NULL)
+      *comma++ = '\0';
+    if (*p == '\0' || strlen(p) > 255 || cat.n_alpn == MAX_ALPN)
+      return usage_error("bad --alpn list: %s (names of 1 to 255 bytes, "
+                         "at most %d, separated by commas)", alpn_arg,
+                         MAX_ALPN);
+    cat.alpn[cat.n_alpn++] = p;
+  }
+  return 0;
+}
+
+/* --tls: the configuration every connection uses (files are read here,
+ * before the loop runs). */
+static int
+make_tls(void)
+{
+  duplex_tls_config cfg;
+  char err[512] = "";
+  memset(&cfg, 0, sizeof cfg); /* zero: every field's default */
+  cfg.size = sizeof cfg;
+  cfg.role = cat.listening ? DUPLEX_TLS_SERVER : DUPLEX_TLS_CLIENT;
+  cfg.cert_file = cat.cert;
+  cfg.key_file = cat.key;
+  cfg.ca_file = cat.ca;
+  if (cat.listening)
+    cfg.verify = cat.ca != NULL ? DUPLEX_TLS_VERIFY_REQUIRE
+                                : DUPLEX_TLS_VERIFY_DEFAULT;
+  else
+    cfg.verify = cat.insecure ? DUPLEX_TLS_VERIFY_NONE
+                              : DUPLEX_TLS_VERIFY_DEFAULT;
+  cfg.alpn = (const char *const *)cat.alpn;
+  cfg.alpn_count = cat.n_alpn;
+  int rc = duplex_tls_new(&cat.tls_cfg, &cfg, err, sizeof err);
+  if (rc != 0) {
+    cat.status = 1;
+    if (cat.verbose > 0 && rc == DUPLEX_ENOTSUP)
+      say("--tls: this libduplex was built without TLS");
+    else if (cat.verbose > 0)
+      say("TLS configuration: %s%s%s", duplex_strerror(rc),
+          err[0] != '\0' ? ": " : "", err);
+  } else if (cat.verbose > 1) {
+    say("TLS: %s", duplex_tls_backend());
+  }
+  return rc;
+}
+
 /* A closed stdin, stdout or stderr would be reused by the next descriptor
  * opened (the loop's own), and then adopted or written to: park /dev/null
  * there instead (no input, output discarded). */
@@ -1108,9 +1299,16 @@ main(int argc, char **argv)
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' + 256 },
+    { "tls", no_argument, NULL, 'T' + 256 },
+    { "cert", required_argument, NULL, 'c' + 256 },
+    { "key", required_argument, NULL, 'K' + 256 },
+    { "ca", required_argument, NULL, 'C' + 256 },
+    { "insecure", no_argument, NULL, 'I' + 256 },
+    { "tls-host", required_argument, NULL, 'H' + 256 },
+    { "alpn", required_argument, NULL, 'A' + 256 },
     { NULL, 0, NULL, 0 },
   };
-  const char *addr_file = NULL;
+  const char *addr_file = NULL, *alpn_arg = NULL;
   bool unix_flag = false;
   int c, rc;
 
@@ -1150,6 +1348,13 @@ main(int argc, char **argv)
       printf("duplexcat %s (libduplex %s)\n", DUPLEX_VERSION_STRING,
              duplex_version_string());
       return 0;
+    case 'T' + 256: cat.tls = true; break;
+    case 'c' + 256: cat.cert = optarg; break;
+    case 'K' + 256: cat.key = optarg; break;
+    case 'C' + 256: cat.ca = optarg; break;
+    case 'I' + 256: cat.insecure = true; break;
+    case 'H' + 256: cat.tls_host = optarg; break;
+    case 'A' + 256: alpn_arg = optarg; break;
     case ':':
       return usage_error("option %s needs a value", argv[optind - 1]);
     default:
@@ -1167,6 +1372,8 @@ main(int argc, char **argv)
     return usage_error("-p (address file) needs -l");
   if (cat.keep && !cat.listening)
     return usage_error("-k needs -l");
+  if ((rc = check_tls_options(alpn_arg)) != 0)
+    return rc;
   if (cat.path != NULL)
     snprintf(cat.name, sizeof cat.name, "%s (unix)", cat.path);
   else
@@ -1177,6 +1384,10 @@ main(int argc, char **argv)
   if (cat.wait_ms > 0)
     cat.deadline_ms = now_ms() + cat.wait_ms;
 
+  if (cat.tls && make_tls() != 0) {
+    free(alpn_buf);
+    return 1;
+  }
   if ((rc = duplex_loop_new(&cat.loop, NULL)) != 0) {
     set_error("loop", rc);
     return 1;
@@ -1208,11 +1419,18 @@ main(int argc, char **argv)
   net_opts.framing = cat.lines ? &lines : NULL;
   if (cat.listening) {
     /* Accepted clients read once served; their idle time counts from
-     * then (serve()). */
-    net_opts.flags = DUPLEX_CONN_START_PAUSED;
+     * then (serve()). A TLS client must read to finish its handshake
+     * (on_open comes after it): net_open pauses it if it has to wait. */
+    net_opts.flags = cat.tls ? 0u : DUPLEX_CONN_START_PAUSED;
   } else {
     net_opts.idle_timeout_ms = cat.idle_ms;
     net_opts.connect_timeout_ms = cat.wait_ms;
+    /* The name to verify: the host as given, also when -4/-6 connect to
+     * the addresses we looked up ourselves. */
+    if (cat.tls) {
+      net_opts.tls = cat.tls_cfg;
+      net_opts.tls_host = cat.tls_host != NULL ? cat.tls_host : cat.host;
+    }
   }
   cat.net_opts = net_opts;
 
@@ -1221,6 +1439,7 @@ main(int argc, char **argv)
   } else if (cat.listening) {
     duplex_listener_opts lopts = DUPLEX_LISTENER_OPTS_INIT;
     lopts.conn_opts = &cat.net_opts;
+    lopts.tls = cat.tls_cfg;
     start_listening(&lopts, addr_file);
   } else {
     start_connecting();
@@ -1241,6 +1460,9 @@ main(int argc, char **argv)
     duplex_conn_unref(cat.waiting[i]);
   if (cat.io != NULL)
     duplex_conn_unref(cat.io);
+  if (cat.tls_cfg != NULL)
+    duplex_tls_unref(cat.tls_cfg);
+  free(alpn_buf);
   free(cat.line);
   return cat.status;
 }
