@@ -85,6 +85,8 @@ on_deadline(uv_timer_t *t)
   if (due == 0)
     return;
   if (due <= uv_now(&c->loop->uv)) {
+    if (c->tls_wait)
+      dpx_conn_tls_timed_out(c);
     dpx_conn_begin_close(c, DUPLEX_ETIMEDOUT);
     return;
   }

@@ -166,6 +166,7 @@ void dpx_conn_tls_wait_flush(duplex_conn *c) { (void)c; }
 int dpx_conn_tls_close_notify(duplex_conn *c) { (void)c; return 1; }
 bool dpx_conn_tls_close_notify_due(const duplex_conn *c) { (void)c; return false; }
 uint64_t dpx_conn_tls_hs_due(const duplex_conn *c) { (void)c; return 0; }
+void dpx_conn_tls_timed_out(duplex_conn *c) { (void)c; }
 void dpx_conn_tls_finish(duplex_conn *c) { (void)c; }
 void dpx_conn_tls_free(dpx_conn_extra *x) { (void)x; }
 
@@ -447,6 +448,7 @@ decrypt(duplex_conn *c)
     dpx_conn_begin_close(c, DUPLEX_ENOMEM);
     return;
   }
+again:
   for (;;) {
     if (c->rd_cut || c->close_begun)
       return;
@@ -510,6 +512,11 @@ decrypt(duplex_conn *c)
   if (f < 0) {
     dpx_conn_begin_close(c, f);
     return;
+  }
+  if (f == 1 && t->read_blocked) {
+    /* The kernel took the answers at once: nothing to wait for. */
+    t->read_blocked = false;
+    goto again;
   }
   sock_read_sync(c, t);
 }
@@ -658,6 +665,12 @@ dpx_conn_tls_close_notify_due(const duplex_conn *c)
   const dpx_conn_tls *t = conn_tls(c);
   return t != NULL && t->hs_done && !c->shut_done &&
          dpx_tls_error(t->eng) == 0 && !dpx_tls_sent_close(t->eng);
+}
+
+void
+dpx_conn_tls_timed_out(duplex_conn *c)
+{
+  keep_reason(c, "handshake timed out");
 }
 
 uint64_t

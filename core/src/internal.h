@@ -559,8 +559,9 @@ void dpx_conn_tls_wait_flush(duplex_conn *conn);
 int dpx_conn_tls_close_notify(duplex_conn *conn);
 /* A graceful close should send close_notify first. */
 bool dpx_conn_tls_close_notify_due(const duplex_conn *conn);
-/* The handshake deadline (loop time), or 0. */
+/* The handshake deadline (loop time), or 0; it expired. */
 uint64_t dpx_conn_tls_hs_due(const duplex_conn *conn);
+void dpx_conn_tls_timed_out(duplex_conn *conn);
 /* The conn finished: a STARTTLS waiting for its handshake is told. */
 void dpx_conn_tls_finish(duplex_conn *conn);
 /* Free the TLS state (any thread, once nothing uses it). */
