@@ -558,6 +558,34 @@ class TLSConnTest(unittest.TestCase):
             pass  # the Python side sees our alert
 
 
+class GroupTLSTest(unittest.TestCase):
+    def test_group_listener_serves_tls_on_every_loop(self):
+        handles = handle_count()
+        loops_seen = set()
+        lock = threading.Lock()
+
+        def accept(conn):
+            with lock:
+                loops_seen.add(conn.loop)
+            conn.on_read = lambda c, data: c.write(data)
+            conn.on_eof = lambda c: c.shutdown()
+
+        with duplex.LoopGroup(2) as group, server_config() as cfg:
+            listener = group.listen_tcp("127.0.0.1", 0, on_accept=accept,
+                                        tls=cfg)
+            ctx = python_client_context()
+            for i in range(4):
+                with socket.create_connection(
+                        ("127.0.0.1", listener.port), timeout=GUARD) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(b"conn %d" % i)
+                    self.assertEqual(s.recv(100), b"conn %d" % i)
+                    s.unwrap()
+            listener.close()
+        self.assertEqual(loops_seen, set(group.loops))
+        self.assertEqual(handle_count(), handles)
+
+
 class AioTLSTest(unittest.TestCase):
     def setUp(self):
         self.handles = handle_count()
