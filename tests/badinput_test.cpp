@@ -63,6 +63,11 @@ struct Ctx {
   std::atomic<int> timer_fires{0};
   duplex_timer *timer = nullptr;
   char ptr_msg[8] = {0};
+  // TLS (when the library has it): a client config that verifies nothing
+  // (no files needed) and one that verifies (the system store).
+  bool have_tls = duplex_tls_backend() != nullptr;
+  duplex_tls *tls_lax = nullptr;
+  duplex_tls *tls_verify = nullptr;
 
   static void ch_message(duplex_channel *, void *, size_t, void *) {}
   static void ch_close(duplex_channel *, int, void *user) {
@@ -106,6 +111,13 @@ struct Ctx {
     REQUIRE(duplex_channel_close(closed_ch) == 0);
     REQUIRE(pump_until(loop, [&] { return ch_closes.load() == 1; }));
     REQUIRE(duplex_timer_new(&timer, loop, never_fire, this) == 0);
+    if (have_tls) {
+      duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+      tc.role = DUPLEX_TLS_CLIENT;
+      REQUIRE(duplex_tls_new(&tls_verify, &tc, nullptr, 0) == 0);
+      tc.verify = DUPLEX_TLS_VERIFY_NONE;
+      REQUIRE(duplex_tls_new(&tls_lax, &tc, nullptr, 0) == 0);
+    }
   }
   ~Ctx() {
     if (tcp)
@@ -120,6 +132,10 @@ struct Ctx {
     CHECK(duplex_conn_unref(closed_conn) == 0);
     CHECK(duplex_channel_unref(open_ch) == 0);
     CHECK(duplex_channel_unref(closed_ch) == 0);
+    if (tls_lax != nullptr)
+      CHECK(duplex_tls_unref(tls_lax) == 0);
+    if (tls_verify != nullptr)
+      CHECK(duplex_tls_unref(tls_verify) == 0);
     CHECK(duplex_loop_free(loop) == 0);
     CHECK(bad_releases.load() == 0);
     CHECK(timer_fires.load() == 0);
@@ -1299,6 +1315,152 @@ std::vector<Case> make_table(Ctx &c) {
     duplex_group_free(g);
     return rc;
   }, DUPLEX_ENOTSUP);
+
+  // ---- TLS ------------------------------------------------------------------
+  // Built without TLS (no OpenSSL 3) the calls that would need it return
+  // DUPLEX_ENOTSUP; NULL arguments are DUPLEX_EINVAL in both builds.
+  const bool tls = c.have_tls;
+  auto tls_or = [tls](int with, int without) { return tls ? with : without; };
+  add("duplex_tls_config_init", "NULL", [] { return duplex_tls_config_init(nullptr); },
+      DUPLEX_EINVAL);
+  add("duplex_tls_config_init", "fills the macro's values", [] {
+    duplex_tls_config a = DUPLEX_TLS_CONFIG_INIT, b;
+    std::memset(&b, 0x5a, sizeof b);
+    int rc = duplex_tls_config_init(&b);
+    bool same = b.size == sizeof b && b.role == a.role && b.cert_file == a.cert_file &&
+                b.key_file == a.key_file && b.ca_file == a.ca_file && b.ca_dir == a.ca_dir &&
+                b.cert_pem == a.cert_pem && b.key_pem == a.key_pem && b.ca_pem == a.ca_pem &&
+                b.cert_pem_len == 0 && b.key_pem_len == 0 && b.ca_pem_len == 0 &&
+                b.system_ca == 0 && b.verify == 0 && b.alpn == nullptr &&
+                b.alpn_count == 0 && b.min_version == 0 && b.max_version == 0 &&
+                b.session_cache == 0 && b.keylog_file == nullptr &&
+                b.handshake_timeout_ms == 0;
+    return rc == 0 && !same ? -1 : rc;
+  }, 0);
+  add("duplex_tls_new", "NULL out", [] {
+    duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+    tc.role = DUPLEX_TLS_CLIENT;
+    return duplex_tls_new(nullptr, &tc, nullptr, 0);
+  }, DUPLEX_EINVAL);
+  add("duplex_tls_new", "NULL config", [] {
+    duplex_tls *out = reinterpret_cast<duplex_tls *>(1);
+    char err[64];
+    int rc = duplex_tls_new(&out, nullptr, err, sizeof err);
+    return out_null(rc, out);
+  }, DUPLEX_EINVAL);
+  add("duplex_tls_new", "config size 0", [] {
+    duplex_tls *out = reinterpret_cast<duplex_tls *>(1);
+    duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+    tc.role = DUPLEX_TLS_CLIENT;
+    tc.size = 0;
+    int rc = duplex_tls_new(&out, &tc, nullptr, 0);
+    return out_null(rc, out);
+  }, tls_or(DUPLEX_EVERSION, DUPLEX_ENOTSUP));
+  add("duplex_tls_new", "no role", [] {
+    duplex_tls *out = reinterpret_cast<duplex_tls *>(1);
+    duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+    char err[128];
+    int rc = duplex_tls_new(&out, &tc, err, sizeof err);
+    return out_null(rc, out);
+  }, tls_or(DUPLEX_EINVAL, DUPLEX_ENOTSUP));
+  add("duplex_tls_new", "a server without a certificate", [] {
+    duplex_tls *out = reinterpret_cast<duplex_tls *>(1);
+    duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+    tc.role = DUPLEX_TLS_SERVER;
+    int rc = duplex_tls_new(&out, &tc, nullptr, 0);
+    return out_null(rc, out);
+  }, tls_or(DUPLEX_EINVAL, DUPLEX_ENOTSUP));
+  add("duplex_tls_new", "a CA file that does not exist", [] {
+    duplex_tls *out = reinterpret_cast<duplex_tls *>(1);
+    duplex_tls_config tc = DUPLEX_TLS_CONFIG_INIT;
+    tc.role = DUPLEX_TLS_CLIENT;
+    tc.ca_file = "/nonexistent/duplex-badinput/ca.pem";
+    char err[256] = "";
+    int rc = duplex_tls_new(&out, &tc, err, sizeof err);
+    if (rc != 0 && err[0] == '\0')
+      return -1; // a failure says why
+    return out_null(rc, out);
+  }, tls_or(DUPLEX_ETLSCONFIG, DUPLEX_ENOTSUP));
+  add("duplex_tls_ref", "NULL", [] { return duplex_tls_ref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_tls_unref", "NULL", [] { return duplex_tls_unref(nullptr); }, DUPLEX_EINVAL);
+  add("duplex_tls_backend", "no input: a name with TLS, NULL without", [tls] {
+    const char *b = duplex_tls_backend();
+    return (b != nullptr && *b != '\0') == tls ? 0 : -1;
+  }, 0);
+  add("duplex_conn_start_tls", "NULL conn", [&c] {
+    return duplex_conn_start_tls(nullptr, c.tls_lax, "localhost", nullptr, nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_start_tls", "NULL tls", [&c] {
+    return duplex_conn_start_tls(c.open_conn, nullptr, "localhost", nullptr, nullptr);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_info", "NULL conn", [] {
+    duplex_tls_info i{};
+    i.size = sizeof i;
+    return duplex_conn_get_tls_info(nullptr, &i);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_info", "NULL info",
+      [&c] { return duplex_conn_get_tls_info(c.open_conn, nullptr); }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_info", "info->size 0", [&c] {
+    duplex_tls_info i{};
+    return duplex_conn_get_tls_info(c.open_conn, &i);
+  }, DUPLEX_EVERSION);
+  add("duplex_conn_get_tls_info", "a plaintext conn", [&c] {
+    duplex_tls_info i{};
+    i.size = sizeof i;
+    return duplex_conn_get_tls_info(c.open_conn, &i);
+  }, DUPLEX_ENOTSUP);
+  add("duplex_conn_get_tls_error", "NULL conn", [] {
+    char b[8];
+    return duplex_conn_get_tls_error(nullptr, b, sizeof b);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_error", "NULL buf",
+      [&c] { return duplex_conn_get_tls_error(c.open_conn, nullptr, 8); }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_error", "len 0", [&c] {
+    char b[1] = {'x'};
+    return duplex_conn_get_tls_error(c.open_conn, b, 0);
+  }, DUPLEX_EINVAL);
+  add("duplex_conn_get_tls_error", "a plaintext conn: \"\"", [&c] {
+    char b[8];
+    std::memset(b, 'x', sizeof b);
+    int rc = duplex_conn_get_tls_error(c.open_conn, b, sizeof b);
+    return rc == 0 && b[0] != '\0' ? -1 : rc;
+  }, 0);
+  add("duplex_conn_get_tls_error", "closed conn (still referenced): \"\"", [&c] {
+    char b[8];
+    std::memset(b, 'x', sizeof b);
+    int rc = duplex_conn_get_tls_error(c.closed_conn, b, sizeof b);
+    return rc == 0 && b[0] != '\0' ? -1 : rc;
+  }, 0);
+  if (tls) {
+    add("duplex_conn_start_tls", "closed conn (still referenced)", [&c] {
+      return duplex_conn_start_tls(c.closed_conn, c.tls_lax, "localhost", nullptr, nullptr);
+    }, DUPLEX_ECLOSED);
+    add("duplex_conn_start_tls", "a verifying client with no host (adopted conn)", [&c] {
+      return duplex_conn_start_tls(c.open_conn, c.tls_verify, nullptr, nullptr, nullptr);
+    }, DUPLEX_EINVAL);
+    add("duplex_conn_adopt", "a verifying TLS client without tls_host", [&c] {
+      auto sp = socket_pair();
+      duplex_conn_opts o = DUPLEX_CONN_OPTS_INIT;
+      o.tls = c.tls_verify;
+      return adopt_refused(c, sp.ours.get(), &o);
+    }, DUPLEX_EINVAL);
+    add("duplex_listener_tcp", "tls in conn_opts (a listener's is in its own opts)", [&c] {
+      duplex_listener *l = reinterpret_cast<duplex_listener *>(1);
+      duplex_conn_opts co = DUPLEX_CONN_OPTS_INIT;
+      co.tls = c.tls_lax;
+      duplex_listener_opts lo = DUPLEX_LISTENER_OPTS_INIT;
+      lo.conn_opts = &co;
+      int rc = duplex_listener_tcp(&l, c.loop, "127.0.0.1", 0, &lo);
+      return out_null(rc, l);
+    }, DUPLEX_EINVAL);
+    add("duplex_listener_tcp", "a client-role tls", [&c] {
+      duplex_listener *l = reinterpret_cast<duplex_listener *>(1);
+      duplex_listener_opts lo = DUPLEX_LISTENER_OPTS_INIT;
+      lo.tls = c.tls_lax;
+      int rc = duplex_listener_tcp(&l, c.loop, "127.0.0.1", 0, &lo);
+      return out_null(rc, l);
+    }, DUPLEX_EINVAL);
+  }
   return t;
 }
 
