@@ -1019,7 +1019,9 @@ DUPLEX_API int duplex_listener_get_address(const duplex_listener *listener,
 
 /**
  * Stop accepting and close the listening socket. No conn is accepted
- * after this returns; conns already accepted are not affected. The
+ * after this returns; conns already accepted are not affected: a TLS conn
+ * still in its handshake may call `on_open` (or `on_close`, with the
+ * listener's conn_opts user pointer) after this returned. The
  * caller's reference stays valid (drop it with duplex_listener_unref()).
  * @thread any.
  * @returns 0, DUPLEX_EINVAL, DUPLEX_ECLOSED (already closed, or its loop
