@@ -537,6 +537,62 @@ TEST_CASE("coroutines: a failed handshake resumes a waiting read() with DUPLEX_E
   CHECK(contains(c.tls_error(), "verif"));
 }
 
+TEST_CASE("coroutines: a LoopGroup listener serves TLS on every member loop") {
+  duplex::LoopGroup group(2);
+  std::atomic<int> served{0};
+  auto server = [&served](duplex::Conn c) -> duplex::task<void> {
+    for (;;) {
+      auto r = co_await c.read();
+      if (!r.ok())
+        break;
+      co_await c.async_write(r.data);
+    }
+    c.shutdown();
+    served++;
+  };
+  auto l = duplex::Listener::tcp(
+      group, "127.0.0.1", 0,
+      {.on_open =
+           [&](duplex::ConnRef c) {
+             duplex::spawn(group.loop_of(c), server(duplex::Conn(c)));
+           }},
+      {}, {.tls = server_tls()});
+
+  duplex::Loop loop;
+  Guard g(loop);
+  constexpr int kClients = 6;
+  int done = 0;
+  std::vector<std::string> got(kClients);
+  auto client = [&](duplex::Conn c, int i) -> duplex::task<void> {
+    const std::string msg = pattern(20000 + static_cast<size_t>(i), static_cast<size_t>(i));
+    co_await c.async_write(msg);
+    c.shutdown();
+    for (;;) {
+      auto r = co_await c.read();
+      if (!r.ok())
+        break;
+      got[static_cast<size_t>(i)].append(r.data);
+    }
+    if (++done == kClients)
+      loop.stop();
+  };
+  std::vector<duplex::Conn> conns;
+  for (int i = 0; i < kClients; i++) {
+    conns.push_back(duplex::Conn::connect_tcp(
+        loop, "127.0.0.1", l.port(), {},
+        {.tls = client_tls(), .tls_host = "localhost"}));
+    duplex::spawn(loop, client(conns.back(), i));
+  }
+  loop.run();
+  for (int i = 0; i < kClients; i++)
+    CHECK(got[static_cast<size_t>(i)] ==
+          pattern(20000 + static_cast<size_t>(i), static_cast<size_t>(i)));
+  CHECK(dtest::wait_until([&] { return served.load() == kClients; }));
+  group.rethrow();
+  l.close();
+  group.close(); // before the coroutines' closure and counter go
+}
+
 // ---------------------------------------------------------------------------
 // STARTTLS
 // ---------------------------------------------------------------------------
