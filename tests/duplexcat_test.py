@@ -1320,6 +1320,32 @@ class Tls(unittest.TestCase):
         self.assertEqual(rc, 1)
         self.assertIn("TLS configuration: ", err)
 
+    def test_keep_open_holds_a_waiting_tls_client_unread(self):
+        srv = Server(self, ["-k"] + self.server_args("127.0.0.1", "0"))
+        args = [DUPLEXCAT] + self.client_args("--tls-host", "localhost",
+                                              srv.address)
+        first = subprocess.Popen(args, stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+        self.addCleanup(stop, first)
+        self.addCleanup(first.stderr.close)
+        first.stdin.write(b"a1\n")
+        first.stdin.flush()
+        srv.wait_stdout(b"a1\n")
+        second = {}
+        t = threading.Thread(target=lambda: second.update(
+            r=run(args[1:], b"b\n")), daemon=True)
+        t.start()  # handshakes, then waits for its turn, unread
+        time.sleep(0.2)  # (only to give it the chance to be misread)
+        first.stdin.write(b"a2\n")
+        first.stdin.close()
+        self.assertEqual(first.wait(TIMEOUT), 0)
+        srv.wait_stdout(b"a1\na2\nb\n")
+        t.join(TIMEOUT)
+        self.assertEqual(second.get("r", (None,))[0], 0)
+        srv.p.send_signal(signal.SIGTERM)
+        self.assertEqual(srv.wait(), -signal.SIGTERM)
+
     def test_keep_open_reports_a_failed_handshake_and_serves_the_next(self):
         srv = Server(self, ["-k"] + self.server_args("127.0.0.1", "0"))
         bad = ["--tls", "--ca", self.certs["otherca"], "--tls-host",

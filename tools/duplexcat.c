@@ -758,7 +758,6 @@ net_open(duplex_conn *net, void *user)
     }
     duplex_conn_ref(net);
     cat.waiting[cat.n_waiting++] = net;
-    duplex_conn_pause(net); /* TLS: not started paused (see main) */
     return;
   }
   duplex_conn_ref(net);
@@ -1419,9 +1418,9 @@ main(int argc, char **argv)
   net_opts.framing = cat.lines ? &lines : NULL;
   if (cat.listening) {
     /* Accepted clients read once served; their idle time counts from
-     * then (serve()). A TLS client must read to finish its handshake
-     * (on_open comes after it): net_open pauses it if it has to wait. */
-    net_opts.flags = cat.tls ? 0u : DUPLEX_CONN_START_PAUSED;
+     * then (serve()). A TLS client's handshake runs all the same: on_open
+     * comes after it. */
+    net_opts.flags = DUPLEX_CONN_START_PAUSED;
   } else {
     net_opts.idle_timeout_ms = cat.idle_ms;
     net_opts.connect_timeout_ms = cat.wait_ms;
