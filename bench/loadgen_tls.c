@@ -157,6 +157,17 @@ server_cpu(void)
   return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* This process's own CPU time (all threads), in seconds: the load
+ * generator's cost, to tell a client-bound run. */
+static double
+self_cpu(void)
+{
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6 +
+         (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
+}
+
 /* VmRSS in bytes. */
 static long
 server_rss(void)
@@ -760,9 +771,9 @@ run_pingpong(void)
     pthread_create(&ts[i].th, NULL, pp_run, &ts[i]);
   }
   sleep_until(t0);
-  double cpu0 = server_cpu(), w0 = now();
+  double cpu0 = server_cpu(), me0 = self_cpu(), w0 = now();
   sleep_until(t1);
-  double cpu1 = server_cpu(), w1 = now();
+  double cpu1 = server_cpu(), me1 = self_cpu(), w1 = now();
   uint64_t msgs = 0, rmax = 0;
   uint32_t *h = calloc(HIST_N, sizeof(uint32_t));
   int err = 0;
@@ -789,6 +800,7 @@ run_pingpong(void)
          opt.conns, opt.size, opt.threads, secs, (unsigned long long)msgs,
          (double)msgs / secs, hist_pct(h, msgs, 0.5), hist_pct(h, msgs, 0.99),
          (double)rmax / 1000.0, hs_s);
+  printf(",\"client_cpu_pct\":%.1f", 100.0 * (me1 - me0) / secs);
   print_tls_fields(&cs[0]);
   if (cpu0 >= 0 && cpu1 >= 0)
     printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_msg\":%.1f", cpu1 - cpu0,
@@ -814,7 +826,7 @@ run_stream(void)
   unsigned char *buf = malloc(cap);
   uint64_t sent = 0, got = 0, b0 = 0, b1 = 0;
   double start = now(), t0 = start + opt.warmup, t1 = t0 + opt.secs;
-  double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0;
+  double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0, me0 = 0, me1 = 0;
   bool in = false;
   int ep = epoll_create1(EPOLL_CLOEXEC);
   struct epoll_event ev;
@@ -855,10 +867,12 @@ run_stream(void)
       w0 = t;
       b0 = got;
       cpu0 = server_cpu();
+      me0 = self_cpu();
     } else if (in && t >= t1) {
       w1 = t;
       b1 = got;
       cpu1 = server_cpu();
+      me1 = self_cpu();
       break;
     }
     if (!progress) {
@@ -872,6 +886,7 @@ run_stream(void)
          "\"block\":%d,\"window\":%d",
          secs, (unsigned long long)(b1 - b0), mb / secs, opt.block,
          opt.window);
+  printf(",\"client_cpu_pct\":%.1f", 100.0 * (me1 - me0) / secs);
   print_tls_fields(c);
   if (cpu0 >= 0 && cpu1 >= 0 && mb > 0)
     printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_kb\":%.1f", cpu1 - cpu0,
@@ -939,7 +954,7 @@ run_handshake(void)
   unsigned char rbuf[HS_MSG];
   int ep = epoll_create1(EPOLL_CLOEXEC);
   double start = now(), t0 = start + opt.warmup, t1 = t0 + opt.secs;
-  double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0;
+  double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0, me0 = 0, me1 = 0;
   uint64_t total = 0, resumed = 0, n0 = 0, r0 = 0, n1 = 0, r1 = 0;
   char version[32] = "", cipher[64] = "";
   bool in = false;
@@ -987,11 +1002,13 @@ run_handshake(void)
       n0 = total;
       r0 = resumed;
       cpu0 = server_cpu();
+      me0 = self_cpu();
     } else if (in && t >= t1) {
       w1 = t;
       n1 = total;
       r1 = resumed;
       cpu1 = server_cpu();
+      me1 = self_cpu();
       break;
     }
   }
@@ -1009,6 +1026,7 @@ run_handshake(void)
          "\"conns_done\":%llu,\"hs_per_s\":%.1f,\"resumed_frac\":%.3f",
          k, opt.resume ? "true" : "false", secs, (unsigned long long)n,
          (double)n / secs, (double)(r1 - r0) / (double)n);
+  printf(",\"client_cpu_pct\":%.1f", 100.0 * (me1 - me0) / secs);
   if (opt.plain)
     printf(",\"tls\":false");
   else
