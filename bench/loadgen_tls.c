@@ -133,6 +133,9 @@ sleep_until(double t)
 
 /* ---- the server process ------------------------------------------------ */
 
+/* The user-space part of the last server_cpu() reading, in seconds. */
+static double server_user_last;
+
 /* utime + stime of the whole process, in seconds (-1 without --pid). */
 static double
 server_cpu(void)
@@ -154,6 +157,7 @@ server_cpu(void)
   if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
              &ut, &st) != 2)
     return -1;
+  server_user_last = (double)ut / (double)sysconf(_SC_CLK_TCK);
   return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
@@ -771,9 +775,11 @@ run_pingpong(void)
     pthread_create(&ts[i].th, NULL, pp_run, &ts[i]);
   }
   sleep_until(t0);
-  double cpu0 = server_cpu(), me0 = self_cpu(), w0 = now();
+  double cpu0 = server_cpu(), u0 = server_user_last, me0 = self_cpu();
+  double w0 = now();
   sleep_until(t1);
-  double cpu1 = server_cpu(), me1 = self_cpu(), w1 = now();
+  double cpu1 = server_cpu(), u1 = server_user_last, me1 = self_cpu();
+  double w1 = now();
   uint64_t msgs = 0, rmax = 0;
   uint32_t *h = calloc(HIST_N, sizeof(uint32_t));
   int err = 0;
@@ -803,8 +809,10 @@ run_pingpong(void)
   printf(",\"client_cpu_pct\":%.1f", 100.0 * (me1 - me0) / secs);
   print_tls_fields(&cs[0]);
   if (cpu0 >= 0 && cpu1 >= 0)
-    printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_msg\":%.1f", cpu1 - cpu0,
-           (cpu1 - cpu0) * 1e9 / (double)msgs);
+    printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_msg\":%.1f,"
+           "\"cpu_user_ns_per_msg\":%.1f",
+           cpu1 - cpu0, (cpu1 - cpu0) * 1e9 / (double)msgs,
+           (u1 - u0) * 1e9 / (double)msgs);
   printf("}\n");
   for (int i = 0; i < opt.conns; i++)
     conn_close(&cs[i]);
@@ -827,6 +835,7 @@ run_stream(void)
   uint64_t sent = 0, got = 0, b0 = 0, b1 = 0;
   double start = now(), t0 = start + opt.warmup, t1 = t0 + opt.secs;
   double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0, me0 = 0, me1 = 0;
+  double u0 = 0, u1 = 0;
   bool in = false;
   int ep = epoll_create1(EPOLL_CLOEXEC);
   struct epoll_event ev;
@@ -867,11 +876,13 @@ run_stream(void)
       w0 = t;
       b0 = got;
       cpu0 = server_cpu();
+      u0 = server_user_last;
       me0 = self_cpu();
     } else if (in && t >= t1) {
       w1 = t;
       b1 = got;
       cpu1 = server_cpu();
+      u1 = server_user_last;
       me1 = self_cpu();
       break;
     }
@@ -889,8 +900,10 @@ run_stream(void)
   printf(",\"client_cpu_pct\":%.1f", 100.0 * (me1 - me0) / secs);
   print_tls_fields(c);
   if (cpu0 >= 0 && cpu1 >= 0 && mb > 0)
-    printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_kb\":%.1f", cpu1 - cpu0,
-           (cpu1 - cpu0) * 1e9 / (mb * 1000.0));
+    printf(",\"server_cpu_s\":%.3f,\"cpu_ns_per_kb\":%.1f,"
+           "\"cpu_user_ns_per_kb\":%.1f",
+           cpu1 - cpu0, (cpu1 - cpu0) * 1e9 / (mb * 1000.0),
+           (u1 - u0) * 1e9 / (mb * 1000.0));
   printf("}\n");
   conn_close(c);
   return 0;
@@ -955,6 +968,7 @@ run_handshake(void)
   int ep = epoll_create1(EPOLL_CLOEXEC);
   double start = now(), t0 = start + opt.warmup, t1 = t0 + opt.secs;
   double cpu0 = -1, cpu1 = -1, w0 = 0, w1 = 0, me0 = 0, me1 = 0;
+  double u0 = 0, u1 = 0;
   uint64_t total = 0, resumed = 0, n0 = 0, r0 = 0, n1 = 0, r1 = 0;
   char version[32] = "", cipher[64] = "";
   bool in = false;
@@ -1002,12 +1016,14 @@ run_handshake(void)
       n0 = total;
       r0 = resumed;
       cpu0 = server_cpu();
+      u0 = server_user_last;
       me0 = self_cpu();
     } else if (in && t >= t1) {
       w1 = t;
       n1 = total;
       r1 = resumed;
       cpu1 = server_cpu();
+      u1 = server_user_last;
       me1 = self_cpu();
       break;
     }
@@ -1034,9 +1050,9 @@ run_handshake(void)
            cipher);
   if (cpu0 >= 0 && cpu1 >= 0)
     printf(",\"server_cpu_s\":%.3f,\"server_cpu_pct\":%.1f,"
-           "\"cpu_us_per_hs\":%.2f",
+           "\"cpu_us_per_hs\":%.2f,\"cpu_user_us_per_hs\":%.2f",
            cpu1 - cpu0, 100.0 * (cpu1 - cpu0) / secs,
-           (cpu1 - cpu0) * 1e6 / (double)n);
+           (cpu1 - cpu0) * 1e6 / (double)n, (u1 - u0) * 1e6 / (double)n);
   printf("}\n");
   return 0;
 }
