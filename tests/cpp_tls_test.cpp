@@ -11,6 +11,8 @@
 
 #include "fixture.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -591,6 +593,60 @@ TEST_CASE("coroutines: a LoopGroup listener serves TLS on every member loop") {
   group.rethrow();
   l.close();
   group.close(); // before the coroutines' closure and counter go
+}
+
+TEST_CASE("a TLS listener closed while a client is mid-handshake: the conn finishes with the listener's handlers") {
+  duplex::Loop loop;
+  Guard g(loop);
+  int opens = 0, closes = 0;
+  std::string got;
+  auto l = duplex::Listener::tcp(
+      loop, "127.0.0.1", 0,
+      {.on_open = [&](duplex::ConnRef) { opens++; },
+       .on_read =
+           [&](duplex::ConnRef c, std::span<const std::byte> b) {
+             got.append(reinterpret_cast<const char *>(b.data()), b.size());
+             c.shutdown();
+           },
+       .on_close =
+           [&](duplex::ConnRef, std::error_code) {
+             closes++;
+             loop.stop();
+           }},
+      {}, {.tls = server_tls()});
+  // A plain socket connects: the server accepts it and waits for its
+  // ClientHello, which nobody sends yet.
+  dtest::Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  REQUIRE(fd.get() >= 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(l.port());
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) == 0);
+  auto accepted = [&] {
+    duplex_loop_stats st = DUPLEX_LOOP_STATS_INIT;
+    return duplex_loop_get_stats(loop.native(), &st) == 0 && st.accepted == 1;
+  };
+  for (int i = 0; i < 100000 && !accepted(); i++)
+    loop.run_nowait();
+  REQUIRE(accepted());
+  l.close();
+  for (int i = 0; i < 10; i++)
+    loop.run_nowait(); // whatever the close left to the loop runs now
+  // The socket becomes a TLS client: the server's handshake completes now.
+  auto c = duplex::Conn::adopt(
+      loop, fd.release(),
+      {.on_open =
+           [](duplex::ConnRef cr) {
+             (void)cr.write("late");
+             cr.shutdown();
+           }},
+      {.tls = client_tls(), .tls_host = "localhost"});
+  loop.run();
+  CHECK(opens == 1);
+  CHECK(got == "late");
+  CHECK(closes == 1);
+  c.close(true);
 }
 
 // ---------------------------------------------------------------------------

@@ -94,13 +94,14 @@ public:
 
   Listener(Listener &&o) noexcept
       : l_(std::exchange(o.l_, nullptr)), box_(std::move(o.box_)),
-        core_(std::move(o.core_)) {}
+        core_(std::move(o.core_)), tls_(o.tls_) {}
   Listener &operator=(Listener &&o) noexcept {
     if (this != &o) {
       close();
       l_ = std::exchange(o.l_, nullptr);
       box_ = std::move(o.box_);
       core_ = std::move(o.core_);
+      tls_ = o.tls_;
     }
     return *this;
   }
@@ -116,8 +117,14 @@ public:
     // DUPLEX_ECLOSED once the loop was freed: nothing left to stop.
     duplex_listener_close(l_);
     // An accept (or on_error) the loop is handling right now (on another
-    // thread) still reads the box: the core frees it after that.
-    core_->retire(std::move(box_));
+    // thread) still reads the box: the core frees it after that. A TLS
+    // listener's conns read it at their first callback, which comes after
+    // their handshake, and the close leaves handshakes under way to
+    // finish: its box stays until the loop is freed.
+    if (tls_)
+      core_->keep_until_freed(std::move(box_));
+    else
+      core_->retire(std::move(box_));
     duplex_listener_unref(std::exchange(l_, nullptr)); // the creation's
     core_.reset();
   }
@@ -227,11 +234,13 @@ private:
       lo.user = l.box_.get();
     }
     detail::check(make(&l.l_, &lo), "listen");
+    l.tls_ = static_cast<bool>(lopt.tls);
     return l;
   }
   duplex_listener *l_ = nullptr;
   std::shared_ptr<detail::ListenerBox> box_;
   std::shared_ptr<detail::LoopCore> core_; // outlives the Loop if need be
+  bool tls_ = false; // serves TLS: see close()
 };
 
 } // namespace duplex

@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -88,6 +89,20 @@ struct LoopCore {
       // else: the loop is gone, nothing can use it: freed here
     } catch (...) {
       // out of memory: leak it rather than free it under a callback
+    }
+  }
+
+  /// Keep @p p until the loop is freed: callbacks may use it until then
+  /// (a closed TLS listener's conns mid-handshake). Any thread.
+  void keep_until_freed(std::shared_ptr<void> p) noexcept {
+    try {
+      std::lock_guard<std::mutex> g(mu);
+      if (!freed)
+        graveyard.push_back(std::move(p));
+      // else: the loop is gone, nothing can use it: freed here
+    } catch (...) {
+      // out of memory: leak it rather than free it under a callback
+      (void)new (std::nothrow) std::shared_ptr<void>(std::move(p));
     }
   }
 
