@@ -129,8 +129,7 @@ extern "C" {
   XX(EVERSION, -30002, "struct size or version not supported")               \
   XX(EWRONGTHREAD, -30003, "must be called on the loop thread")              \
   XX(EUNKNOWN, -30005, "unrecognised system error")                         \
-  XX(ETLS, -30010,                                                           \
-     "TLS failed: protocol error or alert (duplex_conn_get_tls_error says)") \
+  XX(ETLS, -30010, "TLS failed: protocol error or fatal alert")             \
   XX(ETLSVERIFY, -30011, "TLS peer certificate verification failed")         \
   XX(ETLSTRUNC, -30012,                                                      \
      "TLS stream truncated: transport closed without close_notify")          \
@@ -1486,7 +1485,10 @@ DUPLEX_API int duplex_timer_unref(duplex_timer *timer);
  * plaintext bytes, pause (a paused conn stops reading the socket and
  * decrypts nothing more), framing on the decrypted stream, deadlines.
  *
- * The handshake runs on the loop thread; `on_open` runs after it (a failed
+ * The handshake runs on the loop thread, whatever the conn's read wish (a
+ * conn opened with DUPLEX_CONN_START_PAUSED completes its handshake, then
+ * reads nothing of the decrypted stream until resumed); `on_open` runs
+ * after it (a failed
  * handshake closes the conn with DUPLEX_ETLS, DUPLEX_ETLSVERIFY or
  * DUPLEX_ETIMEDOUT and `on_open` never runs). Writes queued before are
  * encrypted after it, in order. duplex_conn_shutdown() sends close_notify

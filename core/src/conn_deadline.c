@@ -34,6 +34,8 @@ deadline_next(duplex_conn *c, dpx_conn_extra *x)
     if (d != 0 && (due == 0 || d < due))
       due = d;
   }
+  if (c->lingering && (due == 0 || x->t_linger + DPX_TLS_LINGER_MS < due))
+    due = x->t_linger + DPX_TLS_LINGER_MS;
   return due;
 }
 
@@ -87,7 +89,8 @@ on_deadline(uv_timer_t *t)
   if (due <= uv_now(&c->loop->uv)) {
     if (c->tls_wait)
       dpx_conn_tls_timed_out(c);
-    dpx_conn_begin_close(c, DUPLEX_ETIMEDOUT);
+    /* A lingering close did all it had to: the peer just never ended. */
+    dpx_conn_begin_close(c, c->lingering ? 0 : DUPLEX_ETIMEDOUT);
     return;
   }
   deadline_arm(c, x, due);

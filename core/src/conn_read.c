@@ -136,7 +136,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 bool
 dpx_conn_read_pending(const duplex_conn *c, bool want)
 {
-  if (c->rd_cut || c->close_begun || !c->opened || c->tls_wait)
+  if (c->rd_cut || c->close_begun || !c->opened || c->tls_wait ||
+      c->lingering)
     return false;
   if (dpx_conn_has_held(c) || c->eof_pending || dpx_conn_tls_rd_more(c))
     return want; /* waiting for a resume */
@@ -168,7 +169,7 @@ dpx_conn_read_apply(duplex_conn *c, bool want, bool deliver)
   c->rd_want = want;
   if (!c->opened || c->rd_cut || c->close_begun)
     return false;
-  if (c->tls_wait)
+  if (c->tls_wait || c->lingering)
     return false; /* the handshake reads; the wish applies after it */
   if (!want) {
     dpx_conn_read_stop(c);

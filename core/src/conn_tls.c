@@ -167,6 +167,7 @@ int dpx_conn_tls_close_notify(duplex_conn *c) { (void)c; return 1; }
 bool dpx_conn_tls_close_notify_due(const duplex_conn *c) { (void)c; return false; }
 uint64_t dpx_conn_tls_hs_due(const duplex_conn *c) { (void)c; return 0; }
 void dpx_conn_tls_timed_out(duplex_conn *c) { (void)c; }
+bool dpx_conn_tls_linger(duplex_conn *c) { (void)c; return false; }
 void dpx_conn_tls_finish(duplex_conn *c) { (void)c; }
 void dpx_conn_tls_free(dpx_conn_extra *x) { (void)x; }
 
@@ -387,6 +388,14 @@ tls_fail(duplex_conn *c, int st)
 {
   dpx_conn_tls *t = conn_tls(c);
   keep_reason(c, dpx_tls_reason(t->eng));
+  /* Name the peer while the socket is there: a server's on_close is
+   * where it wants to say whose handshake failed. */
+  dpx_conn_extra *x = dpx_conn_x(c);
+  dpx_conn_lock(c);
+  bool named = x->peer != NULL;
+  dpx_conn_unlock(c);
+  if (!named)
+    dpx_conn_set_peer(c);
   if (t->inflight == 0 && dpx_conn_wr(c) != NULL) {
     uv_buf_t bufs[16];
     size_t total;
@@ -406,7 +415,7 @@ sock_read_sync(duplex_conn *c, dpx_conn_tls *t)
   if (c->rd_cut || c->close_begun || c->rd_ended)
     return;
   bool want = !t->read_blocked &&
-              (!t->hs_done || (c->rd_want && !t->rd_more));
+              (!t->hs_done || c->lingering || (c->rd_want && !t->rd_more));
   if (want && !c->reading)
     dpx_conn_read_start(c);
   else if (!want && c->reading)
@@ -452,7 +461,7 @@ again:
   for (;;) {
     if (c->rd_cut || c->close_begun)
       return;
-    if (t->hs_done && !c->rd_want) {
+    if (t->hs_done && !c->rd_want && !c->lingering) {
       t->rd_more = dpx_tls_in_pending(t->eng) > 0 ||
                    dpx_tls_read_pending(t->eng) > 0 ||
                    (c->rd_ended && !t->eof_told);
@@ -484,7 +493,8 @@ again:
     size_t n = 0;
     int r = dpx_tls_read(t->eng, loop->rbuf, loop->rbuf_size, &n);
     if (r == DPX_TLS_OK && n > 0) {
-      dpx_conn_deliver(c, loop->rbuf, n);
+      if (!c->lingering) /* after a close, what still comes is dropped */
+        dpx_conn_deliver(c, loop->rbuf, n);
       continue;
     }
     if (r == DPX_TLS_OK || r == DPX_TLS_WANT_INPUT)
@@ -492,6 +502,11 @@ again:
     if (r == DPX_TLS_FULL) {
       t->read_blocked = true; /* progress() resumes once the output drains */
       break;
+    }
+    if (c->lingering && (r == DPX_TLS_EOF || r < 0)) {
+      /* The peer ended (cleanly or not): the close is complete. */
+      dpx_conn_begin_close(c, 0);
+      return;
     }
     if (r == DPX_TLS_EOF) {
       /* The peer's close_notify: its clean end of data. */
@@ -665,6 +680,21 @@ dpx_conn_tls_close_notify_due(const duplex_conn *c)
   const dpx_conn_tls *t = conn_tls(c);
   return t != NULL && t->hs_done && !c->shut_done &&
          dpx_tls_error(t->eng) == 0 && !dpx_tls_sent_close(t->eng);
+}
+
+bool
+dpx_conn_tls_linger(duplex_conn *c)
+{
+  dpx_conn_tls *t = conn_tls(c);
+  dpx_conn_extra *x = dpx_conn_x(c);
+  if (t == NULL || x == NULL || c->close_begun || c->rd_cut ||
+      dpx_tls_error(t->eng) != 0)
+    return false;
+  c->lingering = true;
+  x->t_linger = uv_now(&c->loop->uv);
+  dpx_conn_deadline_touch(c);
+  decrypt(c); /* what is already queued, then the socket */
+  return true;
 }
 
 void

@@ -465,6 +465,8 @@ shutdown_finished(duplex_conn *c, int status)
     return;
   if (status < 0)
     dpx_conn_begin_close(c, status);
+  else if (ws->close_after_shut && !c->rd_ended && dpx_conn_tls_linger(c))
+    return; /* closes once the peer ended */
   else if ((c->rd_ended && !c->eof_pending) || ws->close_after_shut)
     dpx_conn_begin_close(c, 0);
   else {

@@ -310,6 +310,7 @@ typedef struct dpx_conn_extra {
   uv_timer_t *deadline; /* one lazily created timer for the nearest */
   uint64_t deadline_due;
   uint64_t t_start, t_read, t_write;
+  uint64_t t_linger; /* a lingering close began */
   struct dpx_framer *framer; /* framing state; set at creation */
   char *held; /* frames decoded while paused: [size_t len][bytes]... */
   size_t held_len, held_off, held_cap;
@@ -350,6 +351,8 @@ struct duplex_conn {
   uint16_t handles_open : 3;
   uint16_t tls_on : 1;   /* the conn speaks TLS (engine attached) */
   uint16_t tls_wait : 1; /* its handshake runs: writes and on_open wait */
+  uint16_t lingering : 1; /* closing: reading (and discarding) until the
+                             peer ends, so unread data causes no reset */
   uint16_t : 0;
   /* ---- loop thread only: the read side (conn_read.c) ---- */
   uint16_t rd_want : 1;     /* the read wish the loop acts on */
@@ -559,6 +562,11 @@ void dpx_conn_tls_wait_flush(duplex_conn *conn);
 int dpx_conn_tls_close_notify(duplex_conn *conn);
 /* A graceful close should send close_notify first. */
 bool dpx_conn_tls_close_notify_due(const duplex_conn *conn);
+/* A graceful close has sent close_notify and FIN: read and discard until
+ * the peer ends (or DPX_TLS_LINGER_MS), then close with 0. False when
+ * there is nothing to wait for. */
+bool dpx_conn_tls_linger(duplex_conn *conn);
+#define DPX_TLS_LINGER_MS 5000u
 /* The handshake deadline (loop time), or 0; it expired. */
 uint64_t dpx_conn_tls_hs_due(const duplex_conn *conn);
 void dpx_conn_tls_timed_out(duplex_conn *conn);
