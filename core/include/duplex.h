@@ -1538,7 +1538,7 @@ typedef struct duplex_tls_config {
   size_t key_pem_len;
   /** Trust for verifying the peer: a CA file, a hashed CA directory, CA
    *  certificates in memory, the system store; with none of the first
-   *  three the system store is used. */
+   *  three, a config that verifies its peer uses the system store. */
   const char *ca_file;
   const char *ca_dir;
   const char *ca_pem;

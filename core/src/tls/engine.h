@@ -102,7 +102,8 @@ typedef struct dpx_tls_config_opts {
 
   /* Trust for verifying the peer: any mix of a CA file, a hashed CA
    * directory, CA certificates in memory (PEM) and the system store.
-   * With none of the first three the system store is used. */
+   * With none of the first three, a config that verifies its peer uses
+   * the system store (a server that asks for no certificate loads none). */
   const char *ca_file;
   const char *ca_dir;
   const char *ca_pem;

@@ -842,7 +842,13 @@ dpx_tls_config_new(dpx_tls_config **out, const dpx_tls_config_opts *o,
     cfg_fail(err, errlen, rc, "CA PEM: no certificate could be loaded");
     goto fail;
   }
-  if (o->system_ca || (o->ca_file == NULL && o->ca_dir == NULL && o->ca_pem == NULL)) {
+  /* The system store only when a peer is verified and no CA was named (or
+   * when asked for): a server that asks for no client certificate has no
+   * use for it, and with it OpenSSL searches the store's directory to
+   * complete the server's chain on every full handshake. */
+  bool verifies = asks || (!server && o->verify != DPX_TLS_VERIFY_NONE);
+  if (o->system_ca || (verifies && o->ca_file == NULL && o->ca_dir == NULL &&
+                       o->ca_pem == NULL)) {
     if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
       cfg_fail(err, errlen, rc, "system CA store: %s", ossl_reason("cannot load"));
       goto fail;
