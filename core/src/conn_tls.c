@@ -162,6 +162,7 @@ int dpx_conn_tls_encrypt(duplex_conn *c, const void *data, size_t len,
   return DUPLEX_ENOTSUP;
 }
 int dpx_conn_tls_flush(duplex_conn *c) { (void)c; return 1; }
+bool dpx_conn_tls_defer_flush(const duplex_conn *c) { (void)c; return false; }
 void dpx_conn_tls_wait_flush(duplex_conn *c) { (void)c; }
 int dpx_conn_tls_close_notify(duplex_conn *c) { (void)c; return 1; }
 bool dpx_conn_tls_close_notify_due(const duplex_conn *c) { (void)c; return false; }
@@ -296,6 +297,7 @@ struct dpx_conn_tls {
   bool batch_waits;  /* the write batch waits for the output to drain */
   bool shut_waits;   /* close_notify queued: half-close once it is sent */
   bool eof_told;     /* the peer's close_notify went out as on_eof */
+  bool delivering;   /* inside decrypt(): it sends what callbacks write */
 };
 
 static inline dpx_conn_tls *
@@ -373,6 +375,13 @@ dpx_conn_tls_flush(duplex_conn *c)
     t->inflight = total;
     return 0;
   }
+}
+
+bool
+dpx_conn_tls_defer_flush(const duplex_conn *c)
+{
+  const dpx_conn_tls *t = conn_tls(c);
+  return t != NULL && t->delivering;
 }
 
 void
@@ -458,6 +467,7 @@ decrypt(duplex_conn *c)
     return;
   }
 again:
+  t->delivering = true;
   for (;;) {
     if (c->rd_cut || c->close_begun)
       return;
@@ -521,8 +531,10 @@ again:
     tls_fail(c, r);
     return;
   }
+  t->delivering = false;
   if (c->close_begun)
     return;
+  /* One send for our answers and everything the callbacks wrote. */
   int f = dpx_conn_tls_flush(c);
   if (f < 0) {
     dpx_conn_begin_close(c, f);

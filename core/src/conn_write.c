@@ -738,6 +738,14 @@ write_direct_tls(duplex_conn *c, const write_req *w, bool *sent)
     if (w->zc != NULL)
       break;
   }
+  bool notify = w->done != NULL || (w->zc != NULL && w->release != NULL);
+  if (!notify && dpx_conn_tls_defer_flush(c)) {
+    /* From a read callback: the delivery's one send takes these records
+     * together with the other answers (one writev per read, not per
+     * write). */
+    *sent = false;
+    return done;
+  }
   int f = dpx_conn_tls_flush(c);
   *sent = f == 1;
   if (f < 0) {

@@ -555,6 +555,9 @@ int dpx_conn_tls_encrypt(duplex_conn *conn, const void *data, size_t len,
 /* Send pending ciphertext: 1 when all is on the wire, 0 while a write is
  * in flight (its completion continues), or an error. */
 int dpx_conn_tls_flush(duplex_conn *conn);
+/* Inside the delivery of decrypted bytes: a write made there may leave
+ * its records for the send that follows the delivery. */
+bool dpx_conn_tls_defer_flush(const duplex_conn *conn);
 /* The batch waits for the flush in flight. */
 void dpx_conn_tls_wait_flush(duplex_conn *conn);
 /* Queue and send close_notify: as dpx_conn_tls_flush; on 0 the flush's

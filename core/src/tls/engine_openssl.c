@@ -103,6 +103,7 @@ struct dpx_tls {
   int vfy_class;
   int alert_in;     /* fatal alert the peer sent, -1 if none */
   unsigned hs_done : 1;
+  unsigned trim_due : 1; /* OpenSSL may hold a record buffer (trim) */
   unsigned in_eof : 1;
   unsigned got_close : 1;
   unsigned sent_close : 1;
@@ -1192,13 +1193,16 @@ dpx_tls_got_close(const dpx_tls *t)
  * SSL_MODE_RELEASE_BUFFERS does it after application records, but a TLS 1.3
  * handshake (tickets) leaves a 16 KiB buffer allocated until the first
  * application record; an idle conn should hold none. Only with no input
- * queued and no partial or unread record inside OpenSSL. */
+ * queued and no partial or unread record inside OpenSSL. Due from the
+ * handshake's end until it worked once or an application record was read
+ * (from then on OpenSSL releases them itself): the call costs about 6 % of
+ * a small echo, too much to make on every read and write. */
 static void
 trim(dpx_tls *t)
 {
-  if (t->hs_done && !t->err && t->in_len == t->in_off &&
-      !SSL_has_pending(t->ssl))
-    SSL_free_buffers(t->ssl);
+  if (t->trim_due && t->hs_done && !t->err && t->in_len == t->in_off &&
+      !SSL_has_pending(t->ssl) && SSL_free_buffers(t->ssl) == 1)
+    t->trim_due = 0;
 }
 
 /* ---- handshake --------------------------------------------------------- */
@@ -1216,6 +1220,7 @@ dpx_tls_handshake(dpx_tls *t)
   int r = SSL_do_handshake(t->ssl);
   if (r == 1) {
     t->hs_done = 1;
+    t->trim_due = 1;
     ERR_clear_error();
     trim(t);
     return DPX_TLS_OK;
@@ -1269,6 +1274,10 @@ dpx_tls_feed(dpx_tls *t, const void *data, size_t len)
   }
   memcpy(t->in_buf + t->in_len, data, len);
   t->in_len += len;
+  /* Post-handshake messages (tickets, key updates) may leave OpenSSL a
+   * read buffer that only an application record would release. */
+  if (t->hs_done)
+    t->trim_due = 1;
   return DPX_TLS_OK;
 }
 
@@ -1308,6 +1317,7 @@ dpx_tls_read(dpx_tls *t, void *buf, size_t cap, size_t *n)
   int r = SSL_read_ex(t->ssl, buf, cap, &got);
   if (r == 1) {
     *n = got;
+    t->trim_due = 0; /* an application record: OpenSSL releases from now */
     return DPX_TLS_OK;
   }
   int rc = ssl_status(t, r);
