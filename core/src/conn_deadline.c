@@ -47,6 +47,30 @@ deadline_arm(duplex_conn *c, dpx_conn_extra *x, uint64_t due)
   uv_timer_start(x->deadline, on_deadline, due > now ? due - now : 0, 0);
 }
 
+static void
+on_deadline_released(uv_handle_t *h)
+{
+  duplex_conn *c = h->data;
+  free(h);
+  duplex_conn_unref(c);
+}
+
+void
+dpx_conn_deadline_release(duplex_conn *c)
+{
+  dpx_conn_extra *x = dpx_conn_x(c);
+  if (c->close_begun || x == NULL || x->deadline == NULL ||
+      deadline_next(c, x) != 0)
+    return;
+  /* No deadline applies any more (a finished handshake): an idle conn
+   * keeps no timer. The next deadline that applies makes a new one. */
+  uv_timer_t *t = x->deadline;
+  x->deadline = NULL;
+  x->deadline_due = 0;
+  duplex_conn_ref(c); /* until the close callback has run */
+  uv_close((uv_handle_t *)t, on_deadline_released);
+}
+
 void
 dpx_conn_deadline_touch(duplex_conn *c)
 {

@@ -286,7 +286,7 @@ duplex_tls_backend(void)
 struct dpx_conn_tls {
   dpx_tls *eng;
   duplex_tls *tls;
-  uv_write_t wreq;
+  uv_write_t *wreq;  /* while a uv_write is in flight (not kept idle) */
   size_t inflight;   /* ciphertext the uv_write in flight carries */
   uint64_t hs_start; /* loop time the handshake began */
   duplex_write_cb hs_cb; /* STARTTLS: told when the handshake ends */
@@ -368,10 +368,16 @@ dpx_conn_tls_flush(duplex_conn *c)
       continue;
     /* The kernel is full: one request for what is pending now. */
     n = out_bufs(t, bufs, 16, &total);
-    t->wreq.data = c;
-    r = uv_write(&t->wreq, &wr->stream, bufs, n, on_tls_written);
-    if (r < 0)
+    t->wreq = malloc(sizeof *t->wreq);
+    if (t->wreq == NULL)
+      return DUPLEX_ENOMEM;
+    t->wreq->data = c;
+    r = uv_write(t->wreq, &wr->stream, bufs, n, on_tls_written);
+    if (r < 0) {
+      free(t->wreq);
+      t->wreq = NULL;
       return dpx_err(r);
+    }
     t->inflight = total;
     return 0;
   }
@@ -436,6 +442,7 @@ handshake_done(duplex_conn *c, dpx_conn_tls *t)
 {
   t->hs_done = true;
   c->tls_wait = false;
+  dpx_conn_deadline_release(c); /* unless another deadline applies */
   dpx_conn_lock(c);
   bool want = c->want_read;
   dpx_conn_unlock(c);
@@ -642,6 +649,8 @@ on_tls_written(uv_write_t *req, int status)
   dpx_conn_tls *t = conn_tls(c);
   size_t n = t->inflight;
   t->inflight = 0;
+  free(t->wreq);
+  t->wreq = NULL;
   if (status == 0) {
     dpx_tls_out_consume(t->eng, n);
     dpx_conn_stamp_write(c);
@@ -782,6 +791,7 @@ dpx_conn_tls_free(dpx_conn_extra *x)
 {
   dpx_conn_tls *t = x->tls;
   if (t != NULL) {
+    free(t->wreq); /* NULL: a request in flight completes before this */
     dpx_tls_free(t->eng);
     duplex_tls_unref(t->tls);
     free(t);

@@ -467,6 +467,9 @@ void dpx_conn_free(duplex_conn *conn);
  * pending write); stamps of the last byte read / written; reading began;
  * new timeouts from duplex_conn_set_timeout. */
 void dpx_conn_deadline_touch(duplex_conn *conn);
+/* Let the timer go when no deadline applies (it is made again when one
+ * does). */
+void dpx_conn_deadline_release(duplex_conn *conn);
 void dpx_conn_stamp_read(duplex_conn *conn);
 void dpx_conn_stamp_write(duplex_conn *conn);
 void dpx_conn_deadline_read_started(duplex_conn *conn);
