@@ -248,15 +248,15 @@ static void
 on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
   duplex_conn *c = s->data;
-  if (c->tls_on) {
-    dpx_conn_tls_on_read(c, nread, buf);
-    return;
-  }
   if (nread > 0) {
     dpx_conn_stamp_read(c);
     if (c->rd_cut)
       return;
-    dpx_conn_deliver(c, buf->base, (size_t)nread);
+    /* A TLS conn's bytes are ciphertext: its engine delivers them. */
+    if (c->tls_on)
+      dpx_conn_tls_input(c, buf->base, (size_t)nread);
+    else
+      dpx_conn_deliver(c, buf->base, (size_t)nread);
     return;
   }
   if (nread == 0)
@@ -271,7 +271,10 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     dpx_conn_begin_close(c, dpx_err((int)nread));
     return;
   }
-  dpx_conn_deliver_eof(c);
+  if (c->tls_on)
+    dpx_conn_tls_input_eof(c);
+  else
+    dpx_conn_deliver_eof(c);
 }
 
 /* Pause or resume: on the loop thread at once (no callback runs inside

@@ -143,10 +143,14 @@ void dpx_conn_tls_begin(duplex_conn *c, duplex_tls *tls, const char *host,
     done(c, DUPLEX_ENOTSUP, user);
   dpx_conn_begin_close(c, DUPLEX_ENOTSUP);
 }
-void dpx_conn_tls_on_read(duplex_conn *c, ssize_t nread, const uv_buf_t *buf)
+void dpx_conn_tls_input(duplex_conn *c, const char *data, size_t len)
 {
-  (void)nread;
-  (void)buf;
+  (void)data;
+  (void)len;
+  dpx_conn_begin_close(c, DUPLEX_ENOTSUP);
+}
+void dpx_conn_tls_input_eof(duplex_conn *c)
+{
   dpx_conn_begin_close(c, DUPLEX_ENOTSUP);
 }
 void dpx_conn_tls_drain(duplex_conn *c) { (void)c; }
@@ -556,41 +560,28 @@ again:
 }
 
 void
-dpx_conn_tls_on_read(duplex_conn *c, ssize_t nread, const uv_buf_t *buf)
+dpx_conn_tls_input(duplex_conn *c, const char *data, size_t len)
 {
   dpx_conn_tls *t = conn_tls(c);
-  if (nread > 0) {
-    dpx_conn_stamp_read(c);
-    if (c->rd_cut)
-      return;
-    int r = dpx_tls_feed(t->eng, buf->base, (size_t)nread);
-    if (r == DPX_TLS_FULL) {
-      /* Reading stops before the input queue fills; never drop bytes. */
-      dpx_conn_begin_close(c, DUPLEX_ENOBUFS);
-      return;
-    }
-    if (r < 0) {
-      tls_fail(c, r);
-      return;
-    }
-    decrypt(c);
+  int r = dpx_tls_feed(t->eng, data, len);
+  if (r == DPX_TLS_FULL) {
+    /* Reading stops before the input queue fills; never drop bytes. */
+    dpx_conn_begin_close(c, DUPLEX_ENOBUFS);
     return;
   }
-  if (nread == 0)
-    return;
-  if (nread == UV_ENOBUFS) {
-    dpx_conn_begin_close(c, DUPLEX_ENOMEM);
+  if (r < 0) {
+    tls_fail(c, r);
     return;
   }
-  dpx_conn_read_stop(c);
-  c->rd_ended = true;
-  if (nread != UV_EOF) {
-    dpx_conn_begin_close(c, dpx_err((int)nread));
-    return;
-  }
+  decrypt(c);
+}
+
+void
+dpx_conn_tls_input_eof(duplex_conn *c)
+{
   /* What is still queued is decrypted first; then the engine says whether
    * the peer's close_notify came before this EOF. */
-  dpx_tls_feed_eof(t->eng);
+  dpx_tls_feed_eof(conn_tls(c)->eng);
   decrypt(c);
 }
 

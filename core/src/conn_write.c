@@ -724,18 +724,14 @@ static size_t
 write_direct_tls(duplex_conn *c, const write_req *w, bool *sent)
 {
   size_t done = 0;
-  for (size_t i = 0; i < w->nbufs || (w->zc != NULL && i == 0); i++) {
-    const char *p = w->zc != NULL ? w->zc : w->bufs[i].base;
-    size_t len = w->zc != NULL ? w->total : w->bufs[i].len;
+  for (size_t i = 0; i < w->nbufs; i++) { /* a zero-copy write: one buffer */
+    size_t len = w->bufs[i].len, taken = 0;
     if (len == 0)
       continue;
-    size_t taken = 0;
-    if (dpx_conn_tls_encrypt(c, p, len, &taken) != 0)
+    if (dpx_conn_tls_encrypt(c, w->bufs[i].base, len, &taken) != 0)
       break;
     done += taken;
     if (taken < len)
-      break;
-    if (w->zc != NULL)
       break;
   }
   bool notify = w->done != NULL || (w->zc != NULL && w->release != NULL);

@@ -543,9 +543,9 @@ int dpx_tls_check_use(const duplex_tls *tls, int role, bool have_host);
  * (or @p done, for STARTTLS) wait for it. @p host, @p key borrowed. */
 void dpx_conn_tls_begin(duplex_conn *conn, duplex_tls *tls, const char *host,
                         const char *key, duplex_write_cb done, void *user);
-/* The socket read callback of a TLS conn. */
-void dpx_conn_tls_on_read(duplex_conn *conn, ssize_t nread,
-                          const uv_buf_t *buf);
+/* Bytes the socket delivered to a TLS conn / its EOF (from on_read). */
+void dpx_conn_tls_input(duplex_conn *conn, const char *data, size_t len);
+void dpx_conn_tls_input_eof(duplex_conn *conn);
 /* Paused with input left to decrypt / reading stopped until the output
  * drains. */
 bool dpx_conn_tls_rd_more(const duplex_conn *conn);
